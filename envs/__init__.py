@@ -1,0 +1,1 @@
+"""envs: gymnasium environments, LeRobot datasets, mixtures and rollouts. Knows nothing of model internals."""

@@ -1,0 +1,3 @@
+from vla.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,73 @@
+"""The `vla` command: `vla <command> [positional] [key=value ...] [--flag] [--help]`.
+
+Every command composes `configs/<command>.yaml` with hydra-style overrides. A bare `--flag` is shorthand for
+`flag=true`; a positional word fills the command's positional key (e.g. `vla bench moe` sets `name=moe`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module with `main(cfg) -> int | None`, positional key or None, one-line help)
+COMMANDS: dict[str, tuple[str, str | None, str]] = {
+    "bench": ("vla.bench", "name", "run a benchmark (moe, decode, ...) and print a table, then one JSON line"),
+    "demo": ("vla.demo", None, "the end-to-end demo"),
+    "generate": ("vla.generate", None, "greedy/sampled generation from a language-model checkpoint (or a tiny random one)"),
+    "collect": ("vla.collect", None, "run a scripted expert and write a LeRobotDataset v3"),
+    "eval": ("vla.evaluate", None, "roll a policy out in gymnasium vector envs; JSON summary, markdown table, videos"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: vla <command> [positional] [key=value ...] [--help]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> tuple[str, list[str], bool]:
+    """Split argv into (command, hydra overrides, wants_help)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        return "", [], True
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        raise SystemExit(f"vla: unknown command {command!r}\n\n{_usage()}")
+    positional_key = COMMANDS[command][1]
+    overrides: list[str] = []
+    wants_help = False
+    for arg in rest:
+        if arg in ("-h", "--help"):
+            wants_help = True
+        elif arg.startswith("--"):
+            key, _, value = arg[2:].partition("=")
+            overrides.append(f"{key.replace('-', '_')}={value or 'true'}")
+        elif "=" in arg:
+            overrides.append(arg)
+        elif positional_key is not None:
+            overrides.append(f"{positional_key}={arg}")
+        else:
+            raise SystemExit(f"vla {command}: unexpected argument {arg!r} (use key=value)")
+    return command, overrides, wants_help
+
+
+def main(argv: list[str] | None = None) -> int:
+    command, overrides, wants_help = parse_args(sys.argv[1:] if argv is None else argv)
+    if not command:
+        print(_usage())
+        return 0
+    from omegaconf import OmegaConf
+
+    from vla.config import load_config
+
+    module = importlib.import_module(COMMANDS[command][0])
+    if wants_help:
+        print((module.__doc__ or COMMANDS[command][2]).strip())
+        print("\nconfig (override with key=value):\n")
+        print(OmegaConf.to_yaml(load_config(command, overrides)))
+        return 0
+    cfg = load_config(command, overrides)
+    return int(module.main(cfg) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
