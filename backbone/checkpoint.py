@@ -1,0 +1,149 @@
+"""Reading and writing checkpoint folders: `config.json` + safetensors (one file, or shards with an index).
+
+Every failure names the file or tensor at fault; nothing is ever silently left at its random initialization.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from backbone.config import LanguageModelConfig
+from backbone.convert import language_from_official, language_to_official, strip_prefix
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder is missing, corrupt, or does not match the model."""
+
+
+def read_config(path: str | Path) -> dict:
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path}: no config.json (expected a checkpoint folder with config.json + safetensors)")
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from e
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder, single-file or sharded (index)."""
+    path = Path(path)
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: unreadable shard index ({e})") from e
+        files = sorted(set(weight_map.values()))
+    elif (path / SINGLE_NAME).is_file():
+        files, weight_map = [SINGLE_NAME], None
+    else:
+        files, weight_map = sorted(p.name for p in path.glob("*.safetensors")), None
+        if not files:
+            raise CheckpointError(f"{path}: no safetensors files found")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: shard listed in {INDEX_NAME} is missing")
+        try:
+            state.update(load_file(str(file)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from e
+    if weight_map is not None:
+        missing = sorted(set(weight_map) - set(state))
+        if missing:
+            raise CheckpointError(f"{path}: tensors listed in {INDEX_NAME} but absent from the shards: {missing[:5]}")
+    return state
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str, dtype: torch.dtype | None = None) -> None:
+    """Strictly copy `state` into `module`: every parameter and persistent buffer must be present with its shape."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors ({len(missing)}): {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+        if unexpected:
+            parts.append(f"unexpected tensors ({len(unexpected)}): {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
+        raise CheckpointError(f"{where}: " + "; ".join(parts))
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(f"{where}: tensor {key} has shape {tuple(tensor.shape)}, "
+                                  f"the model expects {tuple(expected[key].shape)}")
+    if dtype is not None:
+        state = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith("e_score_correction_bias") else v)
+                 for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=True)
+    # Non-persistent buffers (counters) are not in files: give any still on the meta device real zeros.
+    for name, buf in list(module.named_buffers()):
+        if buf.device.type == "meta":
+            owner = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+            owner.register_buffer(name.rpartition(".")[2], torch.zeros(buf.shape, dtype=buf.dtype), persistent=False)
+
+
+def write_checkpoint(path: str | Path, config: dict, state: dict[str, torch.Tensor], max_shard_bytes: int = 4 << 30) -> None:
+    """Write config.json + safetensors (sharded with an index above `max_shard_bytes`) atomically per file."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(state):
+        t = state[key].detach().contiguous().cpu()
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    names = [SINGLE_NAME] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        tmp = path / (name + ".tmp")
+        save_file(shard, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path / name)
+    if len(shards) > 1:
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        (path / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+
+
+# ---- language model ------------------------------------------------------------------------------------------------
+
+def language_config_from_json(cfg: dict) -> LanguageModelConfig:
+    """A bare DeepSeek-V2 config.json, or a DeepSeek-VL2 one holding `language_config`."""
+    return LanguageModelConfig.from_dict(cfg.get("language_config", cfg))
+
+
+def load_language_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """Load a DeepSeek-V2-family causal LM from a local folder (official, DeepSeek-VL2 `language.*`, or transformers
+    naming). Returns a `DeepseekV2LM`; `model(input_ids).logits` is (B, T, V)."""
+    from backbone.language_model import build_language_model
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    config = language_config_from_json(read_config(path))
+    state = strip_prefix(read_safetensors(path), "language.")
+    try:
+        state = language_from_official(state, config.n_routed_experts)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: {e.args[0]}") from e
+    model = build_language_model(config, device="meta")
+    load_into(model, state, str(path), dtype)
+    return model.to(device).eval()
+
+
+def save_language_model(model, path: str | Path) -> None:
+    """Write config.json + safetensors in the official naming (per-expert keys)."""
+    write_checkpoint(path, model.config.to_dict(), language_to_official(model.state_dict()))
