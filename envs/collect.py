@@ -1,0 +1,181 @@
+"""Scripted-expert demonstrations written as a LeRobotDataset v3 with lerobot's own API.
+
+`collect_dataset(env_id, root, episodes)` runs `env.unwrapped.expert_action()` (plus optional Gaussian action noise,
+clipped to the action space; the noisy action is what is executed and recorded) and writes one frame per step:
+
+| key                          | dtype   | shape      |                                          |
+|------------------------------|---------|------------|------------------------------------------|
+| observation.images.<camera>  | image   | (H, W, 3)  | PNG inside the parquet files (no video)   |
+| observation.state            | float32 | (state,)   | `agent_pos` before the action             |
+| action                       | float32 | (action,)  | the executed action, in [-1, 1]           |
+| next.reward                  | float32 | (1,)       |                                          |
+| next.success                 | bool    | (1,)       | `info["is_success"]` after the action     |
+
+plus the task string. `robot_type` is the embodiment name, `fps` the embodiment's control rate. lerobot computes the
+stats (min/max/mean/std/q01/q10/q50/q90/q99) in `finalize()`. Failed episodes are dropped (and another seed is
+tried) unless `keep_failures=True`. Nothing touches the network (`HF_HUB_OFFLINE=1` is set if unset).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+
+import envs  # noqa: F401  (registers the built-in suite)
+
+
+@dataclass
+class CollectResult:
+    root: str
+    repo_id: str
+    env_id: str
+    embodiment: str
+    episodes: int
+    frames: int
+    attempts: int
+    success_rate: float  # over all attempted episodes, before dropping failures
+    seconds: float
+
+
+def dataset_features(env: gym.Env) -> dict[str, dict]:
+    """LeRobot feature spec for a built-in env's observations and actions."""
+    base = env.unwrapped
+    embodiment = base.embodiment
+    size = base.image_size
+    features: dict[str, dict] = {}
+    for camera in base.cameras:
+        features[f"observation.images.{camera}"] = {
+            "dtype": "image",
+            "shape": (size, size, 3),
+            "names": ["height", "width", "channels"],
+        }
+    features["observation.state"] = {
+        "dtype": "float32",
+        "shape": (embodiment.state_size,),
+        "names": list(embodiment.state_names) or None,
+    }
+    features["action"] = {"dtype": "float32", "shape": (embodiment.action_size,), "names": list(embodiment.action_names) or None}
+    features["next.reward"] = {"dtype": "float32", "shape": (1,), "names": None}
+    features["next.success"] = {"dtype": "bool", "shape": (1,), "names": None}
+    return features
+
+
+def prepare_root(root: Path, overwrite: bool) -> None:
+    """Refuse an existing root unless `overwrite`; even then only delete what looks like a LeRobot dataset (or nothing)."""
+    if not root.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{root} already exists; pass overwrite=true to replace it")
+    if root.is_dir() and ((root / "meta" / "info.json").exists() or not any(root.iterdir())):
+        shutil.rmtree(root)
+        return
+    raise FileExistsError(f"{root} exists and is not a LeRobot dataset (no meta/info.json); refusing to delete it")
+
+
+def collect_dataset(
+    env_id: str,
+    root: str | Path,
+    episodes: int,
+    *,
+    repo_id: str | None = None,
+    noise: float = 0.0,
+    seed: int = 0,
+    image_size: int = 96,
+    overwrite: bool = False,
+    keep_failures: bool = False,
+    max_attempts: int | None = None,
+    progress: bool = True,
+) -> CollectResult:
+    """Run the scripted expert of `env_id` for `episodes` episodes (episode k of the attempts uses env seed
+    `seed + k`) and write them to `root` as a LeRobotDataset v3."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import datasets
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    from tqdm import tqdm
+
+    datasets.disable_progress_bars()  # one bar per saved episode otherwise
+
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    root = Path(root)
+    env = gym.make(env_id, image_size=image_size)
+    base = env.unwrapped
+    if not hasattr(base, "expert_action"):
+        raise ValueError(f"{env_id} has no scripted expert (env.unwrapped.expert_action)")
+    embodiment = base.embodiment
+    repo_id = repo_id or f"local/{env_id.split('/')[-1].lower()}"
+    prepare_root(root, overwrite)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    dataset = LeRobotDataset.create(
+        repo_id=repo_id,
+        fps=embodiment.fps,
+        features=dataset_features(env),
+        root=root,
+        robot_type=embodiment.name,
+        use_videos=False,
+    )
+    rng = np.random.default_rng(seed)
+    max_attempts = max_attempts or 3 * episodes + 10
+    start = time.perf_counter()
+    kept = attempts = successes = frames = 0
+    bar = tqdm(total=episodes, desc=f"collect {env_id}", unit="ep", disable=not progress)
+    try:
+        while kept < episodes:
+            if attempts >= max_attempts:
+                raise RuntimeError(
+                    f"{env_id}: only {kept}/{episodes} successful episodes after {attempts} attempts (noise={noise}); "
+                    "lower the noise or pass keep_failures=true"
+                )
+            obs, info = env.reset(seed=seed + attempts)
+            attempts += 1
+            length = 0
+            while True:
+                action = base.expert_action().astype(np.float32)
+                if noise > 0:
+                    action = action + rng.normal(0.0, noise, size=action.shape).astype(np.float32)
+                action = np.clip(action, env.action_space.low, env.action_space.high).astype(np.float32)
+                next_obs, reward, terminated, truncated, info = env.step(action)
+                frame = {f"observation.images.{camera}": image for camera, image in obs["pixels"].items()}
+                frame["observation.state"] = obs["agent_pos"].astype(np.float32)
+                frame["action"] = action
+                frame["next.reward"] = np.array([reward], dtype=np.float32)
+                frame["next.success"] = np.array([info["is_success"]], dtype=bool)
+                frame["task"] = base.task
+                dataset.add_frame(frame)
+                length += 1
+                obs = next_obs
+                if terminated or truncated:
+                    break
+            success = bool(info["is_success"])
+            successes += success
+            if success or keep_failures:
+                dataset.save_episode()
+                kept += 1
+                frames += length
+                bar.update(1)
+                bar.set_postfix(success=f"{successes / attempts:.2f}", frames=frames)
+            else:
+                dataset.clear_episode_buffer()
+    finally:
+        bar.close()
+        if dataset.has_pending_frames():  # interrupted mid-episode: keep only whole episodes
+            dataset.clear_episode_buffer()
+        dataset.finalize()
+        env.close()
+    return CollectResult(
+        root=str(root),
+        repo_id=repo_id,
+        env_id=env_id,
+        embodiment=embodiment.name,
+        episodes=kept,
+        frames=frames,
+        attempts=attempts,
+        success_rate=successes / max(attempts, 1),
+        seconds=time.perf_counter() - start,
+    )

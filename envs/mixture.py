@@ -1,0 +1,368 @@
+"""A training mixture over several LeRobotDatasets of different embodiments, each normalized with its own stats.
+
+    mixture = MixtureDataset(
+        [DatasetSpec("local/nav", root="data/nav", weight=2.0), DatasetSpec("local/arm", root="data/arm")],
+        action_horizon=8,
+    )
+    loader = make_mixture_loader(mixture, batch_size=32, seed=0, num_workers=2)
+
+Unlike lerobot's `MultiLeRobotDataset` no key is dropped and no stats are merged: every dataset keeps its cameras,
+action/state sizes, fps (action chunks use that dataset's own `delta_timestamps`) and its own `Normalizer`
+(`mixture.normalizers[i]`, also by name in `mixture.normalizer_for(embodiment)`), which is what a policy needs to
+unnormalize its actions for that robot.
+
+Sample layout (with `pad=True`, the default, so the default collate stacks embodiments together):
+
+| key                          | shape / type         |                                                         |
+|------------------------------|----------------------|---------------------------------------------------------|
+| observation.images.<camera>  | float32 (3, H, W)    | every camera of the mixture, [0, 1]; zeros if absent     |
+| camera_mask                  | bool (num_cameras,)  | which cameras this sample really has (`mixture.cameras`) |
+| observation.state            | float32 (S_max,)     | normalized, zero-padded                                 |
+| state_mask                   | bool (S_max,)        | real state dimensions                                   |
+| action                       | float32 (H, A_max)   | normalized chunk of H steps, zero-padded dimensions      |
+| action_mask                  | bool (A_max,)        | real action dimensions                                  |
+| action_is_pad                | bool (H,)            | steps past the episode end (lerobot repeats the last     |
+|                              |                      | action there: mask them out of the loss)                |
+| embodiment, task             | str                  |                                                         |
+| dataset_index, episode_index, frame_index, index | int64 |                                               |
+
+With `pad=False` tensors keep each dataset's own sizes and only the listed cameras that dataset has appear.
+
+Sampling: `MixtureSampler` draws dataset i with probability weight_i / sum(weights), then the next frame of a
+per-dataset permutation (reshuffled when used up), from `numpy.random.default_rng([seed, epoch])`. It runs in the
+main process and DataLoader workers only fetch the indices they are handed, so workers never duplicate samples.
+
+Errors name the dataset (and episode, frame and key where it applies): non-finite actions/states, missing stats,
+missing requested cameras, shapes that disagree with the embodiment or the stats, unknown embodiments.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from envs.embodiments import EMBODIMENTS, Embodiment, get_embodiment
+from envs.normalize import Normalizer
+
+ACTION = "action"
+STATE = "observation.state"
+
+
+class DataError(ValueError):
+    """Bad data in a dataset of the mixture (the message names dataset, episode and key)."""
+
+
+@dataclass
+class DatasetSpec:
+    """One member of a mixture: a hub id (`root=None`) or a local dataset (`root`), its sampling weight, and an
+    optional embodiment override (default: the dataset's `robot_type`)."""
+
+    repo_id: str
+    root: str | None = None
+    weight: float = 1.0
+    embodiment: str | None = None
+    episodes: list[int] | None = None
+
+    @classmethod
+    def parse(cls, item: DatasetSpec | str | dict) -> DatasetSpec:
+        """A spec from a DatasetSpec, a dict of its fields, or a string: an existing directory (a local root) or a
+        hub id."""
+        if isinstance(item, DatasetSpec):
+            return item
+        if isinstance(item, dict):
+            return cls(**item)
+        if isinstance(item, (str, os.PathLike)):
+            path = Path(item)
+            if path.is_dir():
+                return cls(repo_id=f"local/{path.name}", root=str(path))
+            return cls(repo_id=str(item))
+        raise TypeError(f"cannot make a DatasetSpec from {item!r}")
+
+    @property
+    def label(self) -> str:
+        return f"dataset {self.repo_id!r}" + (f" ({self.root})" if self.root else "")
+
+
+def camera_name(feature_key: str) -> str:
+    """`observation.images.top` -> `top`; lerobot's single-camera key `observation.image` -> `image`."""
+    if feature_key.startswith("observation.images."):
+        return feature_key[len("observation.images.") :]
+    if feature_key == "observation.image":
+        return "image"
+    raise ValueError(f"{feature_key!r} is not a camera key")
+
+
+class _Member:
+    """One loaded dataset with what the mixture needs to know about it."""
+
+    def __init__(
+        self, spec: DatasetSpec, action_horizon: int, action_mode: str, state_mode: str, tolerance_s: float, check_data: bool
+    ):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
+
+        self.spec = spec
+        self.label = spec.label
+        meta = LeRobotDatasetMetadata(spec.repo_id, root=spec.root)
+        self.fps = int(meta.fps)
+        self.embodiment = self._embodiment(spec, meta)
+        features = meta.features
+        self.camera_keys = {camera_name(k): k for k in meta.camera_keys}
+        self.has_state = STATE in features
+        self._check_shape(features, ACTION, self.embodiment.action_size)
+        if self.has_state:
+            self._check_shape(features, STATE, self.embodiment.state_size)
+        delta = {ACTION: [i / self.fps for i in range(action_horizon)]}
+        self.dataset = LeRobotDataset(spec.repo_id, root=spec.root, episodes=spec.episodes, delta_timestamps=delta, tolerance_s=tolerance_s)
+        if check_data:  # before the stats: NaN data makes NaN stats, and the data error says where it is
+            self.check_finite()
+        modes = {ACTION: action_mode}
+        if self.has_state:
+            modes[STATE] = state_mode
+        if not meta.stats:
+            raise DataError(f"{self.label}: has no stats (meta/stats.json); recompute them with lerobot")
+        self.normalizer = Normalizer.from_stats(meta.stats, modes, name=self.label)
+        for key in modes:
+            stat_shape = self.normalizer.shapes.get(key)
+            if stat_shape is not None and tuple(stat_shape) != tuple(features[key]["shape"]):
+                raise DataError(f"{self.label}: stats of {key!r} have shape {stat_shape}, feature has {tuple(features[key]['shape'])}")
+
+    def _embodiment(self, spec: DatasetSpec, meta) -> Embodiment:
+        name = spec.embodiment or meta.robot_type
+        if not name:
+            raise DataError(f"{self.label}: no robot_type in meta/info.json; pass embodiment=... (known: {', '.join(sorted(EMBODIMENTS))})")
+        try:
+            return get_embodiment(name)
+        except KeyError:
+            raise DataError(
+                f"{self.label}: unknown embodiment {name!r}; known embodiments: {', '.join(sorted(EMBODIMENTS))} "
+                "(pass embodiment=... or envs.register_embodiment(...))"
+            ) from None
+
+    def _check_shape(self, features: dict, key: str, size: int) -> None:
+        if key not in features:
+            raise DataError(f"{self.label}: no {key!r} feature; features: {sorted(features)}")
+        shape = tuple(features[key]["shape"])
+        if shape != (size,):
+            raise DataError(f"{self.label}: {key!r} has shape {shape} but embodiment {self.embodiment.name!r} expects ({size},)")
+
+    def check_finite(self) -> None:
+        """Scan actions and states; the first non-finite value is reported with its episode and frame."""
+        keys = [ACTION] + ([STATE] if self.has_state else [])
+        table = self.dataset.hf_dataset.select_columns(keys + ["episode_index", "frame_index"]).with_format("numpy")[:]
+        for key in keys:
+            values = np.asarray(np.stack(table[key]), dtype=np.float64)
+            bad = ~np.isfinite(values).reshape(len(values), -1).all(axis=1)
+            if bad.any():
+                row = int(np.argmax(bad))
+                raise DataError(
+                    f"{self.label}: non-finite {key!r} {values[row].tolist()} in episode {int(table['episode_index'][row])}, "
+                    f"frame {int(table['frame_index'][row])}"
+                )
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+class MixtureDataset(torch.utils.data.Dataset):
+    """Map-style dataset over several LeRobotDatasets; flat index = offset of the dataset + index inside it."""
+
+    def __init__(
+        self,
+        datasets: Sequence[DatasetSpec | str | dict],
+        action_horizon: int = 1,
+        action_norm: str = "quantile",
+        state_norm: str = "quantile",
+        cameras: Sequence[str] | None = None,
+        image_size: int | None = None,
+        pad: bool = True,
+        check_data: bool = True,
+        tolerance_s: float = 1e-4,
+    ):
+        if not datasets:
+            raise ValueError("a mixture needs at least one dataset")
+        if action_horizon < 1:
+            raise ValueError(f"action_horizon must be >= 1, got {action_horizon}")
+        self.specs = [DatasetSpec.parse(d) for d in datasets]
+        self.action_horizon = int(action_horizon)
+        self.image_size = image_size
+        self.pad = pad
+        self.members = [_Member(s, self.action_horizon, action_norm, state_norm, tolerance_s, check_data) for s in self.specs]
+        if cameras is None:
+            self.cameras = sorted({c for m in self.members for c in m.camera_keys})
+        else:
+            self.cameras = list(cameras)
+            for member in self.members:
+                missing = [c for c in self.cameras if c not in member.camera_keys]
+                if missing:
+                    raise DataError(f"{member.label}: missing camera(s) {missing}; it has {sorted(member.camera_keys)}")
+        self.max_action_dim = max(m.embodiment.action_size for m in self.members)
+        self.max_state_dim = max(m.embodiment.state_size for m in self.members)
+        self._check_image_sizes()
+        self.offsets = np.cumsum([0] + [len(m) for m in self.members])
+
+    def _check_image_sizes(self) -> None:
+        if self.image_size is not None or not self.pad:
+            return
+        sizes = {}
+        for member in self.members:
+            for camera, key in member.camera_keys.items():
+                shape = tuple(member.dataset.meta.features[key]["shape"])
+                sizes.setdefault(shape, []).append(f"{member.label}:{camera}")
+        if len(sizes) > 1:
+            raise DataError(f"image sizes differ across the mixture ({sizes}); pass image_size=... to resize")
+
+    def _blank_image(self) -> torch.Tensor:
+        """Stand-in for a camera a sample lacks (pad=True)."""
+        if self.image_size is not None:
+            return torch.zeros(3, self.image_size, self.image_size)
+        for member in self.members:
+            for key in member.camera_keys.values():
+                height, width, channels = member.dataset.meta.features[key]["shape"]
+                return torch.zeros(channels, height, width)
+        return torch.zeros(3, 1, 1)
+
+    # ------------------------------------------------------------------ access
+    @property
+    def normalizers(self) -> list[Normalizer]:
+        return [m.normalizer for m in self.members]
+
+    @property
+    def weights(self) -> np.ndarray:
+        return np.array([s.weight for s in self.specs], dtype=np.float64)
+
+    @property
+    def embodiments(self) -> list[str]:
+        return [m.embodiment.name for m in self.members]
+
+    def normalizer_for(self, embodiment: str) -> Normalizer:
+        """The normalizer of the (first) dataset of this embodiment."""
+        for member in self.members:
+            if member.embodiment.name == embodiment:
+                return member.normalizer
+        raise KeyError(f"no dataset of embodiment {embodiment!r} in the mixture; have {sorted(set(self.embodiments))}")
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """Flat index -> (dataset index, index inside that dataset)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a mixture of {len(self)} frames")
+        which = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        return which, int(index - self.offsets[which])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        which, local = self.locate(int(index))
+        member = self.members[which]
+        item = member.dataset[local]
+        where = f"{member.label}, episode {int(item['episode_index'])}, frame {int(item['frame_index'])}"
+        action = item[ACTION].reshape(self.action_horizon, -1).float()
+        self._check_finite(action, ACTION, where)
+        action = member.normalizer.normalize(ACTION, action).float()
+        sample: dict[str, Any] = {}
+        if member.has_state:
+            state = item[STATE].float()
+            self._check_finite(state, STATE, where)
+            state = member.normalizer.normalize(STATE, state).float()
+        else:
+            state = torch.zeros(0)
+        images = {}
+        for camera in self.cameras:
+            key = member.camera_keys.get(camera)
+            if key is None:
+                continue
+            image = item[key]
+            if image.ndim != 3 or image.shape[0] != 3:
+                raise DataError(f"{where}: camera {key!r} has shape {tuple(image.shape)}, expected (3, H, W)")
+            images[camera] = self._resize(image.float())
+        if self.pad:
+            action_dim, state_dim = action.shape[-1], state.shape[-1]
+            sample[ACTION] = torch.nn.functional.pad(action, (0, self.max_action_dim - action_dim))
+            sample["action_mask"] = torch.arange(self.max_action_dim) < action_dim
+            sample[STATE] = torch.nn.functional.pad(state, (0, self.max_state_dim - state_dim))
+            sample["state_mask"] = torch.arange(self.max_state_dim) < state_dim
+            for camera in self.cameras:
+                sample[f"observation.images.{camera}"] = images[camera] if camera in images else self._blank_image()
+            sample["camera_mask"] = torch.tensor([camera in images for camera in self.cameras])
+        else:
+            sample[ACTION] = action
+            if member.has_state:
+                sample[STATE] = state
+            for camera, image in images.items():
+                sample[f"observation.images.{camera}"] = image
+        sample["action_is_pad"] = item[f"{ACTION}_is_pad"].bool()
+        sample["embodiment"] = member.embodiment.name
+        sample["task"] = item.get("task", "")
+        sample["dataset_index"] = torch.tensor(which)
+        for key in ("episode_index", "frame_index", "index"):
+            sample[key] = item[key].long()
+        return sample
+
+    def _resize(self, image: torch.Tensor) -> torch.Tensor:
+        if self.image_size is None or tuple(image.shape[-2:]) == (self.image_size, self.image_size):
+            return image
+        resized = torch.nn.functional.interpolate(
+            image[None], size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False
+        )
+        return resized[0].clamp(0.0, 1.0)
+
+    @staticmethod
+    def _check_finite(value: torch.Tensor, key: str, where: str) -> None:
+        if not torch.isfinite(value).all():
+            raise DataError(f"{where}: non-finite {key!r}: {value.tolist()}")
+
+
+class MixtureSampler(torch.utils.data.Sampler[int]):
+    """Weighted, seeded sampler of flat mixture indices (see the module docstring); `set_epoch` reshuffles."""
+
+    def __init__(self, mixture: MixtureDataset, num_samples: int | None = None, seed: int = 0, weights: Sequence[float] | None = None):
+        self.sizes = [len(m) for m in mixture.members]
+        self.offsets = mixture.offsets
+        weights = np.asarray(mixture.weights if weights is None else weights, dtype=np.float64)
+        if weights.shape != (len(self.sizes),) or np.any(weights < 0) or weights.sum() <= 0:
+            raise ValueError(f"need one non-negative weight per dataset with a positive sum, got {weights.tolist()}")
+        empty = [mixture.members[i].label for i, n in enumerate(self.sizes) if n == 0 and weights[i] > 0]
+        if empty:
+            raise DataError(f"{empty[0]}: has no frames but a positive sampling weight")
+        self.probabilities = weights / weights.sum()
+        self.num_samples = int(num_samples if num_samples is not None else len(mixture))
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        choices = rng.choice(len(self.sizes), size=self.num_samples, p=self.probabilities)
+        permutations = [rng.permutation(n) if n else np.zeros(0, dtype=np.int64) for n in self.sizes]
+        cursors = [0] * len(self.sizes)
+        for which in choices:
+            if cursors[which] == self.sizes[which]:
+                permutations[which] = rng.permutation(self.sizes[which])
+                cursors[which] = 0
+            yield int(self.offsets[which] + permutations[which][cursors[which]])
+            cursors[which] += 1
+
+
+def make_mixture_loader(
+    mixture: MixtureDataset,
+    batch_size: int,
+    seed: int = 0,
+    num_samples: int | None = None,
+    num_workers: int = 0,
+    **loader_kwargs,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader over the mixture with a `MixtureSampler` (call `loader.sampler.set_epoch(e)` each epoch)."""
+    sampler = MixtureSampler(mixture, num_samples=num_samples, seed=seed)
+    return torch.utils.data.DataLoader(mixture, batch_size=batch_size, sampler=sampler, num_workers=num_workers, **loader_kwargs)

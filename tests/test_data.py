@@ -1,0 +1,233 @@
+"""Datasets: expert collection -> LeRobotDataset round trip, normalization, the multi-embodiment mixture, bad data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from envs.collect import collect_dataset
+from envs.mixture import DataError, DatasetSpec, MixtureDataset, MixtureSampler, make_mixture_loader
+from envs.normalize import Normalizer, StatsError, normalize, unnormalize
+
+IMAGE = 32
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    base = tmp_path_factory.mktemp("data")
+    nav = collect_dataset("vla/PointNav-v0", base / "nav", 3, image_size=IMAGE, seed=0, progress=False)
+    arm = collect_dataset("vla/ArmReach-v0", base / "arm", 2, image_size=IMAGE, seed=0, noise=0.1, progress=False)
+    return {"nav": nav.root, "arm": arm.root, "base": base}
+
+
+def load(root, **kwargs):
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    return LeRobotDataset("local/test", root=root, **kwargs)
+
+
+def write_dataset(root, actions_per_episode, state_size=2, robot_type="point2d"):
+    """A tiny hand-made point2d-like dataset with the given per-episode action arrays."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    features = {
+        "observation.images.top": {"dtype": "image", "shape": (16, 16, 3), "names": ["height", "width", "channels"]},
+        "observation.state": {"dtype": "float32", "shape": (state_size,), "names": None},
+        "action": {"dtype": "float32", "shape": (2,), "names": None},
+    }
+    dataset = LeRobotDataset.create("local/hand", fps=10, features=features, root=root, robot_type=robot_type, use_videos=False)
+    for actions in actions_per_episode:
+        for action in actions:
+            dataset.add_frame(
+                {
+                    "observation.images.top": np.zeros((16, 16, 3), np.uint8),
+                    "observation.state": np.zeros(state_size, np.float32),
+                    "action": np.asarray(action, np.float32),
+                    "task": "go",
+                }
+            )
+        dataset.save_episode()
+    dataset.finalize()
+    return str(root)
+
+
+# ---------------------------------------------------------------------------------------------- collection
+def test_collect_round_trip(roots):
+    dataset = load(roots["nav"])
+    meta = dataset.meta
+    assert meta.robot_type == "point2d" and meta.fps == 10 and meta.total_episodes == 3
+    assert meta.info["codebase_version"] == "v3.0"
+    assert meta.features["observation.images.top"]["dtype"] == "image"
+    assert not any(path.suffix == ".mp4" for path in Path(roots["nav"]).rglob("*"))  # images live in the parquet files
+    for key in ("action", "observation.state"):
+        assert {"q01", "q99", "mean", "std"} <= set(meta.stats[key])
+    # the first frame is exactly what the env showed at reset with seed 0, and the task matches
+    env = gym.make("vla/PointNav-v0", image_size=IMAGE)
+    obs, _ = env.reset(seed=0)
+    first = dataset[0]
+    image = (first["observation.images.top"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    np.testing.assert_array_equal(image, obs["pixels"]["top"])
+    np.testing.assert_allclose(first["observation.state"].numpy(), obs["agent_pos"])
+    assert first["task"] == env.unwrapped.task
+    actions = torch.stack([dataset[i]["action"] for i in range(len(dataset))])
+    assert actions.abs().max() <= 1.0
+    # replaying the recorded actions in the env reproduces a successful episode
+    length = int(meta.episodes[0]["length"])
+    for i in range(length):
+        _, _, terminated, _, info = env.step(dataset[i]["action"].numpy())
+    assert terminated and info["is_success"]
+
+
+def test_collect_refuses_to_overwrite(roots, tmp_path):
+    with pytest.raises(FileExistsError, match="overwrite"):
+        collect_dataset("vla/PointNav-v0", roots["nav"], 1, image_size=IMAGE, progress=False)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a LeRobot dataset"):
+        collect_dataset("vla/PointNav-v0", precious, 1, image_size=IMAGE, overwrite=True, progress=False)
+    assert (precious / "notes.txt").exists()
+    copy = tmp_path / "copy"
+    shutil.copytree(roots["nav"], copy)
+    result = collect_dataset("vla/PointNav-v0", copy, 1, image_size=IMAGE, overwrite=True, progress=False)
+    assert result.episodes == 1 and load(copy).meta.total_episodes == 1
+
+
+# ---------------------------------------------------------------------------------------------- normalization
+def test_normalizer_round_trip_numpy_and_torch(roots):
+    stats = load(roots["arm"]).meta.stats
+    for mode in ("quantile", "mean_std", "min_max", "quantile10"):
+        normalizer = Normalizer.from_stats(stats, {"action": mode, "observation.state": mode}, name="arm")
+        x = np.random.default_rng(0).normal(size=(7, 3)).astype(np.float32)
+        np.testing.assert_allclose(normalizer.unnormalize("action", normalizer.normalize("action", x)), x, atol=1e-5)
+        t = torch.from_numpy(x)
+        back = normalizer.unnormalize("action", normalizer.normalize("action", t))
+        assert isinstance(back, torch.Tensor) and back.dtype == torch.float32
+        torch.testing.assert_close(back, t, atol=1e-5, rtol=1e-5)
+    quantile = Normalizer.from_stats(stats, {"action": "quantile"}, name="arm")
+    q01, q99 = np.asarray(stats["action"]["q01"]), np.asarray(stats["action"]["q99"])
+    np.testing.assert_allclose(quantile.normalize("action", q01), -1.0, atol=1e-6)
+    np.testing.assert_allclose(quantile.normalize("action", q99), 1.0, atol=1e-6)
+    assert Normalizer.from_dict(json.loads(json.dumps(quantile.to_dict()))).stats["action"]["q01"].tolist() == q01.tolist()
+
+
+def test_normalizer_errors():
+    stats = {"action": {"q01": [0.0, 0.0], "q99": [1.0, 2.0], "mean": [0.0, float("nan")], "std": [1.0, 1.0]}}
+    with pytest.raises(StatsError, match="nav.*'observation.state'"):
+        Normalizer.from_stats(stats, {"observation.state": "quantile"}, name="nav")
+    with pytest.raises(StatsError, match="not finite"):
+        Normalizer.from_stats(stats, {"action": "mean_std"}, name="nav")
+    with pytest.raises(StatsError, match="lack \\['q10', 'q90'\\]"):
+        Normalizer.from_stats(stats, {"action": "quantile10"}, name="nav")
+    with pytest.raises(ValueError, match="unknown normalization mode"):
+        Normalizer.from_stats(stats, {"action": "zscore"})
+    normalizer = Normalizer.from_stats(stats, {"action": "quantile"}, name="nav")
+    with pytest.raises(StatsError, match="shape"):
+        normalizer.normalize("action", np.zeros(3))
+    # constant dimensions do not divide by zero, as in lerobot
+    constant = {"q01": np.array([1.0]), "q99": np.array([1.0])}
+    assert np.isfinite(normalize(np.array([1.0]), constant)).all()
+    np.testing.assert_allclose(unnormalize(normalize(np.array([1.0]), constant), constant), [1.0])
+
+
+# ---------------------------------------------------------------------------------------------- mixture
+def test_chunks_and_pad_mask_at_episode_end(roots):
+    horizon = 5
+    mixture = MixtureDataset([roots["nav"]], action_horizon=horizon)
+    raw = load(roots["nav"])
+    normalizer = mixture.normalizers[0]
+    episode = raw.meta.episodes[0]
+    start, end = int(episode["dataset_from_index"]), int(episode["dataset_to_index"])
+    for offset_from_end in range(1, horizon + 2):
+        index = end - offset_from_end
+        sample = mixture[index]
+        valid = min(offset_from_end, horizon)
+        expected_pad = torch.arange(horizon) >= valid
+        assert torch.equal(sample["action_is_pad"], expected_pad), (offset_from_end, sample["action_is_pad"])
+        expected = torch.stack([raw[index + k]["action"] for k in range(valid)])
+        torch.testing.assert_close(sample["action"][:valid, :2], normalizer.normalize("action", expected).float())
+    assert sample["frame_index"] == end - horizon - 1 - start
+    assert not mixture[start]["action_is_pad"].any()
+
+
+def test_mixture_of_two_embodiments(roots):
+    mixture = MixtureDataset(
+        [DatasetSpec("local/nav", root=roots["nav"], weight=3.0), DatasetSpec("local/arm", root=roots["arm"], weight=1.0)],
+        action_horizon=4,
+    )
+    assert mixture.embodiments == ["point2d", "arm3"] and mixture.cameras == ["top", "wrist"]
+    assert (mixture.max_action_dim, mixture.max_state_dim) == (3, 5)
+    nav_sample, arm_sample = mixture[0], mixture[len(mixture) - 1]
+    assert nav_sample["embodiment"] == "point2d" and arm_sample["embodiment"] == "arm3"
+    assert nav_sample["action"].shape == arm_sample["action"].shape == (4, 3)
+    assert nav_sample["action_mask"].tolist() == [True, True, False]
+    assert (nav_sample["action"][:, 2] == 0).all()
+    assert nav_sample["state_mask"].tolist() == [True, True, False, False, False]
+    assert nav_sample["camera_mask"].tolist() == [True, False] and arm_sample["camera_mask"].tolist() == [True, True]
+    assert (nav_sample["observation.images.wrist"] == 0).all()
+    # each dataset is normalized with its own stats
+    assert mixture.normalizer_for("arm3") is mixture.normalizers[1]
+    assert mixture.normalizers[0].stats["action"]["q01"].shape == (2,)
+
+    sampler = MixtureSampler(mixture, num_samples=400, seed=1)
+    indices = list(sampler)
+    assert indices == list(MixtureSampler(mixture, num_samples=400, seed=1))
+    sampler.set_epoch(1)
+    assert list(sampler) != indices
+    from_nav = np.mean([mixture.locate(i)[0] == 0 for i in indices])
+    assert 0.68 < from_nav < 0.82  # weight 3:1
+
+    unpadded = MixtureDataset([roots["nav"], roots["arm"]], action_horizon=2, pad=False)
+    assert unpadded[len(unpadded) - 1]["action"].shape == (2, 3) and unpadded[0]["action"].shape == (2, 2)
+    assert "observation.images.wrist" not in unpadded[0]
+
+
+def test_loader_workers_do_not_duplicate(roots):
+    mixture = MixtureDataset([roots["nav"], roots["arm"]], action_horizon=2)
+    loader = make_mixture_loader(mixture, batch_size=8, seed=3, num_samples=len(mixture), num_workers=2)
+    seen = torch.cat([batch["index"] + 10_000 * batch["dataset_index"] for batch in loader]).tolist()
+    expected = []
+    for flat in MixtureSampler(mixture, num_samples=len(mixture), seed=3):
+        which, local = mixture.locate(flat)
+        expected.append(int(mixture.members[which].dataset[local]["index"]) + 10_000 * which)
+    assert seen == expected
+    # equal weights and len(mixture) samples: every frame of the smaller dataset is seen at most once per pass
+    assert len(set(seen)) > 0.6 * len(seen)
+
+
+# ---------------------------------------------------------------------------------------------- bad data
+def test_nan_action_error_names_dataset_episode_and_key(tmp_path):
+    good = [[0.1, 0.2]] * 4
+    bad = [[0.1, 0.2], [0.3, float("nan")], [0.0, 0.0]]
+    root = write_dataset(tmp_path / "nan", [good, bad])
+    with pytest.raises(DataError, match=r"dataset 'local/nan'.*non-finite 'action'.*episode 1, frame 1"):
+        MixtureDataset([DatasetSpec("local/nan", root=root)])
+
+
+def test_bad_data_errors(roots, tmp_path):
+    with pytest.raises(DataError, match="missing camera.*'wrist'"):
+        MixtureDataset([roots["nav"], roots["arm"]], cameras=["top", "wrist"])
+    with pytest.raises(DataError, match="'action' has shape \\(2,\\) but embodiment 'arm3' expects \\(3,\\)"):
+        MixtureDataset([DatasetSpec("local/nav", root=roots["nav"], embodiment="arm3")])
+    with pytest.raises(DataError, match="unknown embodiment 'hexapod'.*arm3"):
+        MixtureDataset([DatasetSpec("local/nav", root=roots["nav"], embodiment="hexapod")])
+    broken = tmp_path / "no_quantiles"
+    shutil.copytree(roots["nav"], broken)
+    stats_path = broken / "meta" / "stats.json"
+    stats = json.loads(stats_path.read_text())
+    del stats["action"]["q01"]
+    stats_path.write_text(json.dumps(stats))
+    with pytest.raises(StatsError, match="no_quantiles.*'action' lack \\['q01'\\]"):
+        MixtureDataset([str(broken)])
+    MixtureDataset([str(broken)], action_norm="mean_std")  # mean/std are still there
+    with pytest.raises(ValueError, match="weight"):
+        MixtureSampler(MixtureDataset([roots["nav"]]), weights=[-1.0])
