@@ -285,6 +285,8 @@ def test_bad_images(proc, tmp_path):
         proc.process("<image>", [np.zeros((4, 4), np.float32)])
     with pytest.raises(ImageLoadError, match="not an image"):
         proc.process("<image>", [42])
+    with pytest.raises(ImageLoadError, match="cannot be fitted"):
+        proc.process("<image>", [Image.new("RGB", (3000, 1))])  # resizes to zero rows
 
 
 def test_prompt_too_long(tok):

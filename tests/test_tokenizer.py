@@ -99,3 +99,16 @@ def test_load_errors(tmp_path):
         load_tokenizer(tmp_path)
     with pytest.raises(KeyError):
         build_bpe_tokenizer().token_id("<not a token>")
+
+
+def test_official_style_config_naming_llama_class(tok, tmp_path):
+    """The official tokenizer_config.json names LlamaTokenizerFast; transformers 5's AutoTokenizer would rebuild it
+    as a Metaspace tokenizer and lose the spaces. load_tokenizer must run tokenizer.json as written."""
+    tok.save(tmp_path)
+    config_path = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "LlamaTokenizerFast"
+    config_path.write_text(json.dumps(config))
+    text = "<|User|>: pick up the red cube\n\n<|Assistant|>:"
+    assert load_tokenizer(tmp_path).encode(text) == tok.encode(text)
+    assert tok.decode(load_tokenizer(tmp_path).encode(text)) == text
