@@ -120,6 +120,7 @@ class ProcessorConfig:
 
 # The data-class above also describes the vision token layout; a second name for readers who look for that.
 VisionLayout = ProcessorConfig
+DEFAULT_CONFIG = ProcessorConfig()  # the published geometry, used when a function is given no config
 
 
 def select_best_resolution(width: int, height: int, config: ProcessorConfig | None = None) -> tuple[int, int]:
@@ -128,7 +129,7 @@ def select_best_resolution(width: int, height: int, config: ProcessorConfig | No
     For each candidate: scale = min(w/W, h/H); effective = min(int(W*scale) * int(H*scale), W*H);
     wasted = w*h - effective. Highest effective wins, ties go to strictly less waste, full ties to the earlier one.
     """
-    config = config or ProcessorConfig()
+    config = config or DEFAULT_CONFIG
     best_fit = config.candidate_resolutions[0]
     max_effective, min_wasted = 0, float("inf")
     for cand_w, cand_h in config.candidate_resolutions:
@@ -142,7 +143,7 @@ def select_best_resolution(width: int, height: int, config: ProcessorConfig | No
 
 def tokens_for_grid(num_width_tiles: int, num_height_tiles: int, config: ProcessorConfig | None = None) -> int:
     """Image positions for one image tiled nw x nh: h*(h+1) + 1 + (nh*h)*(nw*h+1)."""
-    h = (config or ProcessorConfig()).tokens_per_side
+    h = (config or DEFAULT_CONFIG).tokens_per_side
     return h * (h + 1) + 1 + (num_height_tiles * h) * (num_width_tiles * h + 1)
 
 
@@ -151,7 +152,7 @@ def image_token_count(width: int, height: int, num_images: int = 1, config: Proc
 
     421 for a single 384 tile, 2101 at most (384x3456). With more than two images nothing is tiled (421 each).
     """
-    config = config or ProcessorConfig()
+    config = config or DEFAULT_CONFIG
     best_w, best_h = tile_resolution(width, height, num_images, config)
     return tokens_for_grid(best_w // config.tile_size, best_h // config.tile_size, config)
 
@@ -251,7 +252,7 @@ class DeepseekVL2Processor:
 
     def __init__(self, tokenizer: Tokenizer, config: ProcessorConfig | None = None):
         self.tokenizer = tokenizer
-        self.config = config or ProcessorConfig()
+        self.config = config or DEFAULT_CONFIG
         self.transform = ImageTransform(self.config.image_mean, self.config.image_std)
 
     # ----------------------------------------------------------------------------------------------------------------
