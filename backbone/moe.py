@@ -173,18 +173,21 @@ class GroupedExperts(nn.Module):
         K = ids_TK.shape[1]
         flat_ids_M = ids_TK.reshape(-1)
         order_M = torch.argsort(flat_ids_M, stable=True)  # token copies sorted by expert
-        token_of_M = order_M // K
         counts_E = torch.bincount(flat_ids_M, minlength=self.num_experts)
         offsets_E = counts_E.cumsum(0).to(torch.int32)
         counts = None if (self.use_grouped_mm and _grouped_mm_supported(x_TD, self.down_proj)) else counts_E.tolist()
 
-        x_MD = x_TD[token_of_M]
+        x_MD = x_TD[order_M // K]
         gate_up_MF2 = grouped_mm(x_MD, self.gate_up_proj.transpose(1, 2), offsets_E, counts, self.use_grouped_mm)
         gate_MF, up_MF = gate_up_MF2.chunk(2, dim=-1)
-        h_MF = F.silu(gate_MF) * up_MF
+        # The routing weight scales the (narrower) hidden activation: down(w * h) == w * down(h).
+        w_M1 = weights_TK.reshape(-1)[order_M, None].to(x_TD.dtype)
+        h_MF = F.silu(gate_MF) * up_MF * w_M1
         y_MD = grouped_mm(h_MF, self.down_proj.transpose(1, 2), offsets_E, counts, self.use_grouped_mm)
-        y_MD = (y_MD.float() * weights_TK.reshape(-1)[order_M, None]).to(x_TD.dtype)
-        return torch.zeros_like(x_TD).index_add_(0, token_of_M, y_MD)
+        # Un-sort with a gather (cheap backward) and sum each token's K copies.
+        unsort_M = torch.empty_like(order_M)
+        unsort_M[order_M] = torch.arange(order_M.numel(), device=order_M.device)
+        return y_MD[unsort_M].view(T, K, D).sum(1)
 
     def forward_reference(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         """Naive per-expert, per-slot loop (the official training path); for tests only."""
