@@ -3,7 +3,7 @@
 The arm's base sits at the bottom centre; 2-4 shapes lie within its reach. Action: joint velocities in [-1, 1]^3,
 times 0.08 rad per step, at 20 fps; joint limits q0 in [0, pi], q1, q2 in [-2.6, 2.6]. State: the three joint angles
 and the end-effector (x, y). Cameras: `top` (the whole scene) and `wrist` (a 2x zoom centred on the end effector).
-Success: the end effector within 0.05 of the target centre.
+Success: the end effector within 0.05 of the target centre; it starts at least 0.25 away from it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ JOINT_LOW = np.array([0.0, -2.6, -2.6])
 JOINT_HIGH = np.array([np.pi, 2.6, 2.6])
 MAX_JOINT_SPEED = 0.08
 SUCCESS_RADIUS = 0.05
+START_DISTANCE = 0.25  # the end effector starts at least this far from the target
 WRIST_HALF_WIDTH = 0.25
 LINK_COLOUR = (70, 70, 70)
 
@@ -67,7 +68,8 @@ class ArmReachEnv(SceneEnv):
         for _ in range(1000):
             self.q = np.array([rng.uniform(np.pi / 2 - 0.5, np.pi / 2 + 0.5), rng.uniform(-0.9, 0.9), rng.uniform(-0.9, 0.9)])
             tip = forward_kinematics(self.q)[-1]
-            if all(np.linalg.norm(tip - o.pos) > o.size + 0.04 for o in self.objects):
+            clear = all(np.linalg.norm(tip - o.pos) > o.size + 0.04 for o in self.objects)
+            if clear and np.linalg.norm(tip - self.target.pos) > START_DISTANCE:
                 break
         self.task = f"touch the {self.target.name}"
 

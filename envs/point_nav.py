@@ -2,7 +2,7 @@
 
 2-4 coloured shapes with distinct (colour, shape) pairs lie on the floor; the robot drives over them (they are not
 obstacles). Action: velocity in [-1, 1]^2, times 0.04 world units per step, at 10 fps. State: robot (x, y).
-Success: the robot centre within 0.05 of the target centre.
+Success: the robot centre within 0.05 of the target centre; the robot starts at least 0.3 away from it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from envs.base import SceneEnv
 MAX_SPEED = 0.04
 ROBOT_RADIUS = 0.035
 SUCCESS_RADIUS = 0.05
+START_DISTANCE = 0.3  # the robot starts at least this far from the target
 
 
 class PointNavEnv(SceneEnv):
@@ -36,7 +37,8 @@ class PointNavEnv(SceneEnv):
         avoid = [(o.pos, 0.05) for o in self.objects]
         for _ in range(1000):
             self.agent = rng.uniform(0.08, 0.92, size=2)
-            if all(np.linalg.norm(self.agent - p) > r + self.object_size for p, r in avoid):
+            clear = all(np.linalg.norm(self.agent - p) > r + self.object_size for p, r in avoid)
+            if clear and np.linalg.norm(self.agent - self.target.pos) > START_DISTANCE:
                 break
         self.task = f"go to the {self.target.name}"
 

@@ -1,0 +1,61 @@
+"""vla eval policy=<spec> env=<gym id or [list]> episodes=N [batch_size=8] [async=true] [out=DIR] [videos=2]
+
+Rolls a policy out in gymnasium vector envs (sync or async) and reports success rate, return and episode length per
+env, embodiment and task; writes summary.json, summary.md and GIFs of the first episodes to `out`, and prints the
+markdown table and, last, one JSON line with the overall numbers.
+
+Policies: random, expert (the env's scripted expert), prior (the action prior of dataset=ROOT, blind to images), or
+anything registered with envs.rollout.register_policy_factory / given as package.module:factory. See envs/rollout.py
+for the policy protocol.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import time
+
+from omegaconf import OmegaConf
+
+
+def env_ids(value) -> list[str]:
+    import envs
+
+    if isinstance(value, str):
+        if value in ("builtin", "all"):
+            return list(envs.BUILTIN_ENVS)
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value]
+
+
+def main(cfg) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from envs.rollout import evaluate, markdown_table
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for module in config["import_modules"]:
+        importlib.import_module(module)  # may register policy factories or envs
+    out = config["out"] or os.path.join("outputs", "eval", f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', config['policy'])}-{time.strftime('%Y%m%d-%H%M%S')}")
+    options = dict(config["policy_options"])
+    options.setdefault("dataset", config["dataset"])
+    options.setdefault("prior_mode", config["prior_mode"])
+    summary = evaluate(
+        config["policy"],
+        env_ids(config["env"]),
+        episodes=int(config["episodes"]),
+        batch_size=int(config["batch_size"]),
+        asynchronous=bool(config["async"]),
+        out=out,
+        videos=int(config["videos"]),
+        seed=int(config["seed"]),
+        image_size=config["image_size"],
+        import_modules=config["import_modules"],
+        policy_options=options,
+        max_steps=int(config["max_steps"]),
+    )
+    print(markdown_table(summary, config["policy"]))
+    print(f"wrote {out}/summary.json, {out}/summary.md and {len(summary['videos'])} videos")
+    print(json.dumps({"policy": config["policy"], "out": out, **summary["overall"], "per_env": {k: v["success_rate"] for k, v in summary["per_env"].items()}, "skipped": [s["env_id"] for s in summary["skipped"]]}))
+    return 0 if summary["overall"]["episodes"] else 1
