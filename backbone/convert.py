@@ -74,3 +74,98 @@ def language_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         else:
             out[key] = tensor.contiguous()
     return out
+
+
+# ---- DeepSeek-VL2 vision (timm naming) <-> transformers SigLIP names inside our VisionEncoder ----------------------
+
+_SIGLIP = "vision_encoder.vision.vision_model"
+_TIMM_BLOCK_RE = re.compile(r"^vision\.blocks\.(\d+)\.(.+)$")
+_TIMM_BLOCK_PARTS = {
+    "norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.out_proj",
+    "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+}
+
+
+def vision_from_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`vision.*` (timm) / `projector.*` / `image_newline` / `view_seperator` -> our VisionEncoder keys.
+
+    The fused qkv rows (q | k | v) are split into q/k/v projections; `vision.attn_pool.*` is dropped (DeepSeek-VL2
+    builds the pooling head but never uses it).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, t in state.items():
+        if key.startswith("vision.attn_pool."):
+            continue
+        if key in ("image_newline", "view_seperator") or key.startswith("projector."):
+            out[f"vision_encoder.{key}"] = t
+        elif key == "vision.pos_embed":
+            out[f"{_SIGLIP}.embeddings.position_embedding.weight"] = t.reshape(t.shape[-2], t.shape[-1])
+        elif key.startswith("vision.patch_embed.proj."):
+            out[f"{_SIGLIP}.embeddings.patch_embedding.{key.rsplit('.', 1)[1]}"] = t
+        elif key.startswith("vision.norm."):
+            out[f"{_SIGLIP}.post_layernorm.{key.rsplit('.', 1)[1]}"] = t
+        elif m := _TIMM_BLOCK_RE.match(key):
+            layer, rest = m.groups()
+            module, _, leaf = rest.rpartition(".")
+            prefix = f"{_SIGLIP}.encoder.layers.{layer}"
+            if module == "attn.qkv":
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), t.chunk(3, dim=0)):
+                    out[f"{prefix}.self_attn.{name}.{leaf}"] = part.contiguous()
+            elif module in _TIMM_BLOCK_PARTS:
+                out[f"{prefix}.{_TIMM_BLOCK_PARTS[module]}.{leaf}"] = t
+            else:
+                raise KeyError(f"unexpected vision tensor {key}")
+        elif key.startswith("vision."):
+            raise KeyError(f"unexpected vision tensor {key}")
+        else:
+            out[key] = t
+    return out
+
+
+def vision_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of `vision_from_official` (no attn_pool tensors are written)."""
+    out: dict[str, torch.Tensor] = {}
+    block_parts = {v: k for k, v in _TIMM_BLOCK_PARTS.items()}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, t in state.items():
+        if key.startswith("vision_encoder.") and not key.startswith(_SIGLIP):
+            out[key[len("vision_encoder."):]] = t
+        elif key.startswith(_SIGLIP):
+            rest = key[len(_SIGLIP) + 1:]
+            if rest == "embeddings.position_embedding.weight":
+                out["vision.pos_embed"] = t[None]
+            elif rest.startswith("embeddings.patch_embedding."):
+                out[f"vision.patch_embed.proj.{rest.rsplit('.', 1)[1]}"] = t
+            elif rest.startswith("post_layernorm."):
+                out[f"vision.norm.{rest.rsplit('.', 1)[1]}"] = t
+            elif rest.startswith("encoder.layers."):
+                layer, sub = rest[len("encoder.layers."):].split(".", 1)
+                module, _, leaf = sub.rpartition(".")
+                if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                    qkv[(layer, leaf)][module[-6]] = t
+                else:
+                    out[f"vision.blocks.{layer}.{block_parts[module]}.{leaf}"] = t
+            else:
+                raise KeyError(f"no official name for {key}")
+        else:
+            out[key] = t
+    for (layer, leaf), parts in qkv.items():
+        out[f"vision.blocks.{layer}.attn.qkv.{leaf}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+def deepseek_vl2_from_official(state: dict[str, torch.Tensor], num_experts: int | None) -> dict[str, torch.Tensor]:
+    """A whole official DeepSeek-VL2 state dict -> our DeepseekVL2 keys."""
+    language = {k[len("language."):]: v for k, v in state.items() if k.startswith("language.")}
+    rest = {k: v for k, v in state.items() if not k.startswith("language.")}
+    out = vision_from_official(rest)
+    out.update({f"language.{k}": v for k, v in language_from_official(language, num_experts).items()})
+    return out
+
+
+def deepseek_vl2_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    language = {k[len("language."):]: v for k, v in state.items() if k.startswith("language.")}
+    rest = {k: v for k, v in state.items() if not k.startswith("language.")}
+    out = {k: v.contiguous() for k, v in vision_to_official(rest).items()}
+    out.update({f"language.{k}": v for k, v in language_to_official(language).items()})
+    return out

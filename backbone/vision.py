@@ -264,6 +264,14 @@ class VisionEncoder(nn.Module):
         self.image_newline = nn.Parameter(torch.randn(projector_config.n_embed) * embed_std)
         self.view_seperator = nn.Parameter(torch.randn(projector_config.n_embed) * embed_std)
 
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the non-persistent `position_ids` buffer (needed after building on the meta device and loading)."""
+        embeddings = self.vision.vision_model.embeddings
+        n = embeddings.position_embedding.weight.shape[0]
+        embeddings.register_buffer("position_ids", torch.arange(n, device=embeddings.position_embedding.weight.device)
+                                   .expand((1, -1)), persistent=False)
+
     @property
     def tokens_per_tile(self) -> int:
         return math.ceil(self.vision_config.grid_side / self.projector_config.downsample_ratio) ** 2
