@@ -1,8 +1,12 @@
 """vla collect env=<gym id> episodes=N root=DIR [noise=0.1] [seed=0] [image_size=96] [overwrite=true]
+vla collect kind=scene_language stage=align|pretrain|sft episodes=N root=DIR [env=builtin]
 
 Runs the env's scripted expert (optionally with Gaussian action noise) and writes the episodes as a LeRobotDataset v3
 (images inside the parquet files, stats with q01/q99, robot_type = the embodiment). Offline; refuses to overwrite an
 existing dataset unless overwrite=true. See envs/collect.py.
+
+kind=scene_language writes N caption / grounding / QA records of a training stage as DeepSeek-VL2 style JSONL plus
+PNGs (root/<stage>.jsonl, root/images/), from the built-in envs' scenes; see envs/scene_language.py.
 """
 
 from __future__ import annotations
@@ -12,8 +16,29 @@ import json
 import os
 
 
+def scene_language(cfg) -> int:
+    from pathlib import Path
+
+    from envs.scene_language import generate_scene_language
+    from vla.evaluate import env_ids
+
+    target = Path(cfg.root) / f"{cfg.stage}.jsonl"
+    if target.exists() and not cfg.overwrite:
+        print(f"vla collect: {target} already exists; pass overwrite=true to replace it")
+        return 1
+    ids = env_ids("builtin" if cfg.env in (None, "builtin", "all") else cfg.env)
+    path = generate_scene_language(cfg.root, cfg.stage, int(cfg.episodes), seed=int(cfg.seed), env_ids=ids, image_size=int(cfg.image_size))
+    print(json.dumps({"jsonl": str(path), "records": int(cfg.episodes), "stage": cfg.stage, "envs": ids}))
+    return 0
+
+
 def main(cfg) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if cfg.kind == "scene_language":
+        return scene_language(cfg)
+    if cfg.kind != "demos":
+        print(f"vla collect: unknown kind {cfg.kind!r}; use demos or scene_language")
+        return 1
     from envs.collect import collect_dataset
 
     try:

@@ -1,0 +1,349 @@
+"""Scene-language data for the backbone's training stages, generated from the built-in envs' scenes and ground truth.
+
+Stages
+------
+- `align` (stage 1): one caption per image ("Describe the image." -> "There are 3 shapes: a red square at the top
+  left, ...").
+- `pretrain` (stage 2): single-turn captions, grounding and short-answer questions, mixed.
+- `sft` (stage 3): multi-turn conversations mixing questions and grounding about one image.
+
+File format (JSONL + images; the loader reads user-made files of the same format)
+-------------------------------------------------------------------------------
+One JSON object per line:
+
+    {"id": "sft-000000",
+     "images": ["images/sft-000000.png"],                      # paths relative to the JSONL file's directory
+     "conversation": [
+        {"role": "<|User|>", "content": "<image>\\nLocate <|ref|>the red square<|/ref|> in the given image."},
+        {"role": "<|Assistant|>", "content": "<|ref|>the red square<|/ref|><|det|>[[120,345,310,560]]<|/det|>"},
+        {"role": "<|User|>", "content": "How many shapes are there?"},
+        {"role": "<|Assistant|>", "content": "3"}],
+     "meta": {...}}                                           # optional; ground truth for scoring
+
+Rules checked by `load_conversations` (errors give file:line): `id` unique string or int; `images` a list of
+existing files; `conversation` a non-empty list of {"role", "content"} strings alternating `<|User|>` /
+`<|Assistant|>`, starting with the user and ending with the assistant; as many `<image>` placeholders in the user
+turns as there are images; `meta` an object if present.
+
+Boxes follow DeepSeek-VL2: `<|det|>[[x1,y1,x2,y2]]<|/det|>` with every coordinate in 0..999 relative to the image,
+`round(x * 999 / W)` for x and `round(y * 999 / H)` for y, from the pixel box (x1, y1 first covered column/row, x2, y2
+one past the last) of the env's `scene_ground_truth()`.
+
+Generated `meta`: stage, env, seed, image_size [W, H], objects (name, colour, shape, pixel bbox, is_target), extras
+(robot, goal zone), task, and `turns`: one entry per assistant turn with its `kind` and canonical `answer` (grounding
+turns: `ref`, pixel `bbox` and `det`). Short answers are canonical: a colour word, a shape word, "colour shape", a
+digit, "yes"/"no"; `score_answer` compares a prediction with a turn (normalized exact match, IoU >= 0.5 for boxes).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+import envs
+from envs.scene import COLOURS, SHAPES
+
+USER = "<|User|>"
+ASSISTANT = "<|Assistant|>"
+IMAGE_TOKEN = "<image>"
+STAGES = ("align", "pretrain", "sft")
+CAPTION_PROMPTS = ("Describe the image.", "What is in this picture?", "Describe the scene in one sentence.")
+NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six")
+
+
+class SceneLanguageFormatError(ValueError):
+    """A record breaks the JSONL format (message starts with file:line)."""
+
+
+# ---------------------------------------------------------------------------------------------- boxes
+def to_det(bbox: list[float], width: int, height: int) -> list[int]:
+    """Pixel box -> DeepSeek-VL2 0..999 box."""
+    x1, y1, x2, y2 = bbox
+    return [round(x1 * 999 / width), round(y1 * 999 / height), round(x2 * 999 / width), round(y2 * 999 / height)]
+
+
+def from_det(det: list[float], width: int, height: int) -> list[float]:
+    """0..999 box -> pixel box (inverse of `to_det` up to rounding)."""
+    x1, y1, x2, y2 = det
+    return [x1 * width / 999, y1 * height / 999, x2 * width / 999, y2 * height / 999]
+
+
+def grounding_answer(ref: str, det: list[int]) -> str:
+    return f"<|ref|>{ref}<|/ref|><|det|>[[{det[0]},{det[1]},{det[2]},{det[3]}]]<|/det|>"
+
+
+_GROUNDING = re.compile(r"<\|ref\|>(.*?)<\|/ref\|>\s*<\|det\|>(\[.*?\])<\|/det\|>", re.S)
+
+
+def parse_grounding(text: str) -> list[tuple[str, list[list[float]]]]:
+    """All `<|ref|>..<|/ref|><|det|>[[..]]<|/det|>` pairs of a text as (ref, boxes); malformed boxes are skipped."""
+    found = []
+    for ref, boxes in _GROUNDING.findall(text):
+        try:
+            parsed = json.loads(boxes)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(parsed, list) and all(isinstance(b, list) and len(b) == 4 for b in parsed):
+            found.append((ref.strip(), parsed))
+    return found
+
+
+def box_iou(a: list[float], b: list[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------- language
+def _position(center: list[float], width: int, height: int) -> str:
+    col = ("left", "centre", "right")[min(int(3 * center[0] / width), 2)]
+    row = ("top", "middle", "bottom")[min(int(3 * center[1] / height), 2)]
+    if (row, col) == ("middle", "centre"):
+        return "in the centre"
+    if row == "middle":
+        return f"on the {col}"
+    if col == "centre":
+        return f"at the {row}"
+    return f"at the {row} {col}"
+
+
+def caption(truth: dict[str, Any]) -> str:
+    """One-sentence description of the shapes and their coarse positions, plus the robot / goal zone."""
+    width, height = truth["image_size"]
+    objects = sorted(truth["objects"], key=lambda o: (o["center"][1], o["center"][0]))
+    parts = [f"a {o['name']} {_position(o['center'], width, height)}" for o in objects]
+    listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    count = len(objects)
+    sentence = f"There {'is' if count == 1 else 'are'} {NUMBER_WORDS[count] if count < len(NUMBER_WORDS) else count} shape{'s' if count != 1 else ''}: {listing}."
+    names = {e["name"] for e in truth.get("extras", [])}
+    if truth.get("embodiment") == "arm3":
+        sentence += " A robot arm reaches up from the bottom."
+    elif "robot" in names:
+        sentence += " A small black robot is also there."
+    if "goal zone" in names:
+        sentence += " A white square marks the goal zone."
+    return sentence
+
+
+@dataclass
+class Turn:
+    """One question/answer pair; `meta` is the ground truth stored for scoring."""
+
+    question: str
+    answer: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def grounding_turn(obj: dict[str, Any], width: int, height: int) -> Turn:
+    ref = f"the {obj['name']}"
+    det = to_det(obj["bbox"], width, height)
+    return Turn(
+        f"Locate <|ref|>{ref}<|/ref|> in the given image.",
+        grounding_answer(ref, det),
+        {"kind": "grounding", "ref": ref, "bbox": list(obj["bbox"]), "det": det, "answer": grounding_answer(ref, det)},
+    )
+
+
+def question_turns(truth: dict[str, Any], rng: np.random.Generator, min_gap_px: float = 3.0) -> list[Turn]:
+    """Every unambiguous short-answer question about the scene (the caller samples from them)."""
+    objects = truth["objects"]
+    turns = [Turn("How many shapes are there?", str(len(objects)), {"kind": "count"})]
+    colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+    turns.append(Turn(f"How many {colour} shapes are there?", str(sum(o["colour"] == colour for o in objects)), {"kind": "count_colour"}))
+    for shape in SHAPES:
+        having = [o for o in objects if o["shape"] == shape]
+        if len(having) == 1:
+            turns.append(Turn(f"What colour is the {shape}?", having[0]["colour"], {"kind": "colour_of_shape"}))
+    for colour in COLOURS:
+        having = [o for o in objects if o["colour"] == colour]
+        if len(having) == 1:
+            turns.append(Turn(f"What shape is the {colour} object?", having[0]["shape"], {"kind": "shape_of_colour"}))
+    for axis, sign, phrase in ((0, 1, "furthest to the left"), (0, -1, "furthest to the right"), (1, 1, "highest up"), (1, -1, "lowest down")):
+        ordered = sorted(objects, key=lambda o: sign * o["center"][axis])
+        if len(ordered) >= 2 and abs(ordered[0]["center"][axis] - ordered[1]["center"][axis]) > min_gap_px:
+            turns.append(Turn(f"Which shape is {phrase}?", ordered[0]["name"], {"kind": "extreme"}))
+    if len(objects) >= 2:
+        i, j = rng.choice(len(objects), size=2, replace=False)
+        a, b = objects[int(i)], objects[int(j)]
+        if abs(a["center"][0] - b["center"][0]) > min_gap_px:
+            answer = "yes" if a["center"][0] < b["center"][0] else "no"
+            turns.append(Turn(f"Is the {a['name']} left of the {b['name']}?", answer, {"kind": "left_of"}))
+    present = {o["name"] for o in objects}
+    probe_colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+    probe_shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    probe = f"{probe_colour} {probe_shape}"
+    turns.append(Turn(f"Is there a {probe}?", "yes" if probe in present else "no", {"kind": "exists"}))
+    for turn in turns:
+        turn.meta["answer"] = turn.answer
+    return turns
+
+
+def normalize_answer(text: str) -> str:
+    text = text.strip().lower().rstrip(".!")
+    return re.sub(r"^(the|a|an) ", "", text).strip()
+
+
+def score_answer(prediction: str, turn_meta: dict[str, Any], iou_threshold: float = 0.5) -> bool:
+    """Is `prediction` right for this turn? Grounding: a parsed box with IoU >= threshold (0..999 space) against
+    the true box; otherwise normalized exact match of the canonical answer."""
+    if turn_meta.get("kind") == "grounding":
+        return any(box_iou(box, turn_meta["det"]) >= iou_threshold for _, boxes in parse_grounding(prediction) for box in boxes)
+    return normalize_answer(prediction) == normalize_answer(str(turn_meta["answer"]))
+
+
+# ---------------------------------------------------------------------------------------------- generation
+def _record(record_id: str, image_path: str, turns: list[Turn], truth: dict[str, Any], extra_meta: dict[str, Any]) -> dict[str, Any]:
+    conversation = []
+    for index, turn in enumerate(turns):
+        content = f"{IMAGE_TOKEN}\n{turn.question}" if index == 0 else turn.question
+        conversation += [{"role": USER, "content": content}, {"role": ASSISTANT, "content": turn.answer}]
+    meta = {
+        **extra_meta,
+        "image_size": truth["image_size"],
+        "objects": truth["objects"],
+        "extras": truth.get("extras", []),
+        "task": truth.get("task", ""),
+        "turns": [t.meta for t in turns],
+    }
+    return {"id": record_id, "images": [image_path], "conversation": conversation, "meta": meta}
+
+
+def make_turns(stage: str, truth: dict[str, Any], rng: np.random.Generator) -> list[Turn]:
+    """The turns of one record of `stage` for a scene."""
+    width, height = truth["image_size"]
+    caption_turn = Turn(CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))], caption(truth), {"kind": "caption"})
+    caption_turn.meta["answer"] = caption_turn.answer
+    objects = truth["objects"]
+    if stage == "align":
+        return [caption_turn]
+    questions = question_turns(truth, rng)
+    groundings = [grounding_turn(o, width, height) for o in objects]
+    if stage == "pretrain":
+        kind = int(rng.integers(3))
+        pool = [caption_turn] if kind == 0 else groundings if kind == 1 else questions
+        return [pool[int(rng.integers(len(pool)))]]
+    if stage == "sft":
+        pool = questions + groundings
+        count = min(len(pool), int(rng.integers(3, 6)))
+        return [pool[int(i)] for i in rng.choice(len(pool), size=count, replace=False)]
+    raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+
+
+def generate_scene_language(
+    out_dir: str | Path,
+    stage: str,
+    count: int,
+    seed: int = 0,
+    env_ids: list[str] | None = None,
+    image_size: int = 96,
+) -> Path:
+    """Write `count` records of `stage` to `out_dir/<stage>.jsonl` with PNGs in `out_dir/images/`. Record i shows
+    the reset scene of env `env_ids[i % len(env_ids)]` (default: the built-in suite) with seed `seed + i`."""
+    from PIL import Image
+
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    env_ids = list(env_ids or envs.BUILTIN_ENVS)
+    made = {env_id: gym.make(env_id, image_size=image_size) for env_id in env_ids}
+    rng = np.random.default_rng(seed)
+    path = out_dir / f"{stage}.jsonl"
+    with path.open("w") as handle:
+        for i in range(count):
+            env_id = env_ids[i % len(env_ids)]
+            env = made[env_id]
+            observation, _ = env.reset(seed=seed + i)
+            truth = env.unwrapped.scene_ground_truth()
+            record_id = f"{stage}-{i:06d}"
+            image_path = f"images/{record_id}.png"
+            Image.fromarray(observation["pixels"]["top"]).save(out_dir / image_path)
+            turns = make_turns(stage, truth, rng)
+            record = _record(record_id, image_path, turns, truth, {"stage": stage, "env": env_id, "seed": seed + i})
+            handle.write(json.dumps(record) + "\n")
+    for env in made.values():
+        env.close()
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- loading
+@dataclass
+class ConversationRecord:
+    id: str | int
+    images: list[Path]
+    conversation: list[dict[str, str]]
+    meta: dict[str, Any]
+    line: int
+
+    @property
+    def answers(self) -> list[str]:
+        return [turn["content"] for turn in self.conversation if turn["role"] == ASSISTANT]
+
+
+def _validate(raw: Any, where: str, base: Path, check_images: bool) -> tuple[Any, list[Path], list[dict], dict]:
+    if not isinstance(raw, dict):
+        raise SceneLanguageFormatError(f"{where}: a record must be a JSON object, got {type(raw).__name__}")
+    for key in ("id", "conversation"):
+        if key not in raw:
+            raise SceneLanguageFormatError(f"{where}: missing key {key!r} (have {sorted(raw)})")
+    record_id = raw["id"]
+    if not isinstance(record_id, (str, int)) or isinstance(record_id, bool):
+        raise SceneLanguageFormatError(f"{where}: 'id' must be a string or an integer")
+    images = raw.get("images", [])
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise SceneLanguageFormatError(f"{where}: 'images' must be a list of path strings")
+    paths = [(base / p) if not Path(p).is_absolute() else Path(p) for p in images]
+    if check_images:
+        for shown, resolved in zip(images, paths):
+            if not resolved.is_file():
+                raise SceneLanguageFormatError(f"{where}: image {shown!r} not found (looked for {resolved})")
+    conversation = raw["conversation"]
+    if not isinstance(conversation, list) or not conversation:
+        raise SceneLanguageFormatError(f"{where}: 'conversation' must be a non-empty list of turns")
+    for index, turn in enumerate(conversation):
+        if not isinstance(turn, dict) or set(turn) - {"role", "content"} or not {"role", "content"} <= set(turn):
+            raise SceneLanguageFormatError(f"{where}: turn {index} must be an object with exactly 'role' and 'content'")
+        if not isinstance(turn["content"], str):
+            raise SceneLanguageFormatError(f"{where}: turn {index} content must be a string")
+        expected = USER if index % 2 == 0 else ASSISTANT
+        if turn["role"] != expected:
+            raise SceneLanguageFormatError(f"{where}: turn {index} has role {turn['role']!r}, expected {expected!r} (turns alternate, user first)")
+    if conversation[-1]["role"] != ASSISTANT:
+        raise SceneLanguageFormatError(f"{where}: the last turn must be the assistant's")
+    placeholders = sum(turn["content"].count(IMAGE_TOKEN) for turn in conversation if turn["role"] == USER)
+    if placeholders != len(images):
+        raise SceneLanguageFormatError(f"{where}: {placeholders} {IMAGE_TOKEN} placeholder(s) for {len(images)} image(s)")
+    meta = raw.get("meta", {})
+    if not isinstance(meta, dict):
+        raise SceneLanguageFormatError(f"{where}: 'meta' must be an object")
+    return record_id, paths, conversation, meta
+
+
+def load_conversations(path: str | Path, check_images: bool = True) -> list[ConversationRecord]:
+    """Read and validate a JSONL file of conversations (generated or user-made); blank lines are skipped."""
+    path = Path(path)
+    records: list[ConversationRecord] = []
+    seen: dict[Any, int] = {}
+    with path.open() as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise SceneLanguageFormatError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
+            record_id, images, conversation, meta = _validate(raw, where, path.parent, check_images)
+            if record_id in seen:
+                raise SceneLanguageFormatError(f"{where}: duplicate id {record_id!r} (first on line {seen[record_id]})")
+            seen[record_id] = line_number
+            records.append(ConversationRecord(record_id, images, conversation, meta, line_number))
+    return records

@@ -1,0 +1,133 @@
+"""Scene-language JSONL: generation from the env scenes, DeepSeek-VL2 boxes, canonical answers, the loader's checks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from envs.scene import COLOURS
+from envs.scene_language import (
+    ASSISTANT,
+    STAGES,
+    USER,
+    SceneLanguageFormatError,
+    from_det,
+    generate_scene_language,
+    load_conversations,
+    parse_grounding,
+    score_answer,
+    to_det,
+)
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    base = tmp_path_factory.mktemp("scene_language")
+    return {stage: generate_scene_language(base, stage, 12, seed=5, image_size=64) for stage in STAGES}
+
+
+def test_stages_load_back_in_the_documented_format(generated):
+    for stage, path in generated.items():
+        records = load_conversations(path)
+        assert len(records) == 12
+        for record in records:
+            assert record.conversation[0]["role"] == USER and record.conversation[0]["content"].startswith("<image>\n")
+            assert [t["role"] for t in record.conversation] == [USER, ASSISTANT] * (len(record.conversation) // 2)
+            assert Image.open(record.images[0]).size == (64, 64)
+            assert len(record.meta["turns"]) == len(record.answers)
+            assert record.meta["stage"] == stage
+        turns = [len(r.conversation) // 2 for r in records]
+        if stage == "sft":
+            assert min(turns) >= 3
+        else:
+            assert set(turns) == {1}
+    align = load_conversations(generated["align"])
+    assert all(turn["kind"] == "caption" for r in align for turn in r.meta["turns"])
+    kinds = {turn["kind"] for r in load_conversations(generated["pretrain"]) for turn in r.meta["turns"]}
+    assert len(kinds) >= 2
+
+
+def test_generation_is_deterministic(generated, tmp_path):
+    again = generate_scene_language(tmp_path, "sft", 12, seed=5, image_size=64)
+    assert again.read_text() == generated["sft"].read_text()
+
+
+def test_answers_match_the_ground_truth_and_the_pixels(generated):
+    checked = {"grounding": 0, "count": 0, "colour_of_shape": 0, "caption": 0}
+    for stage in STAGES:
+        for record in load_conversations(generated[stage]):
+            image = np.asarray(Image.open(record.images[0]).convert("RGB"))
+            width, height = record.meta["image_size"]
+            objects = record.meta["objects"]
+            for turn, question, answer in zip(record.meta["turns"], record.conversation[0::2], record.answers):
+                assert score_answer(answer, turn)
+                kind = turn["kind"]
+                if kind == "grounding":
+                    obj = next(o for o in objects if f"the {o['name']}" == turn["ref"])
+                    assert turn["det"] == [round(v * 999 / s) for v, s in zip(obj["bbox"], (width, height, width, height))]
+                    [(ref, [det])] = parse_grounding(answer)
+                    assert ref == turn["ref"] and det == turn["det"]
+                    x1, y1, x2, y2 = (int(round(v)) for v in from_det(det, width, height))
+                    colour = np.array(COLOURS[obj["colour"]])
+                    assert np.all(image[y1:y2, x1:x2] == colour, axis=-1).mean() > 0.3
+                elif kind == "count":
+                    assert answer == str(len(objects))
+                elif kind == "colour_of_shape":
+                    shape = question["content"].split("the ")[-1].rstrip("?")
+                    assert answer == next(o["colour"] for o in objects if o["shape"] == shape)
+                elif kind == "caption":
+                    assert all(o["name"] in answer for o in objects)
+                checked[kind] = checked.get(kind, 0) + 1
+    assert all(count > 0 for count in checked.values()), checked
+
+
+def test_scoring_and_boxes():
+    assert to_det([0, 0, 64, 32], 64, 64) == [0, 0, 999, 500]
+    truth = {"kind": "grounding", "det": [100, 100, 300, 300]}
+    assert score_answer("<|ref|>x<|/ref|><|det|>[[110,100,300,310]]<|/det|>", truth)
+    assert not score_answer("<|ref|>x<|/ref|><|det|>[[500,500,700,700]]<|/det|>", truth)
+    assert not score_answer("somewhere on the left", truth)
+    assert score_answer("The red square.", {"kind": "extreme", "answer": "red square"})
+    assert not score_answer("blue square", {"kind": "extreme", "answer": "red square"})
+
+
+GOOD = {
+    "id": "mine-1",
+    "images": ["a.png"],
+    "conversation": [{"role": USER, "content": "<image>\nWhat colour is the square?"}, {"role": ASSISTANT, "content": "red"}],
+}
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "message"),
+    [
+        ("{not json", "invalid JSON"),
+        (json.dumps([1, 2]), "must be a JSON object"),
+        (json.dumps({k: v for k, v in GOOD.items() if k != "conversation"}), "missing key 'conversation'"),
+        (json.dumps({**GOOD, "images": ["missing.png"]}), "image 'missing.png' not found"),
+        (json.dumps({**GOOD, "images": []}), "1 <image> placeholder\\(s\\) for 0 image"),
+        (json.dumps({**GOOD, "conversation": GOOD["conversation"][::-1]}), "turn 0 has role '<\\|Assistant\\|>'"),
+        (json.dumps({**GOOD, "conversation": GOOD["conversation"][:1]}), "last turn must be the assistant"),
+        (json.dumps({**GOOD, "conversation": [{"role": USER}]}), "exactly 'role' and 'content'"),
+        (json.dumps({**GOOD, "meta": [1]}), "'meta' must be an object"),
+        (json.dumps(GOOD), "duplicate id 'mine-1' \\(first on line 1\\)"),
+    ],
+)
+def test_loader_reports_file_and_line(tmp_path, bad_line, message):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n\n" + bad_line + "\n")
+    with pytest.raises(SceneLanguageFormatError, match=f"mine.jsonl:3: .*{message}"):
+        load_conversations(path)
+
+
+def test_user_made_file_without_meta_loads(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n")
+    [record] = load_conversations(path)
+    assert record.id == "mine-1" and record.meta == {} and record.answers == ["red"] and record.line == 1
+    assert record.images == [tmp_path / "a.png"]
