@@ -1,1 +1,22 @@
 """heads: action tokenization and the action-token head. Knows action tokens, nothing of environments."""
+
+from heads.action_tokenizer import ActionStatsError, ActionTokenizer
+from heads.embodiment import (
+    Embodiment,
+    EmbodimentRegistry,
+    action_token_strings,
+    camera_key,
+    embodiment_token,
+    state_token_strings,
+)
+
+__all__ = [
+    "ActionStatsError",
+    "ActionTokenizer",
+    "Embodiment",
+    "EmbodimentRegistry",
+    "action_token_strings",
+    "camera_key",
+    "embodiment_token",
+    "state_token_strings",
+]

@@ -1,0 +1,125 @@
+"""Embodiment descriptions, the registry (lookup, order, JSON round trip) and the vocabulary token strings."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from heads.embodiment import (
+    Embodiment,
+    EmbodimentRegistry,
+    action_token_strings,
+    camera_key,
+    embodiment_token,
+    state_token_strings,
+)
+
+
+def nav(**overrides) -> Embodiment:
+    fields = dict(name="point2d", action_dim=2, state_dim=2, cameras=("observation.images.top",), fps=10, chunk_len=8)
+    return Embodiment(**{**fields, **overrides})
+
+
+def arm(**overrides) -> Embodiment:
+    fields = dict(
+        name="arm3",
+        action_dim=3,
+        state_dim=5,
+        cameras=["observation.images.top", "observation.images.wrist"],
+        fps=20,
+        chunk_len=4,
+        norm_mode="mean_std",
+        description="planar arm",
+    )
+    return Embodiment(**{**fields, **overrides})
+
+
+def test_embodiment_fields_and_derived_values():
+    a = arm()
+    assert a.cameras == ("observation.images.top", "observation.images.wrist")  # list -> tuple
+    assert a.num_action_tokens == 12 and nav().num_action_tokens == 16  # H * A each, no global padding
+    assert a.token == "<|emb:arm3|>"
+    assert a.chunk_seconds == pytest.approx(0.2)
+    assert nav().norm_mode == "quantile"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(name=""), "embodiment name"),
+        (dict(name="bad|name"), "embodiment name"),
+        (dict(action_dim=0), "action_dim"),
+        (dict(action_dim=2.0), "action_dim"),
+        (dict(state_dim=-1), "state_dim"),
+        (dict(chunk_len=0), "chunk_len"),
+        (dict(fps=0), "fps"),
+        (dict(norm_mode="minmax"), "norm_mode"),
+        (dict(cameras="observation.images.top"), "string"),
+        (dict(cameras=("a", "a")), "duplicate"),
+        (dict(cameras=("",)), "non-empty"),
+    ],
+)
+def test_embodiment_validation(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        nav(**overrides)
+
+
+def test_state_dim_zero_and_no_cameras_are_allowed():
+    e = nav(state_dim=0, cameras=())
+    assert e.state_dim == 0 and e.cameras == ()
+
+
+def test_registry_lookup_order_and_errors():
+    registry = EmbodimentRegistry([nav(), arm()])
+    assert registry.names() == ["point2d", "arm3"]
+    assert [e.name for e in registry] == ["point2d", "arm3"]
+    assert len(registry) == 2 and "arm3" in registry and "aloha" not in registry
+    assert registry.get("arm3") is registry["arm3"]
+    assert registry.index("arm3") == 1
+    assert registry.max_action_tokens == 16
+    with pytest.raises(KeyError, match="point2d, arm3"):
+        registry.get("aloha")
+    registry.register(nav())  # identical: no-op
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(nav(chunk_len=4))
+    registry.register(nav(chunk_len=4), overwrite=True)
+    assert registry.get("point2d").chunk_len == 4
+    with pytest.raises(KeyError, match="none registered"):
+        EmbodimentRegistry().get("x")
+
+
+def test_registry_json_round_trip():
+    registry = EmbodimentRegistry([arm(), nav()])
+    text = json.dumps(registry.to_dict())
+    restored = EmbodimentRegistry.from_dict(json.loads(text))
+    assert restored == registry and restored.names() == ["arm3", "point2d"]
+    assert restored.get("arm3").cameras == arm().cameras
+    with pytest.raises(ValueError, match="unknown embodiment fields"):
+        Embodiment.from_dict({**nav().to_dict(), "chunk": 3})
+    with pytest.raises(ValueError, match="embodiments"):
+        EmbodimentRegistry.from_dict({})
+
+
+def test_token_strings():
+    acts = action_token_strings(256)
+    assert len(acts) == 256 and acts[0] == "<|act_0|>" and acts[-1] == "<|act_255|>"
+    assert state_token_strings(4) == ["<|state_0|>", "<|state_1|>", "<|state_2|>", "<|state_3|>"]
+    assert embodiment_token("arm3") == "<|emb:arm3|>"
+    with pytest.raises(ValueError):
+        action_token_strings(1)
+    registry = EmbodimentRegistry([nav(), arm()])
+    tokens = registry.special_tokens(n_bins=8)
+    assert tokens[:2] == ["<|emb:point2d|>", "<|emb:arm3|>"] and tokens[2:] == action_token_strings(8)
+    with_state = registry.special_tokens(n_bins=8, state_tokens=True)
+    assert len(with_state) == 2 + 16 and len(set(with_state)) == len(with_state)
+
+
+def test_from_spec_reads_an_env_style_description():
+    spec = SimpleNamespace(name="libero", action_size=7, state_size=8, cameras=("image", "image2"), fps=20,
+                           description="franka")
+    e = Embodiment.from_spec(spec, chunk_len=8)
+    assert (e.action_dim, e.state_dim, e.chunk_len, e.norm_mode) == (7, 8, 8, "quantile")
+    assert e.cameras == ("observation.image", "observation.images.image2")
+    assert camera_key("observation.images.top") == "observation.images.top"
