@@ -32,7 +32,8 @@ Vector envs
 `make_vector_env` builds `SyncVectorEnv` or `AsyncVectorEnv` (spawn context by default) from `EnvFactory`, a
 picklable callable that imports the modules registering the env inside each worker before `gym.make`: `envs` for
 `vla/...` ids, the namespace module for `namespace/Name` ids (e.g. `gym_pusht`), plus any `import_modules`. That is
-what lerobot-eval's async path lacks (NamespaceNotFound in forkserver workers). Tasks are read with
+what lerobot-eval's async path lacks (NamespaceNotFound in forkserver workers). As with any spawned multiprocessing,
+a script that calls `evaluate(..., asynchronous=True)` needs an `if __name__ == "__main__":` guard. Tasks are read with
 `vec_env.call("task")` only from envs that have a `task` attribute (probing a missing attribute kills an async worker).
 
 MuJoCo envs (`gym_aloha/...`; lerobot's MetaWorld and LIBERO wrappers) need MuJoCo rendering: `MUJOCO_GL=egl` with an
