@@ -27,6 +27,21 @@ def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Best-of-`repeats` wall seconds per function, the functions run round-robin so that a noisy neighbour
+    (other processes on a 2-core machine) hits every contender alike; the minimum filters out interference."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
 def matmul_peak_flops(dtype: torch.dtype = torch.float32, sizes=(1024, 2048), repeats: int = 3) -> float:
     """Best measured FLOP/s of a square matmul on this machine (the practical peak used for utilization)."""
     best = 0.0

@@ -10,7 +10,7 @@ import torch
 
 from backbone.config import LanguageModelConfig
 from backbone.moe import MoE
-from benchmarks._util import matmul_peak_flops, print_table, setup, time_call
+from benchmarks._util import matmul_peak_flops, print_table, setup, time_interleaved
 
 
 def _configs(hidden=512, experts=16, expert_dim=256, shared=2, top_k=4):
@@ -78,14 +78,19 @@ def run(cfg) -> dict:
 
     with torch.no_grad():  # same weights, same function
         diff = (ours(x)[0] - hf(x)).abs().max().item()
-    rows, tok_s = [], {}
-    for name, layer, impl in (("ours (sorted grouped_mm)", ours, None), ("transformers eager", hf, "eager"),
-                              ("transformers grouped_mm", hf, "grouped_mm")):
-        if impl is not None:
+    def hf_with(impl: str):
+        step = _fwd_bwd(hf, x, g, False)
+
+        def run_impl():
             hf.experts.config._experts_implementation = impl
-        seconds = time_call(_fwd_bwd(layer, x, g, impl is None), repeats)
-        tok_s[name] = tokens / seconds
-        rows.append([name, seconds * 1e3, tokens / seconds, layer_flops(ours_cfg, tokens) / seconds / 1e9])
+            step()
+        return run_impl
+
+    names = {"ours (sorted grouped_mm)": _fwd_bwd(ours, x, g, True), "transformers eager": hf_with("eager"),
+             "transformers grouped_mm": hf_with("grouped_mm")}
+    seconds = time_interleaved(names, repeats)
+    tok_s = {name: tokens / s for name, s in seconds.items()}
+    rows = [[name, s * 1e3, tokens / s, layer_flops(ours_cfg, tokens) / s / 1e9] for name, s in seconds.items()]
     peak = matmul_peak_flops()
     ours_flops = layer_flops(ours_cfg, tokens) / (tokens / tok_s["ours (sorted grouped_mm)"])
     print(f"MoE layer fwd+bwd, hidden 512, 16 experts x 256, 2 shared, top-4, {tokens} tokens, fp32, "

@@ -7,6 +7,7 @@ Every command composes `configs/<command>.yaml` with hydra-style overrides. A ba
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # command -> (module with `main(cfg) -> int | None`, positional key or None, one-line help)
@@ -14,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
     "bench": ("vla.bench", "name", "run a benchmark (moe, decode, ...) and print a table, then one JSON line"),
     "demo": ("vla.demo", None, "the end-to-end demo"),
     "generate": ("vla.generate", None, "greedy/sampled generation from a language-model checkpoint (or a tiny random one)"),
+    "vqa": ("vla.vqa", None, "ask a DeepSeek-VL2 or policy checkpoint a question about an image; draw grounding boxes"),
     "collect": ("vla.collect", None, "run a scripted expert and write a LeRobotDataset v3"),
     "eval": ("vla.evaluate", None, "roll a policy out in gymnasium vector envs; JSON summary, markdown table, videos"),
 }
@@ -66,7 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         print(OmegaConf.to_yaml(load_config(command, overrides)))
         return 0
     cfg = load_config(command, overrides)
-    return int(module.main(cfg) or 0)
+    try:
+        return int(module.main(cfg) or 0)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        # Bad input (missing file, corrupt checkpoint, wrong shape, unknown name): one clear line, no traceback.
+        # VLA_DEBUG=1 shows the traceback.
+        if os.environ.get("VLA_DEBUG"):
+            raise
+        print(f"vla {command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
