@@ -196,9 +196,8 @@ class ActionTokenizer:
         if isinstance(bins, torch.Tensor):
             if bins.is_floating_point():
                 raise TypeError(f"{self.name}: bins must be an integer tensor, got {bins.dtype}")
-            out_dtype = dtype or (offsets.dtype if isinstance(offsets, torch.Tensor) and offsets.dtype == torch.float64
-                                  else torch.float32)
-            values = bins.to(out_dtype)
+            offsets_are_double = isinstance(offsets, torch.Tensor) and offsets.dtype == torch.float64
+            values = bins.to(dtype or (torch.float64 if offsets_are_double else torch.float32))
         else:
             bins = np.asarray(bins)
             if not np.issubdtype(bins.dtype, np.integer):
