@@ -59,13 +59,19 @@ def apply_rope_half(x: torch.Tensor, cos_BTF: torch.Tensor, sin_BTF: torch.Tenso
     return torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).to(x.dtype)
 
 
-def attention_mask_BTS(query_pos_BT: torch.Tensor, key_pos_BS: torch.Tensor, key_valid_BS: torch.Tensor) -> torch.Tensor:
+def attention_mask_BTS(query_pos_BT: torch.Tensor, key_pos_BS: torch.Tensor, key_valid_BS: torch.Tensor,
+                       block_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask (B, T, S): a query sees valid keys at positions <= its own, and always itself-or-earlier slot.
 
     Positions here are slot indices in the (cache + new) sequence, not RoPE positions, so left padding works.
-    A fully padded query row would be all False (NaN in softmax); it is allowed to see its own slot instead.
+    `block_ids_BT` (no cache: T == S) marks bidirectional blocks: tokens sharing a block id >= 0 also see each other
+    (used for parallel decoding of action positions). A fully padded query row would be all False (NaN in softmax);
+    it is allowed to see its own slot instead.
     """
     causal = key_pos_BS[:, None, :] <= query_pos_BT[:, :, None]
+    if block_ids_BT is not None:
+        same_block = (block_ids_BT[:, :, None] == block_ids_BT[:, None, :]) & (block_ids_BT[:, :, None] >= 0)
+        causal = causal | same_block
     mask = causal & key_valid_BS[:, None, :]
     own_slot = key_pos_BS[:, None, :] == query_pos_BT[:, :, None]
     return mask | (own_slot & ~mask.any(-1, keepdim=True))
@@ -110,6 +116,7 @@ class MultiHeadLatentAttention(nn.Module):
         slot_pos_BT: torch.Tensor,
         key_valid_BS: torch.Tensor,
         cache: KVCache | None = None,
+        block_ids_BT: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         H, N, P, V, R = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim, self.kv_lora_rank
@@ -129,21 +136,22 @@ class MultiHeadLatentAttention(nn.Module):
             past_len = cache.length
             c_kv_BSR, k_pe_BSP = cache.update_latent(self.layer_idx, c_kv_BTR, k_pe_BTP)
         if cache is None or (past_len == 0 and T > 1):
-            out_BHTV = self._expanded(q_nope_BHTN, q_pe_BHTP, c_kv_BTR, k_pe_BTP, slot_pos_BT, key_valid_BS[:, past_len:])
+            out_BHTV = self._expanded(q_nope_BHTN, q_pe_BHTP, c_kv_BTR, k_pe_BTP, slot_pos_BT, key_valid_BS[:, past_len:],
+                                      block_ids_BT)
         else:
             out_BHTV = self._absorbed(q_nope_BHTN, q_pe_BHTP, c_kv_BSR, k_pe_BSP, slot_pos_BT, key_valid_BS)
         return self.o_proj(out_BHTV.transpose(1, 2).reshape(B, T, H * V))
 
-    def _expanded(self, q_nope_BHTN, q_pe_BHTP, c_kv_BTR, k_pe_BTP, slot_pos_BT, key_valid_BT) -> torch.Tensor:
+    def _expanded(self, q_nope_BHTN, q_pe_BHTP, c_kv_BTR, k_pe_BTP, slot_pos_BT, key_valid_BT, block_ids_BT=None):
         """MHA mode: expand the latent into per-head K_nope and V and run SDPA over the T new tokens."""
         B, H, T, N = q_nope_BHTN.shape
         kv_BHTC = self.kv_b_proj(c_kv_BTR).view(B, T, H, N + self.v_head_dim).transpose(1, 2)
         k_nope_BHTN, v_BHTV = kv_BHTC.split([N, self.v_head_dim], dim=-1)
         q = torch.cat((q_nope_BHTN, q_pe_BHTP), dim=-1)
         k = torch.cat((k_nope_BHTN, k_pe_BTP[:, None].expand(B, H, T, -1)), dim=-1)
-        if bool(key_valid_BT.all()):
+        if block_ids_BT is None and bool(key_valid_BT.all()):
             return F.scaled_dot_product_attention(q, k, v_BHTV, is_causal=True, scale=self.softmax_scale)
-        mask_BTT = attention_mask_BTS(slot_pos_BT, slot_pos_BT, key_valid_BT)
+        mask_BTT = attention_mask_BTS(slot_pos_BT, slot_pos_BT, key_valid_BT, block_ids_BT)
         return F.scaled_dot_product_attention(q, k, v_BHTV, attn_mask=mask_BTT[:, None], scale=self.softmax_scale)
 
     def _absorbed(self, q_nope_BHTN, q_pe_BHTP, c_kv_BSR, k_pe_BSP, slot_pos_BT, key_valid_BS) -> torch.Tensor:
@@ -178,7 +186,8 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(D, D, bias=False)
         self.o_proj = nn.Linear(D, D, bias=False)
 
-    def forward(self, x_BTD, rope_pos_BT, slot_pos_BT, key_valid_BS, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x_BTD, rope_pos_BT, slot_pos_BT, key_valid_BS, cache: KVCache | None = None,
+                block_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
         B, T, D = x_BTD.shape
         H, E = self.num_heads, self.head_dim
         cos, sin = rope_angles(rope_pos_BT, E, self.rope_theta)
@@ -192,9 +201,9 @@ class MultiHeadAttention(nn.Module):
             key_pos_BS = torch.arange(k_BHTE.shape[2], device=x_BTD.device).expand(B, -1)
         else:
             past_len = 0
-        if past_len == 0 and bool(key_valid_BS.all()):
+        if past_len == 0 and block_ids_BT is None and bool(key_valid_BS.all()):
             out = F.scaled_dot_product_attention(q_BHTE, k_BHTE, v_BHTE, is_causal=T > 1)
         else:
-            mask_BTS = attention_mask_BTS(slot_pos_BT, key_pos_BS, key_valid_BS)
+            mask_BTS = attention_mask_BTS(slot_pos_BT, key_pos_BS, key_valid_BS, block_ids_BT)
             out = F.scaled_dot_product_attention(q_BHTE, k_BHTE, v_BHTE, attn_mask=mask_BTS[:, None])
         return self.o_proj(out.transpose(1, 2).reshape(B, T, D))

@@ -41,8 +41,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x_BTD, rope_pos_BT, slot_pos_BT, key_valid_BS, cache=None):
-        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), rope_pos_BT, slot_pos_BT, key_valid_BS, cache)
+    def forward(self, x_BTD, rope_pos_BT, slot_pos_BT, key_valid_BS, cache=None, block_ids_BT=None):
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), rope_pos_BT, slot_pos_BT, key_valid_BS, cache,
+                                       block_ids_BT)
         h_BTD = self.post_attention_layernorm(x_BTD)
         if self.is_moe:
             y_BTD, route = self.mlp(h_BTD)
@@ -93,8 +94,12 @@ class DeepseekV2LM(nn.Module):
         return_router: bool = False,
         logits_to_keep: int = 0,
         compute_logits: bool = True,
+        block_ids: torch.Tensor | None = None,
     ) -> LMOutput:
         """input_ids (B, T) or inputs_embeds (B, T, D); attention_mask (B, T) marks real tokens (left padding).
+
+        `block_ids` (B, T) long, -1 outside blocks: tokens sharing a block id attend to each other bidirectionally
+        (causal to everything before them); only without a cache.
 
         With `cache`, the T tokens are appended to it (prefill or decode). `logits_to_keep=n` computes logits for the
         last n positions only (0 = all). `return_router` returns each MoE layer's expert ids and weights.
@@ -106,6 +111,8 @@ class DeepseekV2LM(nn.Module):
         mask_BT = (torch.ones(B, T, dtype=torch.bool, device=x_BTD.device) if attention_mask is None
                    else attention_mask.to(device=x_BTD.device, dtype=torch.bool))
         if cache is not None:
+            if block_ids is not None:
+                raise ValueError("bidirectional blocks are only supported without a KV cache")
             rope_pos_BT, slot_pos_BT, key_valid_BS = cache.begin(mask_BT)
         else:
             if T > self.config.max_position_embeddings:
@@ -118,9 +125,9 @@ class DeepseekV2LM(nn.Module):
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and cache is None:
                 x_BTD, route = torch.utils.checkpoint.checkpoint(
-                    layer, x_BTD, rope_pos_BT, slot_pos_BT, key_valid_BS, use_reentrant=False)
+                    layer, x_BTD, rope_pos_BT, slot_pos_BT, key_valid_BS, None, block_ids, use_reentrant=False)
             else:
-                x_BTD, route = layer(x_BTD, rope_pos_BT, slot_pos_BT, key_valid_BS, cache)
+                x_BTD, route = layer(x_BTD, rope_pos_BT, slot_pos_BT, key_valid_BS, cache, block_ids)
             routes.append(route)
         if cache is not None:
             cache.advance(mask_BT)

@@ -315,3 +315,22 @@ def test_preset_parameter_counts_on_meta(preset, total_b, active_b):
     print(f"{preset}: LM total {total:.2f}B, activated {active:.2f}B")
     assert total == pytest.approx(total_b, rel=0.03)
     assert active == pytest.approx(active_b, rel=0.12)
+
+
+@pytest.mark.parametrize("use_mla", [True, False])
+def test_bidirectional_block_sees_itself_but_prefix_stays_causal(use_mla):
+    extra = {} if use_mla else dict(use_mla=False, kv_lora_rank=0, qk_nope_head_dim=0, qk_rope_head_dim=0, v_head_dim=0)
+    model = build_language_model(tiny_test_config(**extra)).eval()
+    ids = torch.randint(2, 256, (1, 10))
+    block = torch.full((1, 10), -1)
+    block[0, 6:] = 0  # the last four tokens form one bidirectional block
+    with torch.no_grad():
+        causal = model(ids).logits
+        mixed = model(ids, block_ids=block).logits
+        changed = ids.clone()
+        changed[0, 9] = (ids[0, 9] + 1) % 256
+        mixed_changed = model(changed, block_ids=block).logits
+    assert torch.allclose(mixed[:, :6], causal[:, :6], atol=1e-6)  # the prefix never sees the block
+    assert not torch.allclose(mixed[:, 6:9], causal[:, 6:9], atol=1e-4)  # block tokens see later block tokens
+    assert not torch.allclose(mixed_changed[:, 6], mixed[:, 6], atol=1e-6)  # token 6 depends on token 9
+    assert torch.allclose(mixed_changed[:, :6], mixed[:, :6], atol=1e-6)
