@@ -119,6 +119,7 @@ class DeepseekVL2(nn.Module):
         logits_to_keep: int = 0,
         compute_logits: bool = True,
         block_ids: torch.Tensor | None = None,
+        router_bias: dict[int, torch.Tensor] | None = None,
         **_: Any,
     ) -> LMOutput:
         """Inputs as the processor's `collate` makes them; extra batch keys (labels, seq_lens, ...) are ignored."""
@@ -126,7 +127,7 @@ class DeepseekVL2(nn.Module):
             inputs_embeds = self.prepare_inputs_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
         return self.language(inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
                              return_router=return_router, logits_to_keep=logits_to_keep, compute_logits=compute_logits,
-                             block_ids=block_ids)
+                             block_ids=block_ids, router_bias=router_bias)
 
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], max_new_tokens: int = 64, prefill_chunk_size: int = 0, **kwargs) -> torch.Tensor:

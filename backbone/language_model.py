@@ -41,12 +41,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x_BTD, rope_pos_BT, slot_pos_BT, key_valid_BS, cache=None, block_ids_BT=None):
+    def forward(self, x_BTD, rope_pos_BT, slot_pos_BT, key_valid_BS, cache=None, block_ids_BT=None, router_bias_BTE=None):
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), rope_pos_BT, slot_pos_BT, key_valid_BS, cache,
                                        block_ids_BT)
         h_BTD = self.post_attention_layernorm(x_BTD)
         if self.is_moe:
-            y_BTD, route = self.mlp(h_BTD)
+            y_BTD, route = self.mlp(h_BTD, router_bias_BTE)
             return x_BTD + y_BTD, route
         return x_BTD + self.mlp(h_BTD), None
 
@@ -95,6 +95,7 @@ class DeepseekV2LM(nn.Module):
         logits_to_keep: int = 0,
         compute_logits: bool = True,
         block_ids: torch.Tensor | None = None,
+        router_bias: dict[int, torch.Tensor] | None = None,
     ) -> LMOutput:
         """input_ids (B, T) or inputs_embeds (B, T, D); attention_mask (B, T) marks real tokens (left padding).
 
@@ -122,12 +123,13 @@ class DeepseekV2LM(nn.Module):
             key_valid_BS = mask_BT
 
         routes: list[RouterOutput | None] = []
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
+            bias = router_bias.get(i) if router_bias else None
             if self.gradient_checkpointing and self.training and cache is None:
                 x_BTD, route = torch.utils.checkpoint.checkpoint(
-                    layer, x_BTD, rope_pos_BT, slot_pos_BT, key_valid_BS, None, block_ids, use_reentrant=False)
+                    layer, x_BTD, rope_pos_BT, slot_pos_BT, key_valid_BS, None, block_ids, bias, use_reentrant=False)
             else:
-                x_BTD, route = layer(x_BTD, rope_pos_BT, slot_pos_BT, key_valid_BS, cache, block_ids)
+                x_BTD, route = layer(x_BTD, rope_pos_BT, slot_pos_BT, key_valid_BS, cache, block_ids, bias)
             routes.append(route)
         if cache is not None:
             cache.advance(mask_BT)
@@ -146,6 +148,29 @@ class DeepseekV2LM(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
+
+    @torch.no_grad()
+    def resize_vocabulary(self, vocab_size: int, init_ids: list[int] | None = None) -> None:
+        """Grow the vocabulary to `vocab_size` rows (embedding and LM head); rows in `init_ids` (and all new rows) are
+        set to the mean of the existing rows plus small noise, a common choice that keeps new logits on scale."""
+        old = self.config.vocab_size
+        if vocab_size < old:
+            raise ValueError(f"cannot shrink the vocabulary from {old} to {vocab_size}")
+        fresh = sorted(set(range(old, vocab_size)) | set(init_ids or []))
+        for module, attr in ((self.model.embed_tokens, "weight"), (self.lm_head, "weight")):
+            weight = getattr(module, attr)
+            grown = torch.empty(vocab_size, weight.shape[1], dtype=weight.dtype, device=weight.device)
+            grown[:old] = weight
+            keep = torch.ones(vocab_size, dtype=torch.bool)
+            keep[fresh] = False
+            keep[old:] = False
+            mean, std = grown[:old][keep[:old]].mean(0), grown[:old][keep[:old]].std(0).mean()
+            if fresh:
+                grown[fresh] = mean + 0.1 * std * torch.randn(len(fresh), weight.shape[1], dtype=weight.dtype, device=weight.device)
+            setattr(module, attr, nn.Parameter(grown, requires_grad=weight.requires_grad))
+        self.model.embed_tokens.num_embeddings = vocab_size
+        self.lm_head.out_features = vocab_size
+        self.config.vocab_size = vocab_size
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         p = self.lm_head.weight

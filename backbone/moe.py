@@ -65,8 +65,11 @@ class Router(nn.Module):
         # Routed token counts since the last bias update (training only).
         self.register_buffer("tokens_per_expert_E", torch.zeros(E, dtype=torch.float32), persistent=False)
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, logit_bias_TE: torch.Tensor | None = None) -> RouterOutput:
+        """`logit_bias_TE` (optional) is added to the router logits before scoring (e.g. an embodiment prior)."""
         logits_TE = F.linear(x_TD.float(), self.weight.float())
+        if logit_bias_TE is not None:
+            logits_TE = logits_TE + logit_bias_TE.float()
         scores_TE = logits_TE.softmax(-1) if self.scoring_func == "softmax" else logits_TE.sigmoid()
         T, E, K = scores_TE.shape[0], self.num_experts, self.top_k
         if self.topk_method == "greedy":
@@ -212,10 +215,10 @@ class MoE(nn.Module):
             if config.n_shared_experts else None
         )
 
-    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+    def forward(self, x_BTD: torch.Tensor, router_bias_BTE: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterOutput]:
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
-        route = self.gate(x_TD)
+        route = self.gate(x_TD, None if router_bias_BTE is None else router_bias_BTE.reshape(B * T, -1))
         y_TD = self.experts(x_TD, route.expert_ids_TK, route.weights_TK)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)

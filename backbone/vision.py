@@ -238,6 +238,16 @@ def layout_image_tokens(
     raise ValueError(f"global_view_pos must be 'head' or 'tail', got {global_view_pos!r}")
 
 
+def layout_global_view(tiles_NLD: torch.Tensor, image_newline_D: torch.Tensor) -> torch.Tensor:
+    """Global-view-only layout of N single-view frames: each h x h grid with `image_newline` after every row,
+    (N, h*(h+1), D). A cheaper frame encoding for control (210 tokens at 384 px instead of 421)."""
+    num, length, dim = tiles_NLD.shape
+    h = math.isqrt(length)
+    grid = tiles_NLD.reshape(num, h, h, dim)
+    rows = torch.cat([grid, image_newline_D.to(tiles_NLD.dtype).expand(num, h, 1, dim)], dim=2)
+    return rows.reshape(num, h * (h + 1), dim)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The encoder the full model calls
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,123 @@
+"""The VLA policy: two embodiments with different action sizes through one backbone; masked loss; parallel vs
+autoregressive decoding; overfitting a fixed chunk; save/load."""
+
+import numpy as np
+import pytest
+import torch
+
+from backbone.tokenizer import build_bpe_tokenizer
+from heads.embodiment import Embodiment, EmbodimentRegistry
+from vla.policy import ACTION, VLAPolicyConfig, VLAPolicy, build_policy
+
+CAM = "observation.images.top"
+WRIST = "observation.images.wrist"
+
+
+def registry():
+    return EmbodimentRegistry([
+        Embodiment("point2d", action_dim=2, state_dim=2, cameras=(CAM,), fps=10, chunk_len=4),
+        Embodiment("arm3", action_dim=3, state_dim=5, cameras=(CAM, WRIST), fps=20, chunk_len=3),
+    ])
+
+
+def make_policy(decoding="parallel", seed=0, **cfg):
+    torch.manual_seed(seed)
+    tok = build_bpe_tokenizer(vocab_size=300)
+    return build_policy(VLAPolicyConfig(decoding=decoding, max_chunk_len=8, max_action_dim=4, **cfg), registry(), tok, "test")
+
+
+def make_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B = 2
+    batch = {
+        CAM: torch.rand(B, 3, 32, 32, generator=g),
+        WRIST: torch.rand(B, 3, 32, 32, generator=g),
+        "observation.state": torch.rand(B, 5, generator=g) * 2 - 1,
+        "action": torch.rand(B, 4, 3, generator=g) * 1.8 - 0.9,
+        "action_is_pad": torch.zeros(B, 4, dtype=torch.bool),
+        "task": ["go to the red square", "touch the blue circle"],
+        "embodiment": ["point2d", "arm3"],
+    }
+    return batch
+
+
+def test_sequence_has_each_robots_own_action_count():
+    policy = make_policy()
+    seq = policy.build_sequences(make_batch())
+    assert seq.num_actions == [4 * 2, 3 * 3]
+    assert [(seq.kinds[b] == ACTION).sum().item() for b in range(2)] == [8, 9]
+    assert (seq.block_ids[seq.kinds == ACTION] == 0).all() and (seq.block_ids[seq.kinds != ACTION] == -1).all()
+
+
+def test_padded_steps_do_not_count_in_the_loss():
+    policy = make_policy()
+    batch = make_batch()
+    batch["action_is_pad"][0, 2:] = True
+    loss_a, _ = policy(batch)
+    batch["action"][0, 2:] = torch.rand(2, 3) * 2 - 1  # change only padded steps
+    loss_b, _ = policy(batch)
+    assert torch.allclose(loss_a, loss_b)
+    batch["action"][0, 0] = -batch["action"][0, 0]  # a real step changes the loss
+    loss_c, _ = policy(batch)
+    assert not torch.allclose(loss_a, loss_c)
+
+
+def _overfit(policy, batch, steps):
+    opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    policy.train()
+    for _ in range(steps):
+        loss, metrics = policy(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    policy.eval()
+    return metrics
+
+
+@pytest.mark.parametrize("decoding", ["parallel", "autoregressive"])
+def test_overfit_two_embodiments_to_within_a_bin(decoding):
+    policy = make_policy(decoding)
+    batch = make_batch()
+    metrics = _overfit(policy, batch, 120)
+    assert metrics["bin_accuracy"] > 0.95, metrics
+    chunk = policy.predict_action_chunk(batch)
+    bin_width = 2 / 256
+    assert (chunk[0, :4, :2] - batch["action"][0, :4, :2]).abs().max() < bin_width
+    assert (chunk[1, :3, :3] - batch["action"][1, :3, :3]).abs().max() < bin_width
+
+
+def test_parallel_and_autoregressive_agree_when_deterministic():
+    batch = make_batch(1)
+    chunks = {}
+    for decoding in ("parallel", "autoregressive"):
+        policy = make_policy(decoding, continuous_offset=False)
+        _overfit(policy, batch, 120)
+        chunks[decoding] = policy.predict_action_chunk(batch)
+    assert torch.equal(chunks["parallel"], chunks["autoregressive"])
+
+
+def test_select_action_serves_a_chunk_from_the_queue_and_save_load(tmp_path):
+    policy = make_policy(n_action_steps=2).eval()
+    batch = make_batch()
+    calls = []
+    original = policy.predict_action_chunk
+    policy.predict_action_chunk = lambda b: calls.append(1) or original(b)
+    actions = [policy.select_action(batch) for _ in range(4)]
+    assert len(calls) == 2 and actions[0].shape == (2, 3)
+    policy.predict_action_chunk = original
+    policy.save(tmp_path)
+    again = VLAPolicy.load(tmp_path)
+    assert torch.equal(again.predict_action_chunk(batch), policy.predict_action_chunk(batch))
+    assert again.tokenizer.token_id("<|act_255|>") == policy.tokenizer.token_id("<|act_255|>")
+
+
+def test_unknown_embodiment_and_missing_camera_are_clear_errors():
+    policy = make_policy()
+    batch = make_batch()
+    batch["embodiment"] = ["point2d", "hexapod"]
+    with pytest.raises(KeyError, match="hexapod"):
+        policy(batch)
+    batch = make_batch()
+    del batch[WRIST]
+    with pytest.raises(KeyError, match="wrist"):
+        policy(batch)

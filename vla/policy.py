@@ -1,0 +1,441 @@
+"""The multi-embodiment VLA policy: DeepSeek-VL2 + action tokens.
+
+One control step is one sequence through the unchanged DeepSeek-VL2 backbone:
+
+    [BOS] <|User|>: [camera 1 image tokens] [camera 2 ...] \\n{instruction} <|emb:ROBOT|> [state] \\n\\n<|Assistant|>:
+    [H*A action positions]
+
+so action tokens flow through the same MoE layers (and experts) as text and image tokens. Robots differ in their
+action size, chunk length, cameras and rate; each emits its own H*A action positions. See heads/action_head.py for
+the parallel / autoregressive decoding, the offset head, the state token and the router prior.
+
+The policy works in normalized units: states and actions are normalized per dataset (quantile q01/q99 -> [-1, 1] by
+default) before they reach it, by the mixture loader in training, by `EnvPolicy` in our rollouts and by lerobot's
+processors in `lerobot-eval`; the normalizer stats are saved beside the weights. Inside, each action dimension in
+[-1, 1] maps to one of `n_bins` uniform bins (heads.ActionTokenizer over the unit range).
+
+Batch keys (lerobot conventions): `observation.images.<camera>` (B, 3, H, W) float in [0, 1], `observation.state`
+(B, S) normalized (zero-padded past a robot's size), `task` list[str], `embodiment` list[str] (or one str), and for
+training `action` (B, H, A_max) normalized and `action_is_pad` (B, H). Optional `vqa` (a processor batch of scene
+conversations) adds the language-model loss for co-training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from backbone.deepseek_vl2 import DeepseekVL2, build_deepseek_vl2, deepseek_vl2_preset, load_deepseek_vl2, save_deepseek_vl2
+from backbone.generate import generate
+from backbone.tokenizer import Tokenizer, load_tokenizer
+from backbone.vision import layout_global_view, layout_image_tokens
+from heads.action_head import ActionQueries, OffsetHead, RouterPrior, StateProjection, action_losses
+from heads.action_tokenizer import ActionTokenizer
+from heads.embodiment import Embodiment, EmbodimentRegistry
+
+TEXT, IMAGE, STATE, ACTION, PAD = 0, 1, 2, 3, -1
+KIND_NAMES = {TEXT: "text", IMAGE: "image", STATE: "state", ACTION: "action", PAD: "pad"}
+POLICY_CONFIG = "policy_config.json"
+POLICY_WEIGHTS = "policy_head.safetensors"
+BACKBONE_DIR = "backbone"
+
+
+@dataclass
+class VLAPolicyConfig:
+    decoding: str = "parallel"  # "parallel" | "autoregressive"
+    n_bins: int = 256
+    continuous_offset: bool = True  # predict the offset inside the bin (L1); off = bin centres
+    offset_loss_weight: float = 1.0
+    global_view_only: bool = True  # a frame costs h*(h+1) tokens (210 at 384 px) instead of 421
+    n_action_steps: int | None = None  # actions served from a chunk before re-planning (None = the whole chunk)
+    temporal_ensemble_coeff: float | None = None  # ACT-style ensembling of overlapping chunks (re-plans every step)
+    router_prior: bool = False  # learned per-embodiment bias on the router logits of action tokens
+    max_chunk_len: int = 64
+    max_action_dim: int = 32
+    vqa_loss_weight: float = 1.0  # co-training weight of the scene-VQA language loss
+
+    def __post_init__(self) -> None:
+        if self.decoding not in ("parallel", "autoregressive"):
+            raise ValueError(f"decoding must be 'parallel' or 'autoregressive', got {self.decoding!r}")
+
+
+@dataclass
+class SequenceBatch:
+    """The assembled model inputs of one batch of control steps (left padded)."""
+
+    inputs_embeds: torch.Tensor  # (B, T, D)
+    attention_mask: torch.Tensor  # (B, T) bool
+    kinds: torch.Tensor  # (B, T) TEXT / IMAGE / STATE / ACTION / PAD
+    block_ids: torch.Tensor | None  # (B, T) 0 on action positions (parallel decoding), -1 elsewhere
+    embodiment_index: torch.Tensor  # (B, T) registry index on action positions, -1 elsewhere
+    action_start: list[int] = field(default_factory=list)  # per sample, first action position
+    num_actions: list[int] = field(default_factory=list)  # per sample, H*A
+
+
+class VLAPolicy(nn.Module):
+    def __init__(self, config: VLAPolicyConfig, backbone: DeepseekVL2, tokenizer: Tokenizer,
+                 registry: EmbodimentRegistry, normalizer_stats: dict[str, Any] | None = None):
+        super().__init__()
+        self.config, self.backbone, self.tokenizer, self.registry = config, backbone, tokenizer, registry
+        self.normalizer_stats = normalizer_stats or {}  # per embodiment: {"action": {...}, "observation.state": {...}}
+        for emb in registry:
+            if emb.chunk_len > config.max_chunk_len or emb.action_dim > config.max_action_dim:
+                raise ValueError(f"embodiment {emb.name!r} needs a {emb.chunk_len}x{emb.action_dim} chunk; raise "
+                                 f"max_chunk_len/max_action_dim ({config.max_chunk_len}x{config.max_action_dim})")
+        # vocabulary: embodiment tokens and action bins become real tokens (embedding + LM-head rows)
+        new_ids = tokenizer.add_tokens(registry.special_tokens(config.n_bins))
+        language = backbone.language
+        if len(tokenizer) > language.config.vocab_size or any(i >= language.config.vocab_size for i in new_ids):
+            language.resize_vocabulary(max(len(tokenizer), language.config.vocab_size), init_ids=new_ids)
+        self.action_token_ids: torch.Tensor
+        self.register_buffer("action_token_ids", torch.tensor(
+            [tokenizer.token_id(f"<|act_{i}|>") for i in range(config.n_bins)]), persistent=False)
+        self.embodiment_token_id = {emb.name: tokenizer.token_id(emb.token) for emb in registry}
+        width = language.config.hidden_size
+        self.queries = ActionQueries(config.max_chunk_len, config.max_action_dim, width)
+        self.offset_head = OffsetHead(width)
+        self.state_proj = StateProjection({emb.name: emb.state_dim for emb in registry}, width)
+        moe_layers = [i for i in range(language.config.num_hidden_layers) if language.config.is_moe_layer(i)]
+        self.router_prior = (RouterPrior(len(registry), moe_layers, language.config.n_routed_experts)
+                             if config.router_prior and moe_layers else None)
+        self.binners = {emb.name: ActionTokenizer({"q01": -np.ones(emb.action_dim), "q99": np.ones(emb.action_dim)},
+                                                  n_bins=config.n_bins, name=emb.name) for emb in registry}
+        self._text_cache: dict[str, list[int]] = {}
+        self._queues: dict[int, deque] = {}
+        self._ensemble: list[tuple[int, torch.Tensor]] = []
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # sequence assembly
+    # ---------------------------------------------------------------------------------------------------------------
+    def _encode_text(self, text: str) -> list[int]:
+        if text not in self._text_cache:
+            self._text_cache[text] = self.tokenizer.encode(text)
+        return self._text_cache[text]
+
+    def _embodiments(self, batch: dict[str, Any], size: int) -> list[Embodiment]:
+        names = batch.get("embodiment")
+        if names is None:
+            if len(self.registry) != 1:
+                raise ValueError(f"batch has no 'embodiment' key and the policy knows several: {self.registry.names()}")
+            names = [self.registry.names()[0]] * size
+        elif isinstance(names, str):
+            names = [names] * size
+        return [self.registry.get(n) for n in names]
+
+    def _frames(self, batch: dict[str, Any], embodiments: list[Embodiment]) -> list[list[torch.Tensor]]:
+        """Per sample, its cameras' image-token embeddings (one (n, D) tensor per camera)."""
+        tile = self.backbone.config.vision.image_size
+        frames, owners = [], []
+        for b, emb in enumerate(embodiments):
+            for camera in emb.cameras:
+                if camera not in batch:
+                    raise KeyError(f"embodiment {emb.name!r} needs camera {camera!r}; batch has "
+                                   f"{sorted(k for k in batch if k.startswith('observation.image'))}")
+                frames.append(batch[camera][b])
+                owners.append(b)
+        per_sample: list[list[torch.Tensor]] = [[] for _ in embodiments]
+        if not frames:
+            return per_sample
+        pixels = torch.stack(frames).float()
+        if pixels.shape[-2:] != (tile, tile):
+            pixels = F.interpolate(pixels, size=(tile, tile), mode="bilinear", antialias=True, align_corners=False)
+        pixels = pixels * 2.0 - 1.0  # [0, 1] -> [-1, 1], the processor's normalization
+        encoder = self.backbone.vision_encoder
+        tiles_NLD = encoder.encode_tiles(pixels.to(self.device))
+        if self.config.global_view_only:
+            tokens = layout_global_view(tiles_NLD, encoder.image_newline)
+        else:  # a frame at tile resolution: the local tile equals the global view
+            tokens = torch.stack([layout_image_tokens(torch.stack([t, t]), encoder.image_newline,
+                                                      encoder.view_seperator, 1, 1) for t in tiles_NLD])
+        for owner, t in zip(owners, tokens):
+            per_sample[owner].append(t)
+        return per_sample
+
+    def build_sequences(self, batch: dict[str, Any], target_bins: list[torch.Tensor] | None = None) -> SequenceBatch:
+        """Embeddings of one control step per sample. Parallel decoding puts the queries at the action positions;
+        autoregressive decoding puts the target action tokens there (`target_bins`, teacher forcing) or nothing
+        (inference: the prompt only)."""
+        tasks = batch.get("task") or [""] * len(batch["observation.state"])
+        if isinstance(tasks, str):
+            tasks = [tasks]
+        embodiments = self._embodiments(batch, len(tasks))
+        frames = self._frames(batch, embodiments)
+        state = batch["observation.state"]
+        tok = self.tokenizer
+        with_actions = self.config.decoding == "parallel" or target_bins is not None
+
+        rows = []  # per sample: list of (kind, ids or embeddings)
+        for b, (emb, task) in enumerate(zip(embodiments, tasks)):
+            segments: list[tuple[int, Any]] = [(TEXT, [tok.bos_id] + self._encode_text("<|User|>: "))]
+            segments += [(IMAGE, f) for f in frames[b]]
+            segments.append((TEXT, self._encode_text("\n" + str(task).strip()) + [self.embodiment_token_id[emb.name]]))
+            segments.append((STATE, self.state_proj(emb.name, state[b, : emb.state_dim].to(self.device))[None]))
+            segments.append((TEXT, self._encode_text("\n\n<|Assistant|>:")))
+            if with_actions:
+                if self.config.decoding == "parallel":
+                    segments.append((ACTION, self.queries(emb.chunk_len, emb.action_dim)))
+                else:
+                    segments.append((ACTION, self.action_token_ids[target_bins[b].reshape(-1)].tolist()))
+            rows.append(segments)
+
+        lengths = [sum(len(content) for _, content in segments) for segments in rows]
+        B, T = len(rows), max(lengths)
+        embed = self.backbone.language.embed
+        width = self.backbone.language.config.hidden_size
+        ids = torch.full((B, T), tok.pad_id, dtype=torch.long, device=self.device)
+        kinds = torch.full((B, T), PAD, dtype=torch.long, device=self.device)
+        emb_index = torch.full((B, T), -1, dtype=torch.long, device=self.device)
+        dense_slots: list[tuple[int, int, torch.Tensor]] = []
+        action_start, num_actions = [], []
+        for b, segments in enumerate(rows):
+            pos = T - lengths[b]  # left padding
+            for kind, content in segments:
+                n = len(content)
+                kinds[b, pos:pos + n] = kind
+                if isinstance(content, list):
+                    ids[b, pos:pos + n] = torch.tensor(content, device=self.device)
+                else:
+                    dense_slots.append((b, pos, content))
+                if kind == ACTION:
+                    action_start.append(pos)
+                    num_actions.append(n)
+                    emb_index[b, pos:pos + n] = self.registry.index(embodiments[b].name)
+                pos += n
+            if not with_actions:
+                action_start.append(T)
+                num_actions.append(embodiments[b].num_action_tokens)
+        x_BTD = embed(ids)
+        if dense_slots:  # images, state and query embeddings replace their placeholder positions
+            index = torch.cat([b * T + pos + torch.arange(len(c), device=self.device) for b, pos, c in dense_slots])
+            values = torch.cat([c.to(x_BTD.dtype) for _, _, c in dense_slots])
+            x_BTD = x_BTD.reshape(B * T, width).index_copy(0, index, values).reshape(B, T, width)
+        block_ids = None
+        if self.config.decoding == "parallel":
+            block_ids = torch.where(kinds == ACTION, 0, -1)
+        return SequenceBatch(x_BTD, kinds != PAD, kinds, block_ids, emb_index, action_start, num_actions)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # training
+    # ---------------------------------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Any], return_router: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+        """Action-token loss (+ offset L1, + MoE balance loss, + co-trained VQA loss) and metrics."""
+        embodiments = self._embodiments(batch, len(batch["observation.state"]))
+        actions, is_pad = batch["action"].to(self.device), batch.get("action_is_pad")
+        targets, offsets, weights = [], [], []
+        for b, emb in enumerate(embodiments):
+            chunk = actions[b, : emb.chunk_len, : emb.action_dim]
+            if chunk.shape[0] < emb.chunk_len:
+                raise ValueError(f"sample {b} ({emb.name}): action chunk has {chunk.shape[0]} steps, needs {emb.chunk_len}")
+            bins, offs = self.binners[emb.name].encode_with_offsets(chunk.float())
+            pad = is_pad[b, : emb.chunk_len].to(self.device) if is_pad is not None else torch.zeros(emb.chunk_len, dtype=torch.bool, device=self.device)
+            targets.append(bins)
+            offsets.append(offs)
+            weights.append((~pad).float()[:, None].expand(-1, emb.action_dim))
+        seq = self.build_sequences(batch, targets if self.config.decoding == "autoregressive" else None)
+        out = self.backbone.language(inputs_embeds=seq.inputs_embeds, attention_mask=seq.attention_mask,
+                                     block_ids=seq.block_ids, router_bias=self._router_bias(seq),
+                                     compute_logits=False, return_router=return_router)
+        hidden_ND, _ = self._action_hidden(out.hidden_states, seq)
+        bin_logits = self._bin_logits(hidden_ND)
+        target_N = torch.cat([t.reshape(-1) for t in targets])
+        weight_N = torch.cat([w.reshape(-1) for w in weights])
+        pred_offsets = self.offset_head(hidden_ND) if self.config.continuous_offset else None
+        losses = action_losses(bin_logits, target_N, weight_N, pred_offsets, torch.cat([o.reshape(-1) for o in offsets]).float())
+        loss = losses["action_ce"]
+        if pred_offsets is not None:
+            loss = loss + self.config.offset_loss_weight * losses["offset_l1"]
+        if out.aux_loss is not None:
+            loss = loss + out.aux_loss
+            losses["aux_loss"] = out.aux_loss
+        if batch.get("vqa") is not None:
+            losses["vqa_loss"] = self.vqa_loss(batch["vqa"])
+            loss = loss + self.config.vqa_loss_weight * losses["vqa_loss"]
+        metrics = {k: float(v.detach()) for k, v in losses.items()}
+        metrics["loss"] = float(loss.detach())
+        # per-embodiment action loss, for logging
+        ce_N = F.cross_entropy(bin_logits.detach().float(), target_N, reduction="none")
+        start = 0
+        per_emb: dict[str, list[float]] = {}
+        for emb, w in zip(embodiments, weights):
+            n = w.numel()
+            per_emb.setdefault(emb.name, []).append(float((ce_N[start:start + n] * w.reshape(-1)).sum() / w.sum().clamp(min=1)))
+            start += n
+        metrics.update({f"loss/{name}": float(np.mean(v)) for name, v in per_emb.items()})
+        if return_router:
+            self.last_router, self.last_kinds = out.router, seq.kinds
+        return loss, metrics
+
+    def vqa_loss(self, vqa_batch: dict[str, Any]) -> torch.Tensor:
+        """Next-token loss on the labelled (answer) tokens of a processor batch: co-training keeps the backbone able
+        to answer questions about scenes."""
+        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in vqa_batch.items()}
+        out = self.backbone(**batch)
+        logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+    def _router_bias(self, seq: SequenceBatch) -> dict[int, torch.Tensor] | None:
+        return self.router_prior(seq.embodiment_index) if self.router_prior is not None else None
+
+    def _action_hidden(self, hidden_BTD: torch.Tensor, seq: SequenceBatch) -> tuple[torch.Tensor, list[int]]:
+        """Hidden states that predict each action token: the action position itself (parallel) or the one before
+        it (autoregressive). Returns (N, D) over the batch in order, and the per-sample counts."""
+        shift = 0 if self.config.decoding == "parallel" else 1
+        rows = [hidden_BTD[b, start - shift: start - shift + n] for b, (start, n) in enumerate(zip(seq.action_start, seq.num_actions))]
+        return torch.cat(rows), seq.num_actions
+
+    def _bin_logits(self, hidden_ND: torch.Tensor) -> torch.Tensor:
+        """Logits over the action bins only, through the LM head's action-token rows."""
+        return F.linear(hidden_ND, self.backbone.language.lm_head.weight[self.action_token_ids]).float()
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # inference
+    # ---------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_action_chunk(self, batch: dict[str, Any]) -> torch.Tensor:
+        """(B, H_max, A_max) normalized actions (each robot's own H x A block; zeros beyond)."""
+        embodiments = self._embodiments(batch, len(batch["observation.state"]))
+        if self.config.decoding == "parallel":
+            seq = self.build_sequences(batch)
+            out = self.backbone.language(inputs_embeds=seq.inputs_embeds, attention_mask=seq.attention_mask,
+                                         block_ids=seq.block_ids, router_bias=self._router_bias(seq), compute_logits=False)
+            hidden_ND, counts = self._action_hidden(out.hidden_states, seq)
+            bins_N = self._bin_logits(hidden_ND).argmax(-1)
+        else:
+            bins_N, hidden_ND, counts = self._decode_autoregressive(batch, embodiments)
+        offsets_N = self.offset_head(hidden_ND) if self.config.continuous_offset else None
+        H = max(e.chunk_len for e in embodiments)
+        A = max(e.action_dim for e in embodiments)
+        chunk_BHA = torch.zeros(len(embodiments), H, A, device=self.device)
+        start = 0
+        for b, (emb, n) in enumerate(zip(embodiments, counts)):
+            bins = bins_N[start:start + n].reshape(emb.chunk_len, emb.action_dim)
+            offs = offsets_N[start:start + n].reshape(emb.chunk_len, emb.action_dim) if offsets_N is not None else None
+            chunk_BHA[b, : emb.chunk_len, : emb.action_dim] = self.binners[emb.name].decode(bins, offs).to(chunk_BHA.device)
+            start += n
+        return chunk_BHA
+
+    def _decode_autoregressive(self, batch, embodiments):
+        """Prefill the prompt into the latent KV cache, then decode H*A tokens constrained to the action bins; one
+        teacher-forced pass over the decoded tokens reads the offsets when the offset head is on."""
+        seq = self.build_sequences(batch)
+        n_max = max(e.num_action_tokens for e in embodiments)
+        tokens_BN = generate(self.backbone.language, inputs_embeds=seq.inputs_embeds, attention_mask=seq.attention_mask,
+                             max_new_tokens=n_max, allowed_token_ids=self.action_token_ids)
+        lookup = torch.full((int(self.action_token_ids.max()) + 1,), -1, dtype=torch.long, device=self.device)
+        lookup[self.action_token_ids] = torch.arange(len(self.action_token_ids), device=self.device)
+        bins_BN = lookup[tokens_BN]
+        per_sample = [bins_BN[b, : e.num_action_tokens].reshape(e.chunk_len, e.action_dim) for b, e in enumerate(embodiments)]
+        hidden = None
+        if self.config.continuous_offset:
+            full = self.build_sequences(batch, per_sample)
+            out = self.backbone.language(inputs_embeds=full.inputs_embeds, attention_mask=full.attention_mask,
+                                         router_bias=self._router_bias(full), compute_logits=False)
+            hidden, _ = self._action_hidden(out.hidden_states, full)
+        return torch.cat([p.reshape(-1) for p in per_sample]), hidden, [e.num_action_tokens for e in embodiments]
+
+    def reset(self) -> None:
+        self._queues.clear()
+        self._ensemble.clear()
+
+    @torch.no_grad()
+    def select_action(self, batch: dict[str, Any]) -> torch.Tensor:
+        """(B, A_max) normalized action for this step: a new chunk when the queue is empty (or every step with
+        temporal ensembling), then served from the queue."""
+        embodiments = self._embodiments(batch, len(batch["observation.state"]))
+        B = len(embodiments)
+        if self.config.temporal_ensemble_coeff is not None:
+            return self._select_ensembled(batch, embodiments)
+        if not self._queues or any(len(self._queues.get(b, ())) == 0 for b in range(B)):
+            chunk = self.predict_action_chunk(batch)
+            for b, emb in enumerate(embodiments):
+                steps = self.config.n_action_steps or emb.chunk_len
+                self._queues[b] = deque(chunk[b, : min(steps, emb.chunk_len)])
+        return torch.stack([self._queues[b].popleft() for b in range(B)])
+
+    def _select_ensembled(self, batch, embodiments) -> torch.Tensor:
+        """ACT temporal ensembling: every step predicts a chunk; the action for now averages all chunks' predictions
+        for now with weights exp(-coeff * age_index), oldest first."""
+        chunk = self.predict_action_chunk(batch)
+        self._ensemble = [(age + 1, c) for age, c in self._ensemble if age + 1 < c.shape[1]] + [(0, chunk)]
+        coeff = self.config.temporal_ensemble_coeff
+        preds = torch.stack([c[:, age] for age, c in self._ensemble])  # oldest first
+        w = torch.exp(-coeff * torch.arange(len(preds), dtype=preds.dtype, device=preds.device))
+        return (preds * w[:, None, None]).sum(0) / w.sum()
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # routing analysis, saving, loading
+    # ---------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def route(self, batch: dict[str, Any]):
+        """(router outputs per layer, token kinds (B, T), embodiment per sample) of one forward pass on `batch`."""
+        embodiments = self._embodiments(batch, len(batch["observation.state"]))
+        targets = None
+        if self.config.decoding == "autoregressive":
+            targets = [self.binners[e.name].encode(batch["action"][b, : e.chunk_len, : e.action_dim].float().to(self.device))
+                       for b, e in enumerate(embodiments)]
+        seq = self.build_sequences(batch, targets)
+        out = self.backbone.language(inputs_embeds=seq.inputs_embeds, attention_mask=seq.attention_mask,
+                                     block_ids=seq.block_ids, router_bias=self._router_bias(seq), compute_logits=False,
+                                     return_router=True)
+        return out.router, seq.kinds, [e.name for e in embodiments]
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.language.lm_head.weight.device
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything outside the backbone (saved beside it)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """policy_config.json + policy_head.safetensors, and the backbone (official DeepSeek-VL2 format, with the
+        tokenizer that includes the action tokens) in backbone/, so `vla vqa checkpoint=PATH` works on it."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_deepseek_vl2(self.backbone, path / BACKBONE_DIR)
+        self.tokenizer.save(path / BACKBONE_DIR)
+        save_file({k: v.contiguous() for k, v in self.head_state_dict().items()}, str(path / POLICY_WEIGHTS))
+        meta = {"config": dataclasses.asdict(self.config), "registry": self.registry.to_dict(),
+                "normalizer_stats": self.normalizer_stats} | (extra or {})
+        (path / POLICY_CONFIG).write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "VLAPolicy":
+        path = Path(path)
+        if not (path / POLICY_CONFIG).is_file():
+            raise FileNotFoundError(f"{path}: no {POLICY_CONFIG} (not a policy checkpoint)")
+        meta = json.loads((path / POLICY_CONFIG).read_text())
+        backbone = load_deepseek_vl2(path / BACKBONE_DIR)
+        tokenizer = load_tokenizer(path / BACKBONE_DIR)
+        policy = cls(VLAPolicyConfig(**meta["config"]), backbone, tokenizer,
+                     EmbodimentRegistry.from_dict(meta["registry"]), meta.get("normalizer_stats"))
+        state = load_file(str(path / POLICY_WEIGHTS))
+        missing, unexpected = policy.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("backbone.")]
+        if missing or unexpected:
+            raise RuntimeError(f"{path / POLICY_WEIGHTS}: missing {missing}, unexpected {unexpected}")
+        return policy.to(device).eval()
+
+
+def build_policy(config: VLAPolicyConfig, registry: EmbodimentRegistry, tokenizer: Tokenizer,
+                 backbone: DeepseekVL2 | str = "test", normalizer_stats: dict[str, Any] | None = None,
+                 **backbone_overrides: Any) -> VLAPolicy:
+    """A policy on a backbone (a model, a checkpoint folder, or a preset name built at random)."""
+    if isinstance(backbone, str):
+        if Path(backbone).is_dir():
+            backbone = load_deepseek_vl2(backbone)
+        else:
+            vocab = max(len(tokenizer), backbone_overrides.pop("vocab_size", 0))
+            backbone = build_deepseek_vl2(deepseek_vl2_preset(backbone, vocab_size=vocab, **backbone_overrides))
+    return VLAPolicy(config, backbone, tokenizer, registry, normalizer_stats)
+
