@@ -32,6 +32,7 @@ def env_ids(value) -> list[str]:
 
 def main(cfg) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import vla.env_policy  # noqa: F401  registers policy=checkpoint:DIR
     from envs.rollout import evaluate, markdown_table
 
     config = OmegaConf.to_container(cfg, resolve=True)

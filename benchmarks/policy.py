@@ -1,0 +1,82 @@
+"""`vla bench policy`: milliseconds per `select_action` call that computes a new chunk, and the control rate it
+allows, for parallel and autoregressive decoding, on the demo-size model and on the DeepSeek-VL2 `tiny` preset.
+
+Control rate = chunk steps served per chunk / seconds per chunk (the policy re-plans once per served chunk). Both
+decodings run on the same random weights; the autoregressive one needs H*A + 1 forward passes (prefill + one per
+action token) against one for parallel decoding. `--quick` skips the tiny preset (3.4B parameters).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from backbone.tokenizer import build_bpe_tokenizer
+from benchmarks._util import print_table, setup, time_interleaved
+from heads.embodiment import Embodiment, EmbodimentRegistry
+from vla.policy import VLAPolicyConfig, build_policy
+
+DEMO_BACKBONE = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=4,
+                     num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32)
+
+
+def _registry(chunk_len: int) -> EmbodimentRegistry:
+    return EmbodimentRegistry([Embodiment("point2d", action_dim=2, state_dim=2, cameras=("observation.images.top",),
+                                          fps=10, chunk_len=chunk_len)])
+
+
+def _batch(image_size: int) -> dict:
+    return {"observation.images.top": torch.rand(1, 3, image_size, image_size), "observation.state": torch.zeros(1, 2),
+            "task": ["go to the red square"], "embodiment": ["point2d"]}
+
+
+def _policies(preset: str, overrides: dict, chunk_len: int, dtype: torch.dtype):
+    tok = build_bpe_tokenizer(vocab_size=400)
+    out = {}
+    for decoding in ("parallel", "autoregressive"):
+        torch.manual_seed(0)
+        policy = build_policy(VLAPolicyConfig(decoding=decoding), _registry(chunk_len), tok, preset, **overrides)
+        out[decoding] = policy.to(dtype).eval()
+        tok = policy.tokenizer  # the second policy reuses the grown tokenizer
+    # same weights for both decodings
+    out["autoregressive"].load_state_dict(out["parallel"].state_dict())
+    return out
+
+
+def _measure(name: str, preset: str, overrides: dict, image_size: int, chunk_len: int, repeats: int, dtype) -> list:
+    policies = _policies(preset, overrides, chunk_len, dtype)
+    batch = _batch(image_size)
+
+    def new_chunk(policy):
+        def call():
+            policy.reset()
+            policy.select_action(batch)
+        return call
+
+    with torch.no_grad():
+        seconds = time_interleaved({d: new_chunk(p) for d, p in policies.items()}, repeats)
+    n_tokens = chunk_len * 2
+    rows = []
+    for decoding, s in seconds.items():
+        passes = 1 if decoding == "parallel" else n_tokens + 1 + int(policies[decoding].config.continuous_offset)
+        rows.append([name, decoding, passes, s * 1e3, chunk_len / s])
+    return rows
+
+
+def run(cfg) -> dict:
+    setup(cfg)
+    chunk_len = 8
+    rows = _measure("demo", "test", DEMO_BACKBONE, 64, chunk_len, 3 if cfg.quick else 10, torch.float32)
+    if not cfg.quick:
+        rows += _measure("tiny (VL2-Tiny, 3.4B)", "tiny", {}, 384, chunk_len, 2, torch.bfloat16)
+    print(f"select_action computing a new chunk of {chunk_len} steps x 2 dims, batch 1, {torch.get_num_threads()} threads")
+    print_table(["model", "decoding", "forward passes", "ms / chunk", "control Hz"], rows)
+    result: dict = {"bench": "policy", "chunk_len": chunk_len, "action_dim": 2}
+    for model, decoding, passes, ms, hz in rows:
+        key = "demo" if model == "demo" else "tiny"
+        result[f"{key}_{decoding}_ms"] = round(ms, 2)
+        result[f"{key}_{decoding}_hz"] = round(hz, 2)
+        result[f"{key}_{decoding}_forward_passes"] = passes
+    result["parallel_speedup"] = round(result["demo_autoregressive_ms"] / result["demo_parallel_ms"], 2)
+    if "tiny_parallel_ms" in result:
+        result["parallel_speedup_tiny"] = round(result["tiny_autoregressive_ms"] / result["tiny_parallel_ms"], 2)
+    return result
