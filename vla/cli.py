@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
     "vqa": ("vla.vqa", None, "ask a DeepSeek-VL2 or policy checkpoint a question about an image; draw grounding boxes"),
     "collect": ("vla.collect", None, "run a scripted expert and write a LeRobotDataset v3"),
     "eval": ("vla.evaluate", None, "roll a policy out in gymnasium vector envs; JSON summary, markdown table, videos"),
+    "train": ("vla.train", None, "train a stage: align, pretrain, sft, vla"),
 }
 
 

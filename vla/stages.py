@@ -1,0 +1,496 @@
+"""Stage tasks: what one training stage optimizes, on which data, with which loss.
+
+The trainer (vla/trainer.py) is generic; everything stage-specific lives in a *stage task*, an object with
+
+    name: str
+    module: nn.Module                        # what the optimizer updates (wrapped by DDP / sharded by FSDP2)
+    parameter_groups() -> list[ModuleGroup]  # named groups: the freezing plan and the per-group lr multipliers
+    batches(rank, world, micro_batch) -> BatchIterator
+        # this process's micro-batches; `state_dict()` / `load_state_dict()` give a rank-independent position
+        # (saved in checkpoints, so a run resumes on the next unseen sample, with any process count)
+    loss(model, batch) -> (loss, metrics)
+        # `model` is `module` as the trainer runs it (a DDP wrapper, or the sharded module): call it, not
+        # `self.module`. `loss` is a scalar tensor, or a dict {term: scalar tensor} of per-unit means;
+        # metrics: dict[str, float] (`loss/<embodiment>` keys are logged per embodiment, `router/*`, ...)
+    save_weights(dir, state_dict) / load_weights(dir)
+        # the weights (a full, unsharded state dict of `module`, on CPU) plus tokenizer, config, normalizer
+        # stats, ...: whatever a later stage or an inference command needs from the folder
+
+and optionally
+    loss_weights(batch) -> dict[term, float]  # units each term of `loss` averages over (tokens, sequences, ...);
+                                              # the trainer makes every term a mean over the global step, so the
+                                              # loss is the same whatever the process count / accumulation
+    attach(optimizer)                         # e.g. the noaux_tc expert-bias update as an optimizer step hook
+    set_activation_checkpointing(on: bool)
+    fsdp_units() -> list[nn.Module]           # submodules to shard one by one with FSDP2 (the root is sharded last)
+    describe() -> str                         # one line printed at start
+
+Stage tasks are made by factories registered by name: `register_stage_task(name, factory)`, with
+`factory(ctx: StageContext) -> task`. `align`, `pretrain` and `sft` (the DeepSeek-VL2 recipe, reference section 6)
+are built in here; `vla` is registered by the policy code (`vla.policy`), imported on demand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ------------------------------------------------------------------------------------------------------------------
+# The protocol
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModuleGroup:
+    """Parameters of one named part of the model (vision tower, experts, ...) with its training settings."""
+
+    name: str
+    params: list[tuple[str, nn.Parameter]]
+    trainable: bool = True
+    lr_mult: float = 1.0
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for _, p in self.params)
+
+
+class BatchIterator(Protocol):
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+    def __next__(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class StageTask(Protocol):
+    name: str
+    module: nn.Module
+
+    def parameter_groups(self) -> list[ModuleGroup]: ...
+    def batches(self, rank: int, world: int, micro_batch: int) -> BatchIterator: ...
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor | dict[str, torch.Tensor], dict[str, float]]: ...
+    def save_weights(self, directory: Path, state_dict: dict[str, torch.Tensor]) -> None: ...
+    def load_weights(self, directory: Path) -> None: ...
+
+
+@dataclass
+class StageContext:
+    """Everything a stage factory gets (plain values; hydra stays at the entry point)."""
+
+    name: str
+    out_dir: Path
+    seed: int = 0
+    init_from: str | None = None  # previous stage's checkpoint or an official-format folder; None = random init
+    model_preset: str = "test"
+    model_language: dict[str, Any] = field(default_factory=dict)  # language-config overrides of the preset
+    tokenizer: str | None = None  # folder with tokenizer.json (default: init_from's, else a built BPE)
+    tokenizer_vocab: int = 512
+    trainable: list[str] = field(default_factory=lambda: ["all"])
+    frozen: list[str] = field(default_factory=list)
+    lr_mult: dict[str, float] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # free-form, for registered (third-party) stage tasks
+    rank: int = 0
+    world: int = 1
+    barrier: Callable[[], None] = lambda: None  # synchronizes processes (data generated by rank 0)
+
+
+class StageTaskError(RuntimeError):
+    """A stage cannot be built (unknown name, no registered factory, bad data)."""
+
+
+_FACTORIES: dict[str, Callable[[StageContext], Any]] = {}
+# Modules imported on demand to find a factory that is not registered yet.
+_PROVIDERS: dict[str, str] = {"vla": "vla.policy"}
+
+
+def register_stage_task(name: str, factory: Callable[[StageContext], Any]) -> None:
+    """Make `vla train stage=<name>` build its task with `factory(ctx)` (a later registration replaces one)."""
+    _FACTORIES[name] = factory
+
+
+def registered_stage_tasks() -> list[str]:
+    return sorted(_FACTORIES)
+
+
+def make_stage_task(ctx: StageContext):
+    """Build the task for `ctx.name`, importing its provider module (e.g. `vla.policy` for `vla`) if needed."""
+    if ctx.name not in _FACTORIES and ctx.name in _PROVIDERS:
+        import importlib
+
+        try:
+            importlib.import_module(_PROVIDERS[ctx.name])
+        except ModuleNotFoundError as e:
+            raise StageTaskError(
+                f"stage {ctx.name!r} has no registered task: importing {_PROVIDERS[ctx.name]!r} failed ({e}); the "
+                f"policy code must call vla.stages.register_stage_task({ctx.name!r}, factory) (or pass "
+                f"import_modules=[module] that does)") from e
+    if ctx.name not in _FACTORIES:
+        raise StageTaskError(
+            f"stage {ctx.name!r} has no registered task (registered: {', '.join(registered_stage_tasks())}); "
+            f"call vla.stages.register_stage_task({ctx.name!r}, factory) in a module listed in import_modules")
+    return _FACTORIES[ctx.name](ctx)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Freezing plan
+# ------------------------------------------------------------------------------------------------------------------
+
+VL2_GROUPS = ("vision_tower", "projector", "embed", "attention", "norms", "dense_mlp", "router", "experts",
+              "shared_experts", "lm_head")
+GROUP_ALIASES = {
+    "all": VL2_GROUPS,
+    "vision": ("vision_tower", "projector"),
+    "language": ("embed", "attention", "norms", "dense_mlp", "router", "experts", "shared_experts", "lm_head"),
+    "moe": ("router", "experts", "shared_experts"),
+}
+
+
+def vl2_module_group(name: str) -> str:
+    """The module group of a DeepseekVL2 parameter name (the unit of freezing and learning-rate multipliers)."""
+    if name.startswith("vision_encoder.vision."):
+        return "vision_tower"
+    if name.startswith("vision_encoder."):
+        return "projector"  # the adaptor MLP plus image_newline / view_seperator
+    if "embed_tokens" in name:
+        return "embed"
+    if "lm_head" in name:
+        return "lm_head"
+    if ".self_attn." in name:
+        return "attention" if "layernorm" not in name.rsplit(".", 2)[-2] else "norms"
+    if ".mlp.gate." in name:
+        return "router"
+    if ".mlp.experts." in name:
+        return "experts"
+    if ".mlp.shared_experts." in name:
+        return "shared_experts"
+    if ".mlp." in name:
+        return "dense_mlp"
+    return "norms"
+
+
+def expand_groups(names: list[str], known: tuple[str, ...]) -> set[str]:
+    """Group names with aliases (`all`, `vision`, `language`, `moe`) expanded; unknown names are an error."""
+    out: set[str] = set()
+    for name in names:
+        if name == "all":
+            out |= set(known)
+        elif name in GROUP_ALIASES:
+            out |= set(GROUP_ALIASES[name]) & set(known)
+        elif name in known:
+            out.add(name)
+        else:
+            raise ValueError(f"unknown module group {name!r}; known: {', '.join(known)} (aliases: {', '.join(GROUP_ALIASES)})")
+    return out
+
+
+def group_parameters(module: nn.Module, classify: Callable[[str], str], known: tuple[str, ...], trainable: list[str],
+                     frozen: list[str], lr_mult: dict[str, float]) -> list[ModuleGroup]:
+    """Split `module`'s parameters into named groups: trainable = `trainable` minus `frozen`; lr multipliers by group
+    (aliases allowed as keys: `vision: 0.1` applies to the tower and the projector)."""
+    train_set = expand_groups(trainable, known) - expand_groups(frozen, known)
+    mults: dict[str, float] = {}
+    for key, value in lr_mult.items():
+        for g in expand_groups([key], known):
+            mults[g] = float(value)
+    groups = {name: ModuleGroup(name, [], name in train_set, mults.get(name, 1.0)) for name in known}
+    for pname, p in module.named_parameters():
+        group = classify(pname)
+        if group not in groups:
+            raise ValueError(f"parameter {pname} classified into unknown group {group!r}")
+        groups[group].params.append((pname, p))
+    return [g for g in groups.values() if g.params]
+
+
+def apply_freezing(groups: list[ModuleGroup]) -> None:
+    """requires_grad = the group's `trainable` for every parameter (frozen ones get no gradient, no optimizer state)."""
+    for g in groups:
+        for _, p in g.params:
+            p.requires_grad_(g.trainable)
+
+
+def format_freezing_plan(groups: list[ModuleGroup]) -> str:
+    """A table: group, trainable / total parameters, lr multiplier."""
+    rows = [("group", "trainable", "total", "lr x")]
+    for g in groups:
+        rows.append((g.name, f"{g.numel if g.trainable else 0:,}", f"{g.numel:,}", f"{g.lr_mult:g}" if g.trainable else "frozen"))
+    total = sum(g.numel for g in groups)
+    train = sum(g.numel for g in groups if g.trainable)
+    rows.append(("TOTAL", f"{train:,}", f"{total:,}", f"{100 * train / max(total, 1):.1f}%"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Resumable, sharded sample streams
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class ShardedBatches:
+    """Micro-batches of a deterministic global sample stream, sharded over processes.
+
+    Round k covers global samples [k*W*b, (k+1)*W*b) (W processes, b = micro-batch); process r takes the r-th slice of b.
+    So one process with micro-batch W*b sees exactly the samples that W processes with micro-batch b see together,
+    and the position (`next_index`, a global sample count) means the same for any process count.
+    """
+
+    def __init__(self, sample: Callable[[int], dict[str, Any]], collate: Callable[[list], dict[str, Any]],
+                 rank: int, world: int, micro_batch: int):
+        self.sample, self.collate = sample, collate
+        self.rank, self.world, self.micro_batch = rank, world, micro_batch
+        self.next_index = 0
+
+    def __iter__(self) -> "ShardedBatches":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        start = self.next_index + self.rank * self.micro_batch
+        batch = self.collate([self.sample(i) for i in range(start, start + self.micro_batch)])
+        self.next_index += self.world * self.micro_batch
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_index": self.next_index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next_index = int(state["next_index"])
+
+
+class EpochPermutation:
+    """Global index -> item index: a fresh permutation of the N items per epoch (numpy rng [seed, salt, epoch])."""
+
+    def __init__(self, size: int, seed: int, salt: int = 0):
+        if size <= 0:
+            raise StageTaskError("a data source is empty")
+        self.size, self.seed, self.salt = size, seed, salt
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, index: int) -> int:
+        epoch = index // self.size
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, self.salt, epoch]).permutation(self.size)
+        return int(self._perm[index % self.size])
+
+
+def mix_choice(index: int, seed: int, ratio: float) -> bool:
+    """True for the fraction `ratio` of global indices (a pure function of the index: resumable, shardable)."""
+    return ratio > 0 and np.random.default_rng([seed, 7919, index]).random() < ratio
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# DeepSeek-VL2 stages: align, pretrain, sft
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VLDataConfig:
+    """Data of the vision-language stages (`stage.data` in the config)."""
+
+    path: str | list[str] | None = None  # JSONL conversation file(s) (envs/scene_language format); None = generate
+    generate: int = 256  # records of scene-language data generated into <out>/data when path is None
+    generate_stage: str | None = None  # which generator stage (default: the stage's own name)
+    image_size: int = 64  # generated images (square)
+    text_path: str | None = None  # text-only documents (.txt one per line, or .jsonl with "text"); None = answers
+    text_ratio: float = 0.0  # fraction of text-only samples (pretrain: 0.3)
+    mask_prompt: bool = True  # loss only on assistant answers + EOS (sft); False: every text token
+
+
+VL_STAGE_DEFAULTS = {
+    # stage: (trainable groups, generator stage, text ratio, mask_prompt)
+    "align": dict(generate_stage="align", text_ratio=0.0, mask_prompt=True),
+    "pretrain": dict(generate_stage="pretrain", text_ratio=0.3, mask_prompt=False),
+    "sft": dict(generate_stage="sft", text_ratio=0.0, mask_prompt=True),
+}
+
+
+def build_vl2_backbone(ctx: StageContext):
+    """(model, tokenizer) for a VL stage: from `init_from` (a previous stage's checkpoint or an official-format
+    folder; its tokenizer unless `ctx.tokenizer` is given) or a random init of the preset."""
+    from backbone.deepseek_vl2 import build_deepseek_vl2, deepseek_vl2_preset, load_deepseek_vl2, replace_language
+    from backbone.tokenizer import build_bpe_tokenizer, load_tokenizer
+
+    tok_dir = ctx.tokenizer
+    if tok_dir is None and ctx.init_from and (Path(ctx.init_from) / "tokenizer.json").is_file():
+        tok_dir = ctx.init_from
+    tokenizer = load_tokenizer(tok_dir) if tok_dir else build_bpe_tokenizer(vocab_size=ctx.tokenizer_vocab)
+    if ctx.init_from:
+        model = load_deepseek_vl2(ctx.init_from)
+        if len(tokenizer) > model.config.language.vocab_size:
+            raise StageTaskError(f"{ctx.init_from}: tokenizer has {len(tokenizer)} tokens, the model only "
+                                 f"{model.config.language.vocab_size}")
+    else:
+        config = deepseek_vl2_preset(ctx.model_preset, **ctx.model_language)
+        if len(tokenizer) > config.language.vocab_size or "vocab_size" not in ctx.model_language:
+            config = replace_language(config, vocab_size=max(len(tokenizer), ctx.model_language.get("vocab_size", 0)))
+        model = build_deepseek_vl2(config)
+    return model, tokenizer
+
+
+def _read_texts(path: str) -> list[str]:
+    p = Path(path)
+    if p.suffix == ".jsonl":
+        return [json.loads(line)["text"] for line in p.read_text().splitlines() if line.strip()]
+    return [line.strip() for line in p.read_text().splitlines() if line.strip()]
+
+
+class VL2StageTask:
+    """align / pretrain / sft on DeepSeek-VL2: next-token loss on text tokens + the MoE balance loss.
+
+    Samples: conversations (JSONL with images) through the processor; in pretrain a `text_ratio` share of plain
+    text documents (BOS + text + EOS, every token supervised, no image). Labels are -100 on image positions, padding
+    and (mask_prompt) everything but the assistant answers and their EOS.
+    """
+
+    def __init__(self, ctx: StageContext):
+        from backbone.processor import DeepseekVL2Processor
+        from envs.scene_language import load_conversations
+
+        self.name, self.ctx = ctx.name, ctx
+        data = dict(VL_STAGE_DEFAULTS.get(ctx.name, {})) | dict(ctx.data)
+        self.data = VLDataConfig(**data)
+        self.module, self.tokenizer = build_vl2_backbone(ctx)
+        self.processor = DeepseekVL2Processor(self.tokenizer, self.module.config.processor_config(mask_prompt=self.data.mask_prompt))
+        self.records = [r for path in self._data_paths() for r in load_conversations(path)]
+        self.texts = _read_texts(self.data.text_path) if self.data.text_path else \
+            [a for r in self.records for a in r.answers if a.strip()]
+        if self.data.text_ratio > 0 and not self.texts:
+            raise StageTaskError("text_ratio > 0 but there are no text-only documents")
+        self._records_order = EpochPermutation(len(self.records), ctx.seed, salt=1)
+        self._texts_order = EpochPermutation(max(len(self.texts), 1), ctx.seed, salt=2)
+        self._cache: dict[int, dict[str, Any]] = {}
+
+    # ---- data --------------------------------------------------------------------------------------------------
+    def _data_paths(self) -> list[Path]:
+        if self.data.path:
+            paths = [self.data.path] if isinstance(self.data.path, str) else list(self.data.path)
+            return [Path(p) for p in paths]
+        from envs.scene_language import generate_scene_language
+
+        stage = self.data.generate_stage or self.name
+        out = self.ctx.out_dir / "data"
+        path = out / f"{stage}.jsonl"
+        marker = out / f"{stage}.done.json"
+        spec = {"count": self.data.generate, "seed": self.ctx.seed, "image_size": self.data.image_size}
+        if self.ctx.rank == 0 and not (marker.is_file() and json.loads(marker.read_text()) == spec):
+            generate_scene_language(out, stage, self.data.generate, seed=self.ctx.seed, image_size=self.data.image_size)
+            marker.write_text(json.dumps(spec))
+        self.ctx.barrier()
+        return [path]
+
+    def sample(self, index: int) -> dict[str, Any]:
+        """The processed sample at global stream position `index` (cached; a pure function of the index)."""
+        cached = self._cache.get(index)
+        if cached is not None:
+            return cached
+        if mix_choice(index, self.ctx.seed, self.data.text_ratio):
+            out = self._text_sample(self.texts[self._texts_order(index)])
+        else:
+            record = self.records[self._records_order(index)]
+            out = self.processor.process(record.conversation, [str(p) for p in record.images])
+        if len(self._cache) > 4096:
+            self._cache.clear()
+        self._cache[index] = out
+        return out
+
+    def _text_sample(self, text: str) -> dict[str, Any]:
+        tok, tile = self.tokenizer, self.processor.config.tile_size
+        ids = torch.tensor([tok.bos_id] + tok.encode(text)[: self.processor.config.max_length - 2] + [tok.eos_id])
+        return {"input_ids": ids, "labels": ids.clone(), "images_seq_mask": torch.zeros(len(ids), dtype=torch.bool),
+                "images": torch.zeros(1, 3, tile, tile), "images_spatial_crop": torch.zeros(1, 2, dtype=torch.long),
+                "num_image_tokens": []}
+
+    def batches(self, rank: int, world: int, micro_batch: int) -> ShardedBatches:
+        return ShardedBatches(self.sample, self._collate, rank, world, micro_batch)
+
+    def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.processor.collate(samples)
+        batch.pop("seq_lens"), batch.pop("num_image_tokens")
+        return batch
+
+    # ---- model -------------------------------------------------------------------------------------------------
+    def parameter_groups(self) -> list[ModuleGroup]:
+        return group_parameters(self.module, vl2_module_group, VL2_GROUPS, self.ctx.trainable, self.ctx.frozen,
+                                self.ctx.lr_mult)
+
+    def loss_weights(self, batch: dict[str, Any]) -> dict[str, float]:
+        cfg = self.module.config.language
+        weights = {"lm": float((batch["labels"][:, 1:] != -100).sum())}
+        if self.module.training and cfg.aux_loss_alpha > 0 and cfg.scoring_func == "softmax":
+            weights["aux"] = float(batch["input_ids"].shape[0] if cfg.seq_aux else batch["attention_mask"].sum())
+        return weights
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        out = model(**batch, return_router=True)
+        labels = batch["labels"][:, 1:]
+        logits = out.logits[:, :-1]
+        valid = labels != -100
+        # A mean over this micro-batch's supervised tokens (0 when none: the term then has weight 0).
+        lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                             reduction="sum") / valid.sum().clamp(min=1)
+        terms = {"lm": lm}
+        if out.aux_loss is not None:
+            terms["aux"] = out.aux_loss
+        metrics = {"router/load_entropy": expert_load_entropy(out.router, batch["attention_mask"])}
+        return terms, metrics
+
+    def attach(self, optimizer: torch.optim.Optimizer):
+        return self.module.language.attach_bias_update(optimizer)
+
+    def set_activation_checkpointing(self, on: bool) -> None:
+        self.module.language.gradient_checkpointing = bool(on)
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return [*self.module.language.model.layers, self.module.vision_encoder]
+
+    def describe(self) -> str:
+        n_text = sum(1 for _ in self.texts) if self.data.text_ratio > 0 else 0
+        return (f"stage {self.name}: {len(self.records)} conversations"
+                + (f" + {n_text} text-only documents at {self.data.text_ratio:.0%}" if n_text else "")
+                + f"; loss on {'answers + EOS' if self.data.mask_prompt else 'all text tokens'}")
+
+    # ---- weights -----------------------------------------------------------------------------------------------
+    def save_weights(self, directory: Path, state_dict: dict[str, torch.Tensor]) -> None:
+        """Official-format DeepSeek-VL2 folder (config.json + safetensors, `load_deepseek_vl2` reads it) + tokenizer."""
+        from backbone.checkpoint import write_checkpoint
+        from backbone.convert import deepseek_vl2_to_official
+
+        write_checkpoint(directory, self.module.config.to_official(), deepseek_vl2_to_official(state_dict))
+        self.tokenizer.save(directory)
+
+    def load_weights(self, directory: Path) -> None:
+        from backbone.checkpoint import load_into, read_safetensors
+        from backbone.convert import deepseek_vl2_from_official
+
+        state = deepseek_vl2_from_official(read_safetensors(directory), self.module.config.language.n_routed_experts)
+        load_into(self.module, state, str(directory))
+        self.module.vision_encoder.reset_buffers()
+
+
+def expert_load_entropy(routes: list, attention_mask: torch.Tensor) -> float:
+    """Mean over MoE layers of the entropy of the expert load (share of routed real tokens per expert), divided by
+    log(E): 1 = perfectly balanced, 0 = every token to one expert. NaN without MoE layers."""
+    mask = attention_mask.reshape(-1).bool()
+    values = []
+    with torch.no_grad():
+        for route in routes:
+            if route is None:
+                continue
+            E = route.scores_TE.shape[-1]
+            counts = torch.bincount(route.expert_ids_TK[mask].reshape(-1), minlength=E).float()
+            p = counts / counts.sum().clamp(min=1)
+            values.append(float(-(p * p.clamp(min=1e-12).log()).sum() / math.log(E)))
+    return float(np.mean(values)) if values else float("nan")
+
+
+for _stage in ("align", "pretrain", "sft"):
+    register_stage_task(_stage, VL2StageTask)

@@ -1,0 +1,91 @@
+"""`vla train`: train one stage of the DeepSeek-VL2 recipe (align, pretrain, sft) or the VLA stage.
+
+    vla train stage=align out=runs/align
+    vla train stage=pretrain init_from=runs/align/checkpoints/step-00000200 out=runs/pretrain
+    vla train stage=sft init_from=runs/pretrain/checkpoints/step-00000300 stage.steps=500 micro_batch=8
+    vla train stage=sft out=runs/sft resume=true          # after a crash / kill: continue from the last checkpoint
+    torchrun --nproc-per-node 8 -m vla.train stage=sft distributed=fsdp ...   # the same, over 8 processes
+
+Each stage starts from `init_from` (a previous stage's checkpoint, or an official-format DeepSeek-VL2 folder) or,
+without one, from a random init of `model.preset`. Outputs in `out`: checkpoints/step-N (official-format weights +
+tokenizer + trainer state), metrics.csv, tensorboard/, loss_curve.png, summary.json. Configs: configs/train.yaml and
+configs/stage/<stage>.yaml (the `stage.*` keys).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from vla.stages import StageContext, make_stage_task
+from vla.trainer import (CheckpointConfig, LogConfig, OptimConfig, ScheduleConfig, Trainer, TrainerConfig,
+                         init_distributed, seed_everything)
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) or OmegaConf.is_list(node) else node
+
+
+def configs_from(cfg: DictConfig, dist) -> tuple[StageContext, TrainerConfig]:
+    """The hydra config -> (the stage factory's context, the trainer's config), plain dataclasses."""
+    c = _plain(cfg)
+    stage = c["stage"]
+    out_dir = Path(c["out"])
+    ctx = StageContext(
+        name=stage["name"], out_dir=out_dir, seed=int(c["seed"]), init_from=c.get("init_from"),
+        model_preset=c["model"]["preset"], model_language=dict(c["model"].get("language") or {}),
+        tokenizer=c.get("tokenizer"), tokenizer_vocab=int(c.get("tokenizer_vocab", 512)),
+        trainable=list(stage.get("trainable") or ["all"]), frozen=list(stage.get("frozen") or []),
+        lr_mult=dict(stage.get("lr_mult") or {}), data=dict(stage.get("data") or {}),
+        options=dict(stage.get("options") or {}), rank=dist.rank, world=dist.world, barrier=dist.barrier,
+    )
+    optim = dict(stage.get("optim") or {})
+    optim["betas"] = tuple(optim.get("betas", (0.9, 0.95)))
+    schedule = dict(stage.get("schedule") or {})
+    schedule["milestones"] = tuple(schedule.get("milestones", (0.8, 0.9)))
+    trainer = TrainerConfig(
+        out_dir=out_dir, steps=int(stage["steps"]), micro_batch=int(c["micro_batch"]), grad_accum=int(c["grad_accum"]),
+        seed=int(c["seed"]), device=str(c["device"]), precision=str(c["precision"]),
+        activation_checkpointing=bool(c["activation_checkpointing"]), distributed=str(c["distributed"]),
+        resume=bool(c["resume"]), optim=OptimConfig(**optim), schedule=ScheduleConfig(**schedule),
+        checkpoint=CheckpointConfig(**c["checkpoint"]), log=LogConfig(**c["log"]),
+        extra_info={"stage": stage["name"], "config": c},
+    )
+    return ctx, trainer
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train the configured stage; returns the trainer's summary (losses per step, last checkpoint, ...)."""
+    if int(cfg.get("threads", 0) or 0) > 0:
+        torch.set_num_threads(int(cfg.threads))
+    for module in cfg.get("import_modules") or []:
+        importlib.import_module(module)  # may register stage tasks
+    dist = init_distributed(str(cfg.device))
+    ctx, trainer_config = configs_from(cfg, dist)
+    trainer_config.out_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        (trainer_config.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    seed_everything(ctx.seed)
+    task = make_stage_task(ctx)
+    return Trainer(task, trainer_config, dist).run()
+
+
+def main(cfg: DictConfig) -> int:
+    summary = run(cfg)
+    if summary.get("checkpoint") and (summary.get("final_loss") is not None):
+        print(f"stage {summary['stage']}: {summary['steps']} steps, final loss {summary['final_loss']:.4f}; "
+              f"checkpoint {summary['checkpoint']}", flush=True)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    from vla.config import load_config
+
+    raise SystemExit(main(load_config("train", sys.argv[1:])))
