@@ -94,12 +94,28 @@ class RouterPrior(nn.Module):
         return {layer: bias_BTLE[:, :, i] for i, layer in enumerate(self.moe_layers)}
 
 
+def soft_bin_targets(target_bins_N: torch.Tensor, n_bins: int, sigma: float) -> torch.Tensor:
+    """(N, n_bins) Gaussian targets centred on each target bin: neighbouring bins are nearly right, far ones wrong."""
+    centers = torch.arange(n_bins, device=target_bins_N.device, dtype=torch.float32)
+    logits = -0.5 * ((centers[None] - target_bins_N[:, None].float()) / sigma) ** 2
+    return logits.softmax(-1)
+
+
 def action_losses(bin_logits_NB: torch.Tensor, target_bins_N: torch.Tensor, weight_N: torch.Tensor,
-                  offsets_N: torch.Tensor | None = None, target_offsets_N: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                  offsets_N: torch.Tensor | None = None, target_offsets_N: torch.Tensor | None = None,
+                  target_sigma_bins: float = 0.0) -> dict[str, torch.Tensor]:
     """Cross-entropy over the action bins (masked by `weight_N`: padded chunk steps get 0) and, when given, the L1
-    loss of the in-bin offsets. Returns {"action_ce", "offset_l1", "bin_accuracy"} (scalars)."""
+    loss of the in-bin offsets. Returns {"action_ce", "offset_l1", "bin_accuracy"} (scalars).
+
+    With `target_sigma_bins` > 0 the one-hot target becomes a Gaussian over bins of that width: plain cross-entropy
+    treats a bin off by one like a bin off by a hundred, which makes 256-way bins slow to learn; the soft target
+    keeps the order of the bins (the decoded bin is still the argmax)."""
     denom = weight_N.sum().clamp(min=1.0)
-    ce_N = F.cross_entropy(bin_logits_NB.float(), target_bins_N, reduction="none")
+    if target_sigma_bins > 0:
+        soft = soft_bin_targets(target_bins_N, bin_logits_NB.shape[-1], target_sigma_bins)
+        ce_N = -(soft * bin_logits_NB.float().log_softmax(-1)).sum(-1)
+    else:
+        ce_N = F.cross_entropy(bin_logits_NB.float(), target_bins_N, reduction="none")
     out = {"action_ce": (ce_N * weight_N).sum() / denom}
     with torch.no_grad():
         out["bin_accuracy"] = ((bin_logits_NB.argmax(-1) == target_bins_N).float() * weight_N).sum() / denom

@@ -121,3 +121,22 @@ def test_unknown_embodiment_and_missing_camera_are_clear_errors():
     del batch[WRIST]
     with pytest.raises(KeyError, match="wrist"):
         policy(batch)
+
+
+def test_routing_analysis_on_policy_batches(tmp_path):
+    from vla.routing import collect_policy_routing, plot_routing_heatmap, write_routing_json
+
+    policy = make_policy(router_prior=True).eval()
+    stats = collect_policy_routing(policy, [make_batch(0), make_batch(1)])
+    assert {"action:point2d", "action:arm3", "image", "text", "state"} <= set(stats.groups)
+    report = write_routing_json(stats, tmp_path / "routing.json")
+    assert len(report["layers"]) == policy.backbone.language.config.num_hidden_layers - 1
+    plot_routing_heatmap(stats, tmp_path / "routing.png")
+    assert (tmp_path / "routing.png").stat().st_size > 1000
+    # the router prior is a learned bias that only touches action tokens
+    with torch.no_grad():
+        policy.router_prior.bias[0].fill_(5.0)
+        policy.router_prior.bias[0, :, 0] = 50.0  # point2d action tokens always pick expert 0
+    stats = collect_policy_routing(policy, [make_batch(0)])
+    shares = stats.shares(1)
+    assert shares["action:point2d"][0] > 0.45 and shares["image"][0] < 0.9

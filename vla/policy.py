@@ -54,6 +54,7 @@ BACKBONE_DIR = "backbone"
 class VLAPolicyConfig:
     decoding: str = "parallel"  # "parallel" | "autoregressive"
     n_bins: int = 256
+    target_sigma_bins: float = 2.0  # Gaussian soft bin targets (0 = plain one-hot cross-entropy)
     continuous_offset: bool = True  # predict the offset inside the bin (L1); off = bin centres
     offset_loss_weight: float = 1.0
     global_view_only: bool = True  # a frame costs h*(h+1) tokens (210 at 384 px) instead of 421
@@ -250,7 +251,8 @@ class VLAPolicy(nn.Module):
         target_N = torch.cat([t.reshape(-1) for t in targets])
         weight_N = torch.cat([w.reshape(-1) for w in weights])
         pred_offsets = self.offset_head(hidden_ND) if self.config.continuous_offset else None
-        losses = action_losses(bin_logits, target_N, weight_N, pred_offsets, torch.cat([o.reshape(-1) for o in offsets]).float())
+        losses = action_losses(bin_logits, target_N, weight_N, pred_offsets, torch.cat([o.reshape(-1) for o in offsets]).float(),
+                               self.config.target_sigma_bins)
         loss = losses["action_ce"]
         if pred_offsets is not None:
             loss = loss + self.config.offset_loss_weight * losses["offset_l1"]

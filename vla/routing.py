@@ -363,3 +363,21 @@ def plot_routing_heatmap(stats: RoutingStats, out_png: str | Path, max_columns: 
 
 def _fmt(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.2f}"
+
+
+def collect_policy_routing(policy, batches, max_batches: int | None = None) -> RoutingStats:
+    """Run `policy.route(batch)` (one forward pass each) over `batches` and count which experts every token group
+    uses: action tokens per embodiment, image, state and text tokens."""
+    from vla.policy import KIND_NAMES
+
+    language = policy.backbone.language.config
+    stats = RoutingStats(language.n_routed_experts)
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        routes, kinds_BT, embodiments = policy.route(batch)
+        B, T = kinds_BT.shape
+        kinds = [KIND_NAMES[int(k)] for k in kinds_BT.reshape(-1).tolist()]
+        token_embodiments = [embodiments[b] for b in range(B) for _ in range(T)]
+        stats.add([None if r is None else r.expert_ids_TK for r in routes], kinds, token_embodiments)
+    return stats
