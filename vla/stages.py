@@ -368,6 +368,9 @@ class VL2StageTask:
         self._records_order = EpochPermutation(len(self.records), ctx.seed, salt=1)
         self._texts_order = EpochPermutation(max(len(self.texts), 1), ctx.seed, salt=2)
         self._cache: dict[int, dict[str, Any]] = {}
+        # Every parameter takes part in every step (see _keep_vision_in_graph): DDP need not search for unused ones.
+        self.ddp_find_unused_parameters = False
+        self.module.register_forward_hook(_keep_vision_in_graph, with_kwargs=True)
 
     # ---- data --------------------------------------------------------------------------------------------------
     def _data_paths(self) -> list[Path]:
@@ -424,14 +427,14 @@ class VL2StageTask:
 
     def loss_weights(self, batch: dict[str, Any]) -> dict[str, float]:
         cfg = self.module.config.language
-        weights = {"lm": float((batch["labels"][:, 1:] != -100).sum())}
+        weights = {"lm": float((shifted_targets(batch) != -100).sum())}
         if self.module.training and cfg.aux_loss_alpha > 0 and cfg.scoring_func == "softmax":
             weights["aux"] = float(batch["input_ids"].shape[0] if cfg.seq_aux else batch["attention_mask"].sum())
         return weights
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         out = model(**batch, return_router=True)
-        labels = batch["labels"][:, 1:]
+        labels = shifted_targets(batch)
         logits = out.logits[:, :-1]
         valid = labels != -100
         # A mean over this micro-batch's supervised tokens (0 when none: the term then has weight 0).
@@ -450,7 +453,11 @@ class VL2StageTask:
         self.module.language.gradient_checkpointing = bool(on)
 
     def fsdp_units(self) -> list[nn.Module]:
-        return [*self.module.language.model.layers, self.module.vision_encoder]
+        """Submodules sharded on their own (the rest is sharded with the root). Only the decoder layers: every
+        process runs them on every batch, in the same order. The vision encoder stays in the root group: a process
+        whose micro-batch is text-only skips it, and a separately sharded unit would then issue its all-gather on
+        some processes only (a hang)."""
+        return list(self.module.language.model.layers)
 
     def describe(self) -> str:
         n_text = sum(1 for _ in self.texts) if self.data.text_ratio > 0 else 0
@@ -474,6 +481,29 @@ class VL2StageTask:
         state = deepseek_vl2_from_official(read_safetensors(directory), self.module.config.language.n_routed_experts)
         load_into(self.module, state, str(directory))
         self.module.vision_encoder.reset_buffers()
+
+
+def _keep_vision_in_graph(module: nn.Module, args: tuple, kwargs: dict, output):
+    """Forward hook: on a text-only training batch (the vision tower is skipped), add 0 x the vision parameters to
+    the logits. Values are unchanged and the gradients are zero, but every process then reduces the same parameters:
+    FSDP2 reduce-scatters only parameters that got a gradient (a text-only batch on one process and an image batch
+    on another would otherwise exchange buffers of different sizes), and DDP needs no unused-parameter search."""
+    crop = kwargs.get("images_spatial_crop")
+    if not module.training or (crop is not None and int(crop.sum()) > 0) or output.logits is None:
+        return output
+    params = [p for p in module.vision_encoder.parameters() if p.requires_grad]
+    if params:
+        output.logits = output.logits + 0.0 * torch.stack([p.sum() for p in params]).sum()
+    return output
+
+
+def shifted_targets(batch: dict[str, Any]) -> torch.Tensor:
+    """Next-token targets (B, T-1): labels[:, 1:], -100 where the predicting position is padding.
+
+    The processor keeps BOS in the labels; with left padding BOS sits after a pad token, which must not be trained
+    to predict it (and the loss would then depend on how much a sample is padded)."""
+    labels = batch["labels"][:, 1:]
+    return labels.masked_fill(~batch["attention_mask"][:, :-1].bool(), -100)
 
 
 def expert_load_entropy(routes: list, attention_mask: torch.Tensor) -> float:

@@ -253,8 +253,9 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
-            # Text-only batches leave the vision tower unused: let DDP allow that.
-            return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+            # A task whose batches may leave parameters out of the graph says so (default: assume it may).
+            find_unused = bool(getattr(self.task, "ddp_find_unused_parameters", True))
+            return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused)
         from torch.distributed.fsdp import fully_shard
 
         units = self.task.fsdp_units() if hasattr(self.task, "fsdp_units") else []
