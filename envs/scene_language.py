@@ -46,6 +46,9 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from backbone.grounding import iou as _iou
+from backbone.grounding import parse_grounding as _parse_grounding
+
 import envs
 from envs.scene import COLOURS, SHAPES
 
@@ -78,28 +81,14 @@ def grounding_answer(ref: str, det: list[int]) -> str:
     return f"<|ref|>{ref}<|/ref|><|det|>[[{det[0]},{det[1]},{det[2]},{det[3]}]]<|/det|>"
 
 
-_GROUNDING = re.compile(r"<\|ref\|>(.*?)<\|/ref\|>\s*<\|det\|>(\[.*?\])<\|/det\|>", re.S)
-
-
 def parse_grounding(text: str) -> list[tuple[str, list[list[float]]]]:
-    """All `<|ref|>..<|/ref|><|det|>[[..]]<|/det|>` pairs of a text as (ref, boxes); malformed boxes are skipped."""
-    found = []
-    for ref, boxes in _GROUNDING.findall(text):
-        try:
-            parsed = json.loads(boxes)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(parsed, list) and all(isinstance(b, list) and len(b) == 4 for b in parsed):
-            found.append((ref.strip(), parsed))
-    return found
+    """All `<|ref|>..<|/ref|><|det|>[[..]]<|/det|>` pairs of a text as (ref, boxes); malformed boxes are skipped
+    (the one grounding parser of the project, backbone.grounding, does the work)."""
+    return [(label.strip(), [list(box) for box in boxes]) for label, boxes in _parse_grounding(text) if boxes]
 
 
 def box_iou(a: list[float], b: list[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+    return _iou(a, b)
 
 
 # ---------------------------------------------------------------------------------------------- language
