@@ -26,6 +26,15 @@ from vla.trainer import ScheduleConfig, lr_factor
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine OpenMP spin-waits make multi-threaded steps 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def train_cfg(out: Path, stage: str = "sft", *extra: str):
     """A tiny, quiet run: 16 generated records, micro-batch 2, checkpoints every 2 steps."""
     return load_config("train", [f"stage={stage}", f"out={out}", "stage.steps=4", "stage.data.generate=16",
