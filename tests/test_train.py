@@ -352,3 +352,22 @@ def test_two_processes_match_one(tmp_path, mode):
     _drop_after(tmp_path / "two", 2)
     resumed = run(load_config("train", [*common, f"out={tmp_path / 'two'}", "micro_batch=4", "resume=true"]))["losses"]
     assert abs(resumed[3] - one[3]) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------- switches
+def test_activation_checkpointing_keeps_the_losses(tmp_path):
+    plain = run(train_cfg(tmp_path / "plain", "sft", "stage.steps=2", "checkpoint.every=0"))
+    ckpt = run(train_cfg(tmp_path / "ckpt", "sft", "stage.steps=2", "checkpoint.every=0", "activation_checkpointing=true"))
+    assert all(abs(plain["losses"][s] - ckpt["losses"][s]) < 1e-6 for s in (1, 2))
+
+
+def test_noaux_bias_update_runs_after_each_step(tmp_path):
+    from backbone.checkpoint import read_safetensors
+
+    summary = run(train_cfg(tmp_path, "sft", "stage.steps=2", "checkpoint.every=0", "+model.language.topk_method=noaux_tc",
+                            "+model.language.scoring_func=sigmoid", "+model.language.norm_topk_prob=true"))
+    state = read_safetensors(summary["checkpoint"])
+    biases = [v for k, v in state.items() if k.endswith("e_score_correction_bias")]
+    assert biases and all(b.abs().max() > 0 for b in biases), "the expert bias moved"
+    rows = read_csv(tmp_path / "metrics.csv")
+    assert "loss/aux" not in rows[0], "no auxiliary loss with noaux_tc (the bias update balances instead)"
