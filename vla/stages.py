@@ -27,7 +27,7 @@ and optionally
 
 Stage tasks are made by factories registered by name: `register_stage_task(name, factory)`, with
 `factory(ctx: StageContext) -> task`. `align`, `pretrain` and `sft` (the DeepSeek-VL2 recipe, reference section 6)
-are built in here; `vla` is registered by the policy code (`vla.policy`), imported on demand.
+are built in here; `vla` is registered by `vla.vla_stage`, imported on demand.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class StageTaskError(RuntimeError):
 
 _FACTORIES: dict[str, Callable[[StageContext], Any]] = {}
 # Modules imported on demand to find a factory that is not registered yet.
-_PROVIDERS: dict[str, str] = {"vla": "vla.policy"}
+_PROVIDERS: dict[str, str] = {"vla": "vla.vla_stage"}
 
 
 def register_stage_task(name: str, factory: Callable[[StageContext], Any]) -> None:
@@ -367,7 +367,6 @@ class VL2StageTask:
             raise StageTaskError("text_ratio > 0 but there are no text-only documents")
         self._records_order = EpochPermutation(len(self.records), ctx.seed, salt=1)
         self._texts_order = EpochPermutation(max(len(self.texts), 1), ctx.seed, salt=2)
-        self._cache: dict[int, dict[str, Any]] = {}
         # Every parameter takes part in every step (see _keep_vision_in_graph): DDP need not search for unused ones.
         self.ddp_find_unused_parameters = False
         self.module.register_forward_hook(_keep_vision_in_graph, with_kwargs=True)
@@ -391,19 +390,11 @@ class VL2StageTask:
         return [path]
 
     def sample(self, index: int) -> dict[str, Any]:
-        """The processed sample at global stream position `index` (cached; a pure function of the index)."""
-        cached = self._cache.get(index)
-        if cached is not None:
-            return cached
+        """The processed sample at global stream position `index` (a pure function of the index)."""
         if mix_choice(index, self.ctx.seed, self.data.text_ratio):
-            out = self._text_sample(self.texts[self._texts_order(index)])
-        else:
-            record = self.records[self._records_order(index)]
-            out = self.processor.process(record.conversation, [str(p) for p in record.images])
-        if len(self._cache) > 4096:
-            self._cache.clear()
-        self._cache[index] = out
-        return out
+            return self._text_sample(self.texts[self._texts_order(index)])
+        record = self.records[self._records_order(index)]
+        return self.processor.process(record.conversation, [str(p) for p in record.images])
 
     def _text_sample(self, text: str) -> dict[str, Any]:
         tok, tile = self.tokenizer, self.processor.config.tile_size

@@ -340,7 +340,7 @@ class Trainer:
         if hasattr(task, "attach"):
             task.attach(optimizer)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.steps, cfg.schedule))
-        trainable = [p for p in optimizer.param_groups for p in p["params"]]
+        trainable = [p for group in optimizer.param_groups for p in group["params"]]
         batches = task.batches(dist.rank, dist.world, cfg.micro_batch)
         step, samples = 0, 0
         if resume_from is not None:
