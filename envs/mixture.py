@@ -38,6 +38,7 @@ missing requested cameras, shapes that disagree with the embodiment or the stats
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -71,11 +72,17 @@ class DatasetSpec:
 
     @classmethod
     def parse(cls, item: DatasetSpec | str | dict) -> DatasetSpec:
-        """A spec from a DatasetSpec, a dict of its fields, or a string: an existing directory (a local root) or a
-        hub id."""
+        """A spec from a DatasetSpec, a dict of its fields (`repo_id` may be left out when `root` is given), or a
+        string: an existing directory (a local root) or a hub id."""
         if isinstance(item, DatasetSpec):
             return item
         if isinstance(item, dict):
+            item = dict(item)
+            if "repo_id" not in item and item.get("root"):
+                item["repo_id"] = f"local/{Path(item['root']).name}"
+            unknown = sorted(set(item) - {f.name for f in dataclasses.fields(cls)})
+            if unknown:
+                raise ValueError(f"unknown dataset spec key(s) {unknown} in {item}")
             return cls(**item)
         if isinstance(item, (str, os.PathLike)):
             path = Path(item)

@@ -13,19 +13,29 @@ CONFIG_DIR = Path(os.environ.get("VLA_CONFIG_DIR", Path(__file__).resolve().pare
 
 
 def load_config(name: str, overrides: list[str] | None = None) -> DictConfig:
-    """Compose `configs/<name>.yaml` with hydra-style overrides (`a.b=1`, `+new=2`)."""
+    """Compose `configs/<name>.yaml` with hydra-style overrides (`a.b=1`, `+new=2`).
+
+    Free-form sections (a `{}` in the yaml, e.g. `model.language` or `stage.data`) take new keys without hydra's
+    `+`: `model.language.hidden_size=128` and `stage.data={datasets: [...]}` just work. Keys of structured sections
+    still have to exist, so typos there fail loudly."""
     from hydra import compose, initialize_config_dir
 
+    overrides = list(overrides or [])
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name=name, overrides=list(overrides or []))
+        base = compose(config_name=name, overrides=[o for o in overrides if "." not in o.partition("=")[0]])
+        return compose(config_name=name, overrides=[_free_form(o, base) for o in overrides])
 
 
-def to_dataclass(cls: type, cfg: Any, **extra: Any):
-    """Build dataclass `cls` from a config node, refusing unknown keys (typos should not pass silently)."""
-    values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
-    values.update(extra)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s): {unknown}; known: {sorted(names)}")
-    return cls(**values)
+def _free_form(override: str, base: DictConfig) -> str:
+    """`key=value` -> `++key=value` where the key is new inside a free-form dict, or a dict replaces a dict."""
+    key, eq, value = override.partition("=")
+    if not eq or key[:1] in "+~" or "." not in key:
+        return override
+    parent_key = key.rpartition(".")[0]
+    parent = OmegaConf.select(base, parent_key, default=None)
+    node = OmegaConf.select(base, key, default=None)
+    if isinstance(node, DictConfig) and value.lstrip().startswith("{"):
+        return "++" + override
+    if node is None and isinstance(parent, DictConfig) and key.rpartition(".")[2] not in parent and len(parent) == 0:
+        return "++" + override
+    return override

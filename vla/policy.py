@@ -35,7 +35,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from backbone.deepseek_vl2 import DeepseekVL2, build_deepseek_vl2, deepseek_vl2_preset, load_deepseek_vl2, save_deepseek_vl2
+from backbone.checkpoint import write_checkpoint
+from backbone.convert import deepseek_vl2_to_official
+from backbone.deepseek_vl2 import DeepseekVL2, build_deepseek_vl2, deepseek_vl2_preset, load_deepseek_vl2
 from backbone.generate import generate
 from backbone.tokenizer import Tokenizer, load_tokenizer
 from backbone.vision import layout_global_view, layout_image_tokens
@@ -395,18 +397,18 @@ class VLAPolicy(nn.Module):
     def device(self) -> torch.device:
         return self.backbone.language.lm_head.weight.device
 
-    def head_state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything outside the backbone (saved beside it)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
-
-    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """policy_config.json + policy_head.safetensors, and the backbone (official DeepSeek-VL2 format, with the
-        tokenizer that includes the action tokens) in backbone/, so `vla vqa checkpoint=PATH` works on it."""
+        tokenizer that includes the action tokens) in backbone/, so `vla vqa checkpoint=PATH` works on it.
+        `state_dict` (e.g. gathered from FSDP shards) replaces this module's own."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_deepseek_vl2(self.backbone, path / BACKBONE_DIR)
+        state = self.state_dict() if state_dict is None else state_dict
+        backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        write_checkpoint(path / BACKBONE_DIR, self.backbone.config.to_official(), deepseek_vl2_to_official(backbone_state))
         self.tokenizer.save(path / BACKBONE_DIR)
-        save_file({k: v.contiguous() for k, v in self.head_state_dict().items()}, str(path / POLICY_WEIGHTS))
+        head = {k: v.detach().cpu().contiguous() for k, v in state.items() if not k.startswith("backbone.")}
+        save_file(head, str(path / POLICY_WEIGHTS))
         meta = {"config": dataclasses.asdict(self.config), "registry": self.registry.to_dict(),
                 "normalizer_stats": self.normalizer_stats} | (extra or {})
         (path / POLICY_CONFIG).write_text(json.dumps(meta, indent=2))

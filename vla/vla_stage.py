@@ -1,0 +1,156 @@
+"""Stage 4, `vla train stage=vla`: the robot-data mixture with the action-token loss, optionally co-trained with
+scene VQA, on a DeepSeek-VL2 backbone from the previous stage (or an official checkpoint, or a random preset).
+
+    vla train stage=vla init_from=runs/sft/checkpoints/step-00000200 \\
+        'stage.data.datasets=[{root: data/nav}, {root: data/arm, weight: 2}]' stage.data.chunk_len=8 \\
+        stage.data.vqa_path=runs/sft/data/sft.jsonl stage.data.vqa_ratio=0.2
+
+`stage.data`: `datasets` (LeRobotDataset roots or hub ids with optional `weight` / `embodiment`), `chunk_len` (one
+number, or {embodiment: H}), `image_size` (frames are resized to it; default the vision tower's), `action_norm` /
+`state_norm` (quantile default), `vqa_path` + `vqa_ratio` (share of samples that are scene conversations).
+`stage.options.policy`: VLAPolicyConfig fields (decoding, router_prior, n_action_steps, ...).
+A checkpoint of this stage is a policy folder (VLAPolicy.save): `vla eval policy=checkpoint:DIR`, `vla vqa
+checkpoint=DIR` and, through lerobot_policy_dsvla.save_policy_for_lerobot, lerobot-eval all read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from heads.embodiment import Embodiment, EmbodimentRegistry
+from vla.policy import VLAPolicy, VLAPolicyConfig
+from vla.stages import (VL2_GROUPS, EpochPermutation, ShardedBatches, StageContext, StageTaskError, build_vl2_backbone,
+                        group_parameters, mix_choice, register_stage_task, vl2_module_group)
+
+HEAD_GROUP = "action_head"
+
+
+@dataclass
+class VLADataConfig:
+    datasets: list[Any] = field(default_factory=list)
+    chunk_len: int | dict[str, int] = 8
+    image_size: int | None = None
+    action_norm: str = "quantile"
+    state_norm: str = "quantile"
+    vqa_path: str | None = None
+    vqa_ratio: float = 0.0
+
+
+def registry_from_mixture(mixture, chunk_len: int | dict[str, int], norm_mode: str) -> EmbodimentRegistry:
+    """One registry entry per embodiment of the mixture (its own action/state size, cameras and fps)."""
+    registry = EmbodimentRegistry()
+    for member in mixture.members:
+        spec = member.embodiment
+        if spec.name in registry.names():
+            continue
+        H = chunk_len.get(spec.name, 8) if isinstance(chunk_len, dict) else int(chunk_len)
+        cameras = tuple(member.camera_keys[c] for c in sorted(member.camera_keys))
+        registry.register(Embodiment(spec.name, action_dim=spec.action_size, state_dim=spec.state_size,
+                                     cameras=cameras, fps=member.fps, chunk_len=H,
+                                     norm_mode="quantile" if norm_mode == "quantile" else "mean_std"))
+    return registry
+
+
+class VLAStageTask:
+    """The policy as the trainer's module; robot samples (and VQA samples) in one deterministic stream."""
+
+    def __init__(self, ctx: StageContext):
+        from backbone.processor import DeepseekVL2Processor
+        from envs.mixture import MixtureDataset
+
+        self.name, self.ctx = ctx.name, ctx
+        self.data = VLADataConfig(**ctx.data)
+        if not self.data.datasets:
+            raise StageTaskError("stage vla needs stage.data.datasets (LeRobotDataset roots or hub ids)")
+        backbone, tokenizer = build_vl2_backbone(ctx)
+        tile = backbone.config.vision.image_size
+        H_max = max(self.data.chunk_len.values()) if isinstance(self.data.chunk_len, dict) else int(self.data.chunk_len)
+        self.mixture = MixtureDataset(self.data.datasets, action_horizon=H_max, action_norm=self.data.action_norm,
+                                      state_norm=self.data.state_norm, image_size=self.data.image_size or tile)
+        registry = registry_from_mixture(self.mixture, self.data.chunk_len, self.data.action_norm)
+        stats = {emb: self.mixture.normalizer_for(emb).to_dict() for emb in registry.names()}
+        policy_cfg = VLAPolicyConfig(**dict(ctx.options.get("policy", {})))
+        self.module = VLAPolicy(policy_cfg, backbone, tokenizer, registry, stats)
+        self.vqa_records = []
+        if self.data.vqa_path and self.data.vqa_ratio > 0:
+            from envs.scene_language import load_conversations
+
+            self.vqa_records = load_conversations(self.data.vqa_path)
+            self.processor = DeepseekVL2Processor(tokenizer, backbone.config.processor_config(mask_prompt=True))
+        weights = self.mixture.weights / self.mixture.weights.sum()
+        self._dataset_cdf = np.cumsum(weights)
+        self._orders = [EpochPermutation(len(m), ctx.seed, salt=10 + i) for i, m in enumerate(self.mixture.members)]
+        self._vqa_order = EpochPermutation(max(len(self.vqa_records), 1), ctx.seed, salt=3)
+        self.ddp_find_unused_parameters = True  # the router prior / other robots' state projections may sit idle
+
+    # ---- data --------------------------------------------------------------------------------------------------
+    def sample(self, index: int) -> dict[str, Any]:
+        """Global stream position -> a robot sample (dataset by weight, then a per-dataset permutation) or, for the
+        `vqa_ratio` share, a scene conversation. A pure function of the index (resumable, shardable)."""
+        if self.vqa_records and mix_choice(index, self.ctx.seed, self.data.vqa_ratio):
+            record = self.vqa_records[self._vqa_order(index)]
+            return {"_vqa": self.processor.process(record.conversation, [str(p) for p in record.images])}
+        rng = np.random.default_rng([self.ctx.seed, 104729, index])
+        which = int(np.searchsorted(self._dataset_cdf, rng.random(), side="right"))
+        which = min(which, len(self.mixture.members) - 1)
+        local = self._orders[which](index)
+        return self.mixture[int(self.mixture.offsets[which]) + local]
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        robot = [s for s in samples if "_vqa" not in s]
+        vqa = [s["_vqa"] for s in samples if "_vqa" in s]
+        batch: dict[str, Any] = torch.utils.data.default_collate(robot) if robot else {}
+        if vqa:
+            collated = self.processor.collate(vqa)
+            collated.pop("seq_lens"), collated.pop("num_image_tokens")
+            batch["vqa"] = collated
+        return batch
+
+    def batches(self, rank: int, world: int, micro_batch: int) -> ShardedBatches:
+        return ShardedBatches(self.sample, self.collate, rank, world, micro_batch)
+
+    # ---- model -------------------------------------------------------------------------------------------------
+    def parameter_groups(self):
+        def classify(name: str) -> str:
+            return vl2_module_group(name[len("backbone."):]) if name.startswith("backbone.") else HEAD_GROUP
+        trainable = list(self.ctx.trainable) + ([HEAD_GROUP] if "all" in self.ctx.trainable else [])
+        return group_parameters(self.module, classify, VL2_GROUPS + (HEAD_GROUP,), trainable, self.ctx.frozen, self.ctx.lr_mult)
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]):
+        if "observation.state" not in batch:  # a micro-batch of scene conversations only
+            policy = model.module if hasattr(model, "module") else model
+            vqa = policy.vqa_loss(batch["vqa"])
+            return vqa, {"vqa_loss": float(vqa.detach()), "loss": float(vqa.detach())}
+        return model(batch)
+
+    def attach(self, optimizer: torch.optim.Optimizer):
+        return self.module.backbone.language.attach_bias_update(optimizer)
+
+    def set_activation_checkpointing(self, on: bool) -> None:
+        self.module.backbone.language.gradient_checkpointing = bool(on)
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return list(self.module.backbone.language.model.layers)
+
+    def describe(self) -> str:
+        robots = ", ".join(f"{e.name} (action {e.action_dim}, H={e.chunk_len}, {len(e.cameras)} camera(s), {e.fps} Hz)"
+                           for e in self.module.registry)
+        vqa = f"; scene VQA co-training at {self.data.vqa_ratio:.0%} ({len(self.vqa_records)} conversations)" if self.vqa_records else ""
+        return f"stage vla: {len(self.mixture)} frames from {len(self.mixture.members)} dataset(s): {robots}{vqa}"
+
+    # ---- weights -----------------------------------------------------------------------------------------------
+    def save_weights(self, directory: Path, state_dict: dict[str, torch.Tensor]) -> None:
+        self.module.save(directory, state_dict=state_dict)
+
+    def load_weights(self, directory: Path) -> None:
+        loaded = VLAPolicy.load(directory)
+        self.module.load_state_dict(loaded.state_dict())
+
+
+register_stage_task("vla", VLAStageTask)
