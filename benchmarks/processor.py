@@ -9,16 +9,13 @@ The processor must not be the bottleneck of a control loop: a 384x384 frame unde
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable
-
 import numpy as np
 import torch
 from PIL import Image
 
 from backbone.processor import DeepseekVL2Processor, ProcessorConfig
 from backbone.tokenizer import build_bpe_tokenizer
+from benchmarks._util import print_table, time_call
 
 SIZES = {"384": (384, 384), "1024x768": (1024, 768), "3000x400": (3000, 400)}
 BUDGET_MS_384 = 10.0
@@ -31,26 +28,6 @@ def _photo_like(width: int, height: int, seed: int) -> Image.Image:
     base = np.stack([x * 255 / max(width - 1, 1), y * 255 / max(height - 1, 1), (x + y) % 256], axis=-1)
     noisy = base + rng.normal(0, 12, base.shape)
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
-
-
-def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _print_table(headers: list[str], rows: list[list[object]]) -> None:
-    cells = [headers] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    for i, row in enumerate(cells):
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
 
 
 def run(cfg) -> dict:
@@ -66,8 +43,8 @@ def run(cfg) -> dict:
     for name, (width, height) in SIZES.items():
         image = _photo_like(width, height, seed=int(cfg.get("seed", 0) or 0))
         sample = processor.process(prompt, [image], inference=True)
-        image_s = _median_seconds(lambda: processor.preprocess_image(image), repeats)
-        full_s = _median_seconds(lambda: processor.process(prompt, [image], inference=True), repeats)
+        image_s = time_call(lambda: processor.preprocess_image(image), repeats, warmup=2)
+        full_s = time_call(lambda: processor.process(prompt, [image], inference=True), repeats, warmup=2)
         nw, nh = sample["images_spatial_crop"][0].tolist()
         rows.append([f"{width}x{height}", f"{nw}x{nh}", sample["images"].shape[0], sample["num_image_tokens"][0],
                      image_s * 1e3, full_s * 1e3, 1 / full_s])  # fmt: skip
@@ -76,7 +53,7 @@ def run(cfg) -> dict:
         result[f"ips_{name}"] = round(1 / full_s, 1)
         result[f"tiles_{name}"] = int(sample["images"].shape[0])
         result[f"image_tokens_{name}"] = int(sample["num_image_tokens"][0])
-    _print_table(["image", "grid", "tiles", "img tokens", "image ms", "full ms", "images/s"], rows)
+    print_table(["image", "grid", "tiles", "img tokens", "image ms", "full ms", "images/s"], rows)
     result["meets_10ms_384"] = bool(result["ms_384"] < BUDGET_MS_384)
     print(f"384x384 frame: {result['ms_384']:.2f} ms (budget {BUDGET_MS_384:.0f} ms)")
     return result

@@ -38,6 +38,7 @@ class DSVLAConfig(PreTrainedConfig):
     backbone_preset: str = "test"  # deepseek_vl2_preset name: test / tiny / small / base
     tokenizer_vocab_size: int = 512  # built byte-level BPE tokenizer size
     n_bins: int = 256
+    target_sigma_bins: float = 2.0  # Gaussian soft bin targets for training (0 = one-hot cross-entropy)
     continuous_offset: bool = True
     global_view_only: bool = True
     router_prior: bool = False

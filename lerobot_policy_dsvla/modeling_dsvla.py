@@ -78,6 +78,7 @@ def build_vla_policy(config: DSVLAConfig, dataset_stats: dict[str, dict[str, Any
     vla_config = VLAPolicyConfig(
         decoding=config.decoding,
         n_bins=config.n_bins,
+        target_sigma_bins=config.target_sigma_bins,
         continuous_offset=config.continuous_offset,
         global_view_only=config.global_view_only,
         n_action_steps=config.n_action_steps,

@@ -1,0 +1,23 @@
+"""CI runs the demo's smoke variant and checks the report and the final JSON line."""
+
+import json
+
+from vla.cli import main
+
+
+def test_demo_quick_writes_report_and_json(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "demo.quick=true", f"out={out}"]) == 0
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(last_line)
+    for key in ("success", "baseline_success", "vqa_accuracy", "grounding_acc", "routing_nmi", "wall_s"):
+        assert key in result, key
+    assert set(result["success"]) == {"point2d", "arm3"}
+    assert all(0.0 <= v <= 1.0 for v in result["success"].values())
+    assert set(result["baseline_success"]["arm3"]) == {"random", "no_vision"}
+    report = (out / "report.md").read_text()
+    assert "| robot | policy success |" in report and "![routing](routing.png)" in report
+    for name in ("report.md", "result.json", "loss_curves.png", "success.png", "routing.png", "routing.json", "grounding.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert json.loads((out / "result.json").read_text()) == result
+    assert list((out / "eval").glob("*/videos/*.gif")), "rollout GIFs"
