@@ -137,9 +137,10 @@ class DeepseekV2LM(nn.Module):
 
         aux_loss = None
         cfg = self.config
-        if self.training and cfg.aux_loss_alpha > 0 and cfg.scoring_func == "softmax":
+        moe_routes = [r for r in routes if r is not None]
+        if self.training and moe_routes and cfg.aux_loss_alpha > 0 and cfg.scoring_func == "softmax":
             aux_loss = sum(balance_aux_loss(r, B, cfg.aux_loss_alpha, cfg.seq_aux, token_mask_T=mask_BT.reshape(-1))
-                           for r in routes if r is not None)
+                           for r in moe_routes)
         logits = None
         if compute_logits:
             h_keep = h_BTD[:, -logits_to_keep:] if logits_to_keep else h_BTD

@@ -75,7 +75,7 @@ def evaluate_scene_vqa(model, processor, records, max_new_tokens: int = 40, prog
         right[kind] += int(ok)
         total[kind] += 1
         if len(examples) < 12:
-            examples.append({"image": str(record.images[0]), "question": question, "answer": text,
+            examples.append({"image": str(record.images[0]), "question": " ".join(question.replace("<image>", "").split()), "answer": text,
                              "expected": turn_meta.get("answer"), "correct": ok, "kind": kind})
     return {"vqa_accuracy": right["vqa"] / max(total["vqa"], 1), "grounding_acc": right["grounding"] / max(total["grounding"], 1),
             "n_vqa": total["vqa"], "n_grounding": total["grounding"], "examples": examples}
