@@ -29,35 +29,30 @@ def _batch(image_size: int) -> dict:
             "task": ["go to the red square"], "embodiment": ["point2d"]}
 
 
-def _policies(preset: str, overrides: dict, chunk_len: int, dtype: torch.dtype):
+def _policy(preset: str, overrides: dict, chunk_len: int, dtype: torch.dtype):
+    """One policy; both decodings run on it (the decoding mode is read at call time), so they share the weights."""
+    torch.manual_seed(0)
     tok = build_bpe_tokenizer(vocab_size=400)
-    out = {}
-    for decoding in ("parallel", "autoregressive"):
-        torch.manual_seed(0)
-        policy = build_policy(VLAPolicyConfig(decoding=decoding), _registry(chunk_len), tok, preset, **overrides)
-        out[decoding] = policy.to(dtype).eval()
-        tok = policy.tokenizer  # the second policy reuses the grown tokenizer
-    # same weights for both decodings
-    out["autoregressive"].load_state_dict(out["parallel"].state_dict())
-    return out
+    return build_policy(VLAPolicyConfig(), _registry(chunk_len), tok, preset, **overrides).to(dtype).eval()
 
 
 def _measure(name: str, preset: str, overrides: dict, image_size: int, chunk_len: int, repeats: int, dtype) -> list:
-    policies = _policies(preset, overrides, chunk_len, dtype)
+    policy = _policy(preset, overrides, chunk_len, dtype)
     batch = _batch(image_size)
 
-    def new_chunk(policy):
+    def new_chunk(decoding: str):
         def call():
+            policy.config.decoding = decoding
             policy.reset()
             policy.select_action(batch)
         return call
 
     with torch.no_grad():
-        seconds = time_interleaved({d: new_chunk(p) for d, p in policies.items()}, repeats)
+        seconds = time_interleaved({d: new_chunk(d) for d in ("parallel", "autoregressive")}, repeats)
     n_tokens = chunk_len * 2
     rows = []
     for decoding, s in seconds.items():
-        passes = 1 if decoding == "parallel" else n_tokens + 1 + int(policies[decoding].config.continuous_offset)
+        passes = 1 if decoding == "parallel" else n_tokens + 1 + int(policy.config.continuous_offset)
         rows.append([name, decoding, passes, s * 1e3, chunk_len / s])
     return rows
 

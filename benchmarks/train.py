@@ -2,7 +2,8 @@
 
 The demo-size model is the CPU `test` preset widened to hidden 192 (4 layers, 8 experts top-2, MLA) with the tiny
 SigLIP tower on 64-px tiles; data is generated scene-language data (64-px images: 2 tiles, 41 image tokens each).
-Each stage (align: vision tower + adaptor only; pretrain: everything, 30% text-only; sft: everything, answers only)
+Each stage (align: vision tower + adaptor only; pretrain: everything, 30% text-only; sft: everything, answers only;
+vla: everything, robot mixture of two embodiments + 25% scene VQA, action tokens counted as sequence tokens)
 runs full optimizer steps through the trainer's step function (forward, backward, clipping, AdamW) after warmup
 steps. Reported: tokens/s (all non-padding tokens, images included), samples/s, seconds per step, and the peak
 resident memory of the process (`resource.getrusage`, a running maximum: the value after a stage covers it and
@@ -21,11 +22,23 @@ import torch
 from benchmarks._util import print_table, setup
 
 DEMO_LANGUAGE = dict(hidden_size=192, intermediate_size=384, moe_intermediate_size=96, num_hidden_layers=4)
-STAGES = {"align": ["vision"], "pretrain": ["all"], "sft": ["all"]}
+STAGES = {"align": ["vision"], "pretrain": ["all"], "sft": ["all"], "vla": ["all"]}
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def vla_data(root: Path, seed: int) -> dict:
+    """Small robot datasets of both built-in embodiments and scene conversations for co-training (stage vla)."""
+    from envs.collect import collect_dataset
+    from envs.scene_language import generate_scene_language
+
+    collect_dataset("vla/PointNav-v0", root / "nav", 10, image_size=64, seed=seed, progress=False)
+    collect_dataset("vla/ArmReach-v0", root / "arm", 10, image_size=64, seed=seed, progress=False)
+    vqa = generate_scene_language(root / "lang", "sft", 32, seed=seed, image_size=64)
+    return {"datasets": [{"root": str(root / "nav")}, {"root": str(root / "arm")}], "chunk_len": 8,
+            "vqa_path": str(vqa), "vqa_ratio": 0.25}
 
 
 def bench_stage(stage: str, out_dir: Path, micro_batch: int, steps: int, warmup: int, seed: int) -> dict:
@@ -35,7 +48,7 @@ def bench_stage(stage: str, out_dir: Path, micro_batch: int, steps: int, warmup:
     seed_everything(seed)
     ctx = StageContext(name=stage, out_dir=out_dir, seed=seed, model_language=dict(DEMO_LANGUAGE),
                        trainable=STAGES[stage], lr_mult={"vision_tower": 0.1} if stage != "align" else {},
-                       data={"generate": 64})
+                       data=vla_data(out_dir / "data", seed) if stage == "vla" else {"generate": 64})
     task = make_stage_task(ctx)
     groups = task.parameter_groups()
     apply_freezing(groups)

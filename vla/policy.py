@@ -266,6 +266,7 @@ class VLAPolicy(nn.Module):
             loss = loss + self.config.vqa_loss_weight * losses["vqa_loss"]
         metrics = {k: float(v.detach()) for k, v in losses.items()}
         metrics["loss"] = float(loss.detach())
+        metrics["tokens"] = float(seq.attention_mask.sum()) + (float(batch["vqa"]["attention_mask"].sum()) if batch.get("vqa") is not None else 0.0)
         # per-embodiment action loss, for logging
         ce_N = F.cross_entropy(bin_logits.detach().float(), target_N, reduction="none")
         start = 0

@@ -410,10 +410,14 @@ class Trainer:
                     total = total + value.float() * (share * dist.world)
                     logged[name] = logged.get(name, 0.0) + value.detach().float() * share
                 total.backward()
+            step_tokens = metrics.pop("tokens", None)  # a task may count its own sequence tokens (the VLA stage does)
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + float(v) / cfg.grad_accum
             mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-            tokens += float(mask.sum()) if isinstance(mask, torch.Tensor) else float(cfg.micro_batch)
+            if step_tokens is not None:
+                tokens += float(step_tokens)
+            else:
+                tokens += float(mask.sum()) if isinstance(mask, torch.Tensor) else float(cfg.micro_batch)
 
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):

@@ -126,7 +126,8 @@ class VLAStageTask:
         if "observation.state" not in batch:  # a micro-batch of scene conversations only
             policy = model.module if hasattr(model, "module") else model
             vqa = policy.vqa_loss(batch["vqa"])
-            return vqa, {"vqa_loss": float(vqa.detach()), "loss": float(vqa.detach())}
+            return vqa, {"vqa_loss": float(vqa.detach()), "loss": float(vqa.detach()),
+                         "tokens": float(batch["vqa"]["attention_mask"].sum())}
         return model(batch)
 
     def attach(self, optimizer: torch.optim.Optimizer):
