@@ -38,6 +38,7 @@ class DeepseekVL2Config:
     max_tiles: int = 9
     tile_tag: str = "2D"
     global_view_pos: str = "head"
+    center_image_tokens: bool = False  # extension for from-scratch towers (see VisionEncoder); off in official models
 
     def __post_init__(self) -> None:
         if self.projector.n_embed != self.language.hidden_size:
@@ -65,7 +66,7 @@ class DeepseekVL2Config:
             "vision_config": self.vision.to_official(),
             "projector_config": self.projector.to_official(),
             "language_config": self.language.to_dict(),
-        }
+        } | ({"center_image_tokens": True} if self.center_image_tokens else {})
 
     @classmethod
     def from_official(cls, cfg: dict[str, Any]) -> "DeepseekVL2Config":
@@ -77,16 +78,18 @@ class DeepseekVL2Config:
         max_tiles = max((w // vision.image_size) * (h // vision.image_size) for w, h in candidates) if candidates else 9
         return cls(vision=vision, projector=ProjectorConfig.from_official(cfg["projector_config"]),
                    language=LanguageModelConfig.from_dict(cfg["language_config"]), max_tiles=max_tiles,
-                   tile_tag=cfg.get("tile_tag", "2D"), global_view_pos=cfg.get("global_view_pos", "head"))
+                   tile_tag=cfg.get("tile_tag", "2D"), global_view_pos=cfg.get("global_view_pos", "head"),
+                   center_image_tokens=bool(cfg.get("center_image_tokens", False)))
 
 
 def deepseek_vl2_preset(name: str, **language_overrides: Any) -> DeepseekVL2Config:
-    """Whole-model presets: `tiny` / `small` / `base` (published numbers), `test` (CPU-sized, for tests)."""
+    """Whole-model presets: `tiny` / `small` / `base` (published numbers), `test` (CPU-sized, for tests and the demo;
+    trained from scratch, so it centres image tokens, see VisionEncoder)."""
     if name == "test":
         language = tiny_test_config(**language_overrides)
         vision = VisionConfig.preset("tiny")
         return DeepseekVL2Config(vision=vision, projector=ProjectorConfig(input_dim=vision.width, n_embed=language.hidden_size),
-                                 language=language, max_tiles=4)
+                                 language=language, max_tiles=4, center_image_tokens=True)
     language = language_preset(name, **language_overrides)
     return DeepseekVL2Config(vision=VisionConfig.preset("so400m"),
                              projector=ProjectorConfig(input_dim=1152, n_embed=language.hidden_size), language=language)
@@ -96,7 +99,8 @@ class DeepseekVL2(nn.Module):
     def __init__(self, config: DeepseekVL2Config):
         super().__init__()
         self.config = config
-        self.vision_encoder = VisionEncoder(config.vision, config.projector, config.global_view_pos)
+        self.vision_encoder = VisionEncoder(config.vision, config.projector, config.global_view_pos,
+                                            config.center_image_tokens)
         self.language = DeepseekV2LM(config.language)
 
     def prepare_inputs_embeds(self, input_ids, images=None, images_seq_mask=None, images_spatial_crop=None) -> torch.Tensor:

@@ -70,6 +70,7 @@ def _official_config(model):
         "projector_config": {"model_type": "mlp_projector", "n_embed": cfg.projector.n_embed,
                              "input_dim": cfg.projector.input_dim},
         "language_config": cfg.language.to_dict(),
+        "center_image_tokens": cfg.center_image_tokens,
     }
 
 

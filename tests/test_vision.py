@@ -206,3 +206,21 @@ def test_encoder_grads_and_bf16(encoder):
         half = enc.to(torch.bfloat16)(torch.randn(2, 3, 64, 64), torch.tensor([[1, 1]]))
     assert half.dtype == torch.bfloat16 and half.shape == (tokens_for_grid(1, 1, ProcessorConfig.preset("tiny")), 16)
     assert math.isfinite(half.float().sum().item())
+
+
+def test_centred_image_tokens_have_zero_mean_per_tile_and_are_off_for_official_models():
+    import torch
+
+    from backbone.deepseek_vl2 import deepseek_vl2_preset
+    from backbone.vision import ProjectorConfig, VisionConfig, VisionEncoder
+
+    assert deepseek_vl2_preset("base").center_image_tokens is False
+    vision = VisionConfig.preset("tiny")
+    plain = VisionEncoder(vision, ProjectorConfig(input_dim=vision.width, n_embed=48))
+    centred = VisionEncoder(vision, ProjectorConfig(input_dim=vision.width, n_embed=48), center_tokens=True)
+    centred.load_state_dict(plain.state_dict())
+    tiles = torch.rand(3, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        a, b = plain.encode_tiles(tiles), centred.encode_tiles(tiles)
+    assert torch.allclose(b.mean(1), torch.zeros(3, 48), atol=1e-5)
+    assert torch.allclose(a - a.mean(1, keepdim=True), b, atol=1e-5)
