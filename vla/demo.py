@@ -100,7 +100,9 @@ def train_stage(c: dict[str, Any], out: Path, stage: str, init_from: str | None,
     overrides = [f"stage={stage}", f"out={out / 'train' / stage}", f"seed={c['seed']}", f"stage.steps={c['steps'][stage]}",
                  f"stage.optim.lr={c['lr'][stage]}", f"micro_batch={c['micro_batch']}", f"model.language={model}",
                  "checkpoint.every=0", "checkpoint.keep_last=1", "log.progress=true", "log.tensorboard=false",
-                 f"stage.schedule.warmup_steps={max(1, int(c['steps'][stage]) // 10)}"]
+                 f"stage.schedule.warmup_steps={max(1, int(c['steps'][stage]) // 10)}",
+                 # the recipe's 0.1x vision-tower learning rate is for a pretrained SigLIP; this one starts random
+                 "stage.lr_mult={" + ", ".join(f"{k}: {v}" for k, v in c["vision_lr_mult"].items()) + "}"]
     if init_from:
         overrides.append(f"init_from={init_from}")
     summary = run(load_config("train", overrides + extra))
