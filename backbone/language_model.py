@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from backbone.attention import MultiHeadAttention, MultiHeadLatentAttention, RMSNorm

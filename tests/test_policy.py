@@ -1,7 +1,6 @@
 """The VLA policy: two embodiments with different action sizes through one backbone; masked loss; parallel vs
 autoregressive decoding; overfitting a fixed chunk; save/load."""
 
-import numpy as np
 import pytest
 import torch
 

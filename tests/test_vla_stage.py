@@ -4,7 +4,6 @@
 import json
 
 import pytest
-import torch
 
 from vla.config import load_config
 
