@@ -148,8 +148,12 @@ def evaluate_language(c: dict[str, Any], out: Path, policy_dir: str, lang: dict[
     picture = out / "grounding.png"
     from PIL import Image
 
+    from envs.scene_language import grounding_answer, to_det
+
+    width, height = record.meta["image_size"]
+    truth = grounding_answer("truth", to_det(record.meta["objects"][0]["bbox"], width, height))
     image = Image.open(record.images[0]).convert("RGB").resize((256, 256), Image.NEAREST)
-    draw_grounding(image, text, picture)
+    draw_grounding(image, text + truth, picture)  # the model's box(es) and the true box, labelled "truth"
     result["grounding_example"] = {"question": f"Locate the {target}", "answer": text, "image": str(picture)}
     _say(f"scene VQA accuracy {result['vqa_accuracy']:.2f} ({result['n_vqa']} questions), grounding "
          f"{result['grounding_acc']:.2f} ({result['n_grounding']} boxes)")
