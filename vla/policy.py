@@ -230,7 +230,7 @@ class VLAPolicy(nn.Module):
     # ---------------------------------------------------------------------------------------------------------------
     # training
     # ---------------------------------------------------------------------------------------------------------------
-    def forward(self, batch: dict[str, Any], return_router: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """Action-token loss (+ offset L1, + MoE balance loss, + co-trained VQA loss) and metrics."""
         embodiments = self._embodiments(batch, len(batch["observation.state"]))
         actions, is_pad = batch["action"].to(self.device), batch.get("action_is_pad")
@@ -247,7 +247,7 @@ class VLAPolicy(nn.Module):
         seq = self.build_sequences(batch, targets if self.config.decoding == "autoregressive" else None)
         out = self.backbone.language(inputs_embeds=seq.inputs_embeds, attention_mask=seq.attention_mask,
                                      block_ids=seq.block_ids, router_bias=self._router_bias(seq),
-                                     compute_logits=False, return_router=return_router)
+                                     compute_logits=False)
         hidden_ND, _ = self._action_hidden(out.hidden_states, seq)
         bin_logits = self._bin_logits(hidden_ND)
         target_N = torch.cat([t.reshape(-1) for t in targets])
@@ -276,8 +276,6 @@ class VLAPolicy(nn.Module):
             per_emb.setdefault(emb.name, []).append(float((ce_N[start:start + n] * w.reshape(-1)).sum() / w.sum().clamp(min=1)))
             start += n
         metrics.update({f"loss/{name}": float(np.mean(v)) for name, v in per_emb.items()})
-        if return_router:
-            self.last_router, self.last_kinds = out.router, seq.kinds
         return loss, metrics
 
     def vqa_loss(self, vqa_batch: dict[str, Any]) -> torch.Tensor:
