@@ -41,9 +41,11 @@ def jacobian(q: np.ndarray) -> np.ndarray:
 class ArmReachEnv(SceneEnv):
     embodiment_name = "arm3"
 
-    def __init__(self, image_size: int = 96, render_mode: str | None = "rgb_array", cameras=None, num_objects=(2, 4)):
+    def __init__(self, image_size: int = 96, render_mode: str | None = "rgb_array", cameras=None, num_objects=(2, 4),
+                 distinct_colours: bool = False):
         super().__init__(image_size=image_size, render_mode=render_mode, cameras=cameras)
         self.num_objects = tuple(num_objects)
+        self.distinct_colours = bool(distinct_colours)
         self.q = np.array([np.pi / 2, 0.0, 0.0])
         self._joint_mask = scene.shape_mask("circle", 0.022 * self.image_size)
         self._tip_mask = scene.shape_mask("circle", 0.03 * self.image_size)
@@ -63,7 +65,8 @@ class ArmReachEnv(SceneEnv):
                     return pos
 
         count = int(rng.integers(self.num_objects[0], self.num_objects[1] + 1))
-        self.objects = scene.sample_objects(rng, count, self.object_size, 0, 1, min_gap=0.04, region=reachable)
+        self.objects = scene.sample_objects(rng, count, self.object_size, 0, 1, min_gap=0.04, region=reachable,
+                                            distinct_colours=self.distinct_colours)
         self.target = self.objects[int(rng.integers(count))]
         for _ in range(1000):
             self.q = np.array([rng.uniform(np.pi / 2 - 0.5, np.pi / 2 + 0.5), rng.uniform(-0.9, 0.9), rng.uniform(-0.9, 0.9)])

@@ -12,7 +12,8 @@ clipped to the action space; the noisy action is what is executed and recorded) 
 | next.success                 | bool    | (1,)       | `info["is_success"]` after the action     |
 
 plus the task string. `robot_type` is the embodiment name, `fps` the embodiment's control rate. lerobot computes the
-stats (min/max/mean/std/q01/q10/q50/q90/q99) in `finalize()`. Failed episodes are dropped (and another seed is
+stats (min/max/mean/std/q01/q10/q50/q90/q99) in `finalize()`; `write_exact_stats` then replaces those of the action and
+the state with exact whole-dataset values (lerobot averages per-episode quantiles, see envs/normalize.py). Failed episodes are dropped (and another seed is
 tried) unless `keep_failures=True`. Nothing touches the network (`HF_HUB_OFFLINE=1` is set if unset).
 """
 
@@ -66,6 +67,31 @@ def dataset_features(env: gym.Env) -> dict[str, dict]:
     return features
 
 
+def write_exact_stats(root: str | Path, keys: tuple[str, ...] = ("action", "observation.state")) -> dict[str, dict]:
+    """Recompute the stats of the low-dimensional `keys` over every frame of the dataset at `root` and write them into
+    its meta/stats.json (other features keep lerobot's). Returns the new stats of `keys`."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from envs.normalize import feature_stats
+
+    root = Path(root)
+    files = sorted((root / "data").rglob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{root}: no data/*.parquet files")
+    columns = {key: [] for key in keys}
+    for file in files:
+        table = pq.read_table(file, columns=list(keys))
+        for key in keys:
+            columns[key].extend(table.column(key).to_pylist())
+    path = root / "meta" / "stats.json"
+    stats = json.loads(path.read_text()) if path.exists() else {}
+    exact = {key: feature_stats(np.asarray(values, dtype=np.float64)) for key, values in columns.items()}
+    path.write_text(json.dumps(stats | exact, indent=4))
+    return exact
+
+
 def prepare_root(root: Path, overwrite: bool) -> None:
     """Refuse an existing root unless `overwrite`; even then only delete what looks like a LeRobot dataset (or nothing)."""
     if not root.exists():
@@ -91,9 +117,10 @@ def collect_dataset(
     keep_failures: bool = False,
     max_attempts: int | None = None,
     progress: bool = True,
+    env_kwargs: dict | None = None,
 ) -> CollectResult:
-    """Run the scripted expert of `env_id` for `episodes` episodes (episode k of the attempts uses env seed
-    `seed + k`) and write them to `root` as a LeRobotDataset v3."""
+    """Run the scripted expert of `env_id` (built with `env_kwargs`, e.g. `num_objects`) for `episodes` episodes
+    (episode k of the attempts uses env seed `seed + k`) and write them to `root` as a LeRobotDataset v3."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import datasets
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
@@ -104,7 +131,7 @@ def collect_dataset(
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     root = Path(root)
-    env = gym.make(env_id, image_size=image_size)
+    env = gym.make(env_id, **{"image_size": image_size, **(env_kwargs or {})})
     base = env.unwrapped
     if not hasattr(base, "expert_action"):
         raise ValueError(f"{env_id} has no scripted expert (env.unwrapped.expert_action)")
@@ -168,6 +195,8 @@ def collect_dataset(
             dataset.clear_episode_buffer()
         dataset.finalize()
         env.close()
+    if kept:
+        write_exact_stats(root)
     return CollectResult(
         root=str(root),
         repo_id=repo_id,

@@ -9,7 +9,9 @@
 Unlike lerobot's `MultiLeRobotDataset` no key is dropped and no stats are merged: every dataset keeps its cameras,
 action/state sizes, fps (action chunks use that dataset's own `delta_timestamps`) and its own `Normalizer`
 (`mixture.normalizers[i]`, also by name in `mixture.normalizer_for(embodiment)`), which is what a policy needs to
-unnormalize its actions for that robot.
+unnormalize its actions for that robot. Action and state stats are computed from the data by default
+(`stats_source="data"`, exact quantiles); `stats_source="meta"` reads `meta/stats.json`, whose quantiles lerobot
+aggregates by averaging per-episode quantiles (see envs/normalize.py for how far off that can be).
 
 Sample layout (with `pad=True`, the default, so the default collate stacks embodiments together):
 
@@ -49,7 +51,7 @@ import numpy as np
 import torch
 
 from envs.embodiments import EMBODIMENTS, Embodiment, get_embodiment
-from envs.normalize import Normalizer
+from envs.normalize import Normalizer, feature_stats
 
 ACTION = "action"
 STATE = "observation.state"
@@ -109,7 +111,8 @@ class _Member:
     """One loaded dataset with what the mixture needs to know about it."""
 
     def __init__(
-        self, spec: DatasetSpec, action_horizon: int, action_mode: str, state_mode: str, tolerance_s: float, check_data: bool
+        self, spec: DatasetSpec, action_horizon: int, action_mode: str, state_mode: str, tolerance_s: float, check_data: bool,
+        stats_source: str = "data",
     ):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
@@ -127,14 +130,20 @@ class _Member:
             self._check_shape(features, STATE, self.embodiment.state_size)
         delta = {ACTION: [i / self.fps for i in range(action_horizon)]}
         self.dataset = LeRobotDataset(spec.repo_id, root=spec.root, episodes=spec.episodes, delta_timestamps=delta, tolerance_s=tolerance_s)
+        if stats_source not in ("data", "meta"):
+            raise ValueError(f"stats_source must be 'data' or 'meta', got {stats_source!r}")
+        table = self._low_dim_table() if check_data or stats_source == "data" else None
         if check_data:  # before the stats: NaN data makes NaN stats, and the data error says where it is
-            self.check_finite()
+            self.check_finite(table)
         modes = {ACTION: action_mode}
         if self.has_state:
             modes[STATE] = state_mode
-        if not meta.stats:
-            raise DataError(f"{self.label}: has no stats (meta/stats.json); recompute them with lerobot")
-        self.normalizer = Normalizer.from_stats(meta.stats, modes, name=self.label)
+        stats = dict(meta.stats or {})
+        if stats_source == "data":  # exact quantiles (meta/stats.json averages per-episode ones; see envs/normalize.py)
+            stats |= {key: feature_stats(np.stack(table[key])) for key in modes}
+        if not stats:
+            raise DataError(f"{self.label}: has no stats (meta/stats.json); recompute them with lerobot or use stats_source='data'")
+        self.normalizer = Normalizer.from_stats(stats, modes, name=self.label)
         for key in modes:
             stat_shape = self.normalizer.shapes.get(key)
             if stat_shape is not None and tuple(stat_shape) != tuple(features[key]["shape"]):
@@ -159,10 +168,15 @@ class _Member:
         if shape != (size,):
             raise DataError(f"{self.label}: {key!r} has shape {shape} but embodiment {self.embodiment.name!r} expects ({size},)")
 
-    def check_finite(self) -> None:
+    def _low_dim_table(self) -> dict[str, Any]:
+        """Actions, states, episode and frame indices of every frame, as numpy columns."""
+        keys = [ACTION] + ([STATE] if self.has_state else [])
+        return self.dataset.hf_dataset.select_columns(keys + ["episode_index", "frame_index"]).with_format("numpy")[:]
+
+    def check_finite(self, table: dict[str, Any] | None = None) -> None:
         """Scan actions and states; the first non-finite value is reported with its episode and frame."""
         keys = [ACTION] + ([STATE] if self.has_state else [])
-        table = self.dataset.hf_dataset.select_columns(keys + ["episode_index", "frame_index"]).with_format("numpy")[:]
+        table = self._low_dim_table() if table is None else table
         for key in keys:
             values = np.asarray(np.stack(table[key]), dtype=np.float64)
             bad = ~np.isfinite(values).reshape(len(values), -1).all(axis=1)
@@ -191,6 +205,7 @@ class MixtureDataset(torch.utils.data.Dataset):
         pad: bool = True,
         check_data: bool = True,
         tolerance_s: float = 1e-4,
+        stats_source: str = "data",
     ):
         if not datasets:
             raise ValueError("a mixture needs at least one dataset")
@@ -200,7 +215,8 @@ class MixtureDataset(torch.utils.data.Dataset):
         self.action_horizon = int(action_horizon)
         self.image_size = image_size
         self.pad = pad
-        self.members = [_Member(s, self.action_horizon, action_norm, state_norm, tolerance_s, check_data) for s in self.specs]
+        self.members = [_Member(s, self.action_horizon, action_norm, state_norm, tolerance_s, check_data, stats_source)
+                        for s in self.specs]
         if cameras is None:
             self.cameras = sorted({c for m in self.members for c in m.camera_keys})
         else:

@@ -15,6 +15,12 @@ Modes (the same formulas as lerobot's `NormalizerProcessorStep`, so numbers agre
 
 A zero range (constant dimension) uses `eps` as the denominator, as lerobot does. Values outside the quantile range
 are not clipped (clip yourself if a tokenizer needs a closed range).
+
+Quantiles must be quantiles of the whole dataset. lerobot 0.6.1 aggregates per-episode stats into `meta/stats.json`
+by averaging the per-episode quantiles, which is exact for min/max/mean/std but not for quantiles: on short
+goal-directed episodes (one saturated action per episode) the averaged q01/q99 of our PointNav data were -0.20/0.39
+while 40% of the actions are +-1, so "[-1, 1]" normalized actions reached +-3.7 and a tokenizer over [-1, 1] clipped
+them. `feature_stats` computes exact stats from the values; the mixture loader uses it by default.
 """
 
 from __future__ import annotations
@@ -86,6 +92,20 @@ def unnormalize(y, stats: Mapping[str, Any], mode: str = "quantile", eps: float 
     denom = second - first
     denom = np.where(denom == 0, eps, denom)
     return (y + 1.0) * _like(denom, y) / 2.0 + _like(first, y)
+
+QUANTILES = {"q01": 0.01, "q10": 0.10, "q50": 0.50, "q90": 0.90, "q99": 0.99}
+
+
+def feature_stats(values) -> dict[str, list[float]]:
+    """Exact stats of one feature over a whole dataset: `values` (N, D) -> min/max/mean/std/count and the quantiles
+    q01/q10/q50/q90/q99 (lerobot's stats.json keys)."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x.reshape(len(x), -1)
+    if len(x) == 0:
+        raise StatsError("cannot compute stats of an empty feature")
+    stats = {"min": x.min(0), "max": x.max(0), "mean": x.mean(0), "std": x.std(0)}
+    stats |= {name: np.quantile(x, q, axis=0) for name, q in QUANTILES.items()}
+    return {k: v.tolist() for k, v in stats.items()} | {"count": [len(x)]}
 
 
 @dataclass

@@ -21,9 +21,11 @@ START_DISTANCE = 0.3  # the robot starts at least this far from the target
 class PointNavEnv(SceneEnv):
     embodiment_name = "point2d"
 
-    def __init__(self, image_size: int = 96, render_mode: str | None = "rgb_array", cameras=None, num_objects=(2, 4)):
+    def __init__(self, image_size: int = 96, render_mode: str | None = "rgb_array", cameras=None, num_objects=(2, 4),
+                 distinct_colours: bool = False):
         super().__init__(image_size=image_size, render_mode=render_mode, cameras=cameras)
         self.num_objects = tuple(num_objects)
+        self.distinct_colours = bool(distinct_colours)
         self.agent = np.zeros(2)
         self._robot_mask = scene.shape_mask("circle", ROBOT_RADIUS * self.image_size)
 
@@ -32,7 +34,8 @@ class PointNavEnv(SceneEnv):
 
     def _generate(self, rng):
         count = int(rng.integers(self.num_objects[0], self.num_objects[1] + 1))
-        self.objects = scene.sample_objects(rng, count, self.object_size, 0.12, 0.88, min_gap=0.04)
+        self.objects = scene.sample_objects(rng, count, self.object_size, 0.12, 0.88, min_gap=0.04,
+                                            distinct_colours=self.distinct_colours)
         self.target = self.objects[int(rng.integers(count))]
         avoid = [(o.pos, 0.05) for o in self.objects]
         for _ in range(1000):

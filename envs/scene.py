@@ -58,11 +58,19 @@ def sample_objects(
     min_gap: float,
     avoid: list[tuple[np.ndarray, float]] = (),
     region=None,
+    distinct_colours: bool = False,
 ) -> list[SceneObject]:
-    """Place `count` objects with distinct (colour, shape) pairs, centres in [low, high]^2 (or `region(rng)`),
-    at least `min_gap` apart edge to edge and clear of each `(point, radius)` in `avoid`."""
+    """Place `count` objects with distinct (colour, shape) pairs (with `distinct_colours`, distinct colours too),
+    centres in [low, high]^2 (or `region(rng)`), at least `min_gap` apart edge to edge and clear of each
+    `(point, radius)` in `avoid`."""
     pairs = [(c, s) for c in COLOURS for s in SHAPES]
-    chosen = rng.choice(len(pairs), size=count, replace=False)
+    if distinct_colours:
+        if count > len(COLOURS):
+            raise ValueError(f"{count} objects cannot have distinct colours; there are {len(COLOURS)}")
+        colours = rng.choice(len(COLOURS), size=count, replace=False)
+        chosen = [int(c) * len(SHAPES) + int(rng.integers(len(SHAPES))) for c in colours]
+    else:
+        chosen = rng.choice(len(pairs), size=count, replace=False)
     objects: list[SceneObject] = []
     for index in chosen:
         colour, shape = pairs[int(index)]

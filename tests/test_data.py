@@ -102,6 +102,46 @@ def test_collect_refuses_to_overwrite(roots, tmp_path):
     assert result.episodes == 1 and load(copy).meta.total_episodes == 1
 
 
+
+def test_stats_are_exact_whole_dataset_quantiles(tmp_path):
+    """lerobot averages per-episode quantiles; the collector and the mixture use whole-dataset ones."""
+    from envs.collect import write_exact_stats
+
+    # two episodes of constant, opposite actions: per-episode q01 = q99 = the action, so lerobot's average is 0
+    root = write_dataset(tmp_path / "hand", [[[1.0, -1.0]] * 20, [[-1.0, 1.0]] * 20])
+    lerobot_stats = load(root).meta.stats["action"]
+    assert abs(lerobot_stats["q99"][0]) < 0.5  # the averaged "q99" lies inside the data range
+    meta_only = MixtureDataset([root], stats_source="meta").normalizer_for("point2d")
+    assert np.abs(meta_only.normalize("action", np.array([1.0, 1.0]))).max() > 2  # so +-1 actions leave [-1, 1]
+    from_data = MixtureDataset([root]).normalizer_for("point2d")
+    np.testing.assert_allclose(from_data.stats["action"]["q01"], [-1.0, -1.0])
+    np.testing.assert_allclose(from_data.stats["action"]["q99"], [1.0, 1.0])
+    exact = write_exact_stats(root)
+    assert exact["action"]["q99"] == [1.0, 1.0] and exact["action"]["count"] == [40]
+    assert load(root).meta.stats["action"]["q01"].tolist() == [-1.0, -1.0]  # written into meta/stats.json
+    with pytest.raises(ValueError, match="stats_source"):
+        MixtureDataset([root], stats_source="guess")
+
+
+def test_collected_stats_match_the_data(roots):
+    dataset = load(roots["nav"])
+    actions = np.stack([dataset[i]["action"].numpy() for i in range(len(dataset))])
+    np.testing.assert_allclose(dataset.meta.stats["action"]["q99"], np.quantile(actions, 0.99, axis=0), atol=1e-6)
+    np.testing.assert_allclose(dataset.meta.stats["action"]["mean"], actions.mean(0), atol=1e-6)
+
+
+def test_distinct_colours_and_object_count(tmp_path):
+    env = gym.make("vla/PointNav-v0", image_size=IMAGE, num_objects=(3, 3), distinct_colours=True)
+    for seed in range(20):
+        env.reset(seed=seed)
+        colours = [o.colour for o in env.unwrapped.objects]
+        assert len(colours) == 3 and len(set(colours)) == 3
+    with pytest.raises(ValueError, match="distinct colours"):
+        gym.make("vla/ArmReach-v0", image_size=IMAGE, num_objects=(5, 5), distinct_colours=True).reset(seed=0)
+    result = collect_dataset("vla/PointNav-v0", tmp_path / "two", 2, image_size=IMAGE, progress=False,
+                             env_kwargs={"num_objects": (2, 2), "distinct_colours": True})
+    assert result.episodes == 2
+
 # ---------------------------------------------------------------------------------------------- normalization
 def test_normalizer_round_trip_numpy_and_torch(roots):
     stats = load(roots["arm"]).meta.stats
@@ -227,7 +267,8 @@ def test_bad_data_errors(roots, tmp_path):
     del stats["action"]["q01"]
     stats_path.write_text(json.dumps(stats))
     with pytest.raises(StatsError, match="no_quantiles.*'action' lack \\['q01'\\]"):
-        MixtureDataset([str(broken)])
-    MixtureDataset([str(broken)], action_norm="mean_std")  # mean/std are still there
+        MixtureDataset([str(broken)], stats_source="meta")
+    MixtureDataset([str(broken)], action_norm="mean_std", stats_source="meta")  # mean/std are still there
+    MixtureDataset([str(broken)])  # stats computed from the data need no stats.json
     with pytest.raises(ValueError, match="weight"):
         MixtureSampler(MixtureDataset([roots["nav"]]), weights=[-1.0])
