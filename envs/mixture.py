@@ -12,6 +12,8 @@ action/state sizes, fps (action chunks use that dataset's own `delta_timestamps`
 unnormalize its actions for that robot. Action and state stats are computed from the data by default
 (`stats_source="data"`, exact quantiles); `stats_source="meta"` reads `meta/stats.json`, whose quantiles lerobot
 aggregates by averaging per-episode quantiles (see envs/normalize.py for how far off that can be).
+`cache_frames=True` keeps every decoded frame in memory (uint8, 12 KB per 64x64 camera frame) so that epochs after the
+first skip the image decoding.
 
 Sample layout (with `pad=True`, the default, so the default collate stacks embodiments together):
 
@@ -206,6 +208,7 @@ class MixtureDataset(torch.utils.data.Dataset):
         check_data: bool = True,
         tolerance_s: float = 1e-4,
         stats_source: str = "data",
+        cache_frames: bool = False,
     ):
         if not datasets:
             raise ValueError("a mixture needs at least one dataset")
@@ -229,6 +232,8 @@ class MixtureDataset(torch.utils.data.Dataset):
         self.max_state_dim = max(m.embodiment.state_size for m in self.members)
         self._check_image_sizes()
         self.offsets = np.cumsum([0] + [len(m) for m in self.members])
+        # decoded frames kept in memory as uint8 (exact: they were uint8 before decoding); per process/worker
+        self._frame_cache: dict[tuple[int, int], dict[str, Any]] | None = {} if cache_frames else None
 
     def _check_image_sizes(self) -> None:
         if self.image_size is not None or not self.pad:
@@ -284,7 +289,7 @@ class MixtureDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         which, local = self.locate(int(index))
         member = self.members[which]
-        item = member.dataset[local]
+        item = self._item(which, local)
         where = f"{member.label}, episode {int(item['episode_index'])}, frame {int(item['frame_index'])}"
         action = item[ACTION].reshape(self.action_horizon, -1).float()
         self._check_finite(action, ACTION, where)
@@ -327,6 +332,19 @@ class MixtureDataset(torch.utils.data.Dataset):
         for key in ("episode_index", "frame_index", "index"):
             sample[key] = item[key].long()
         return sample
+
+    def _item(self, which: int, local: int) -> dict[str, Any]:
+        """The dataset's item, from the frame cache when `cache_frames` (images stored as uint8, returned as float)."""
+        member = self.members[which]
+        if self._frame_cache is None:
+            return member.dataset[local]
+        cameras = set(member.camera_keys.values())
+        cached = self._frame_cache.get((which, local))
+        if cached is None:
+            item = member.dataset[local]
+            cached = {k: v.mul(255).round().to(torch.uint8) if k in cameras else v for k, v in item.items()}
+            self._frame_cache[(which, local)] = cached
+        return {k: v.float().div(255) if k in cameras else v for k, v in cached.items()}
 
     def _resize(self, image: torch.Tensor) -> torch.Tensor:
         if self.image_size is None or tuple(image.shape[-2:]) == (self.image_size, self.image_size):

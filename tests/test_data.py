@@ -231,6 +231,20 @@ def test_mixture_of_two_embodiments(roots):
     assert "observation.images.wrist" not in unpadded[0]
 
 
+def test_cached_frames_equal_decoded_ones(roots):
+    plain = MixtureDataset([roots["nav"], roots["arm"]], action_horizon=4)
+    cached = MixtureDataset([roots["nav"], roots["arm"]], action_horizon=4, cache_frames=True)
+    for index in (0, len(plain) - 1, 3):
+        for _ in range(2):  # the first read fills the cache, the second is served from it
+            a, b = plain[index], cached[index]
+            assert a.keys() == b.keys()
+            for key, value in a.items():
+                if isinstance(value, torch.Tensor):
+                    assert value.dtype == b[key].dtype and torch.equal(value, b[key]), key
+                else:
+                    assert value == b[key], key
+    assert len(cached._frame_cache) == 3
+
 def test_loader_workers_do_not_duplicate(roots):
     mixture = MixtureDataset([roots["nav"], roots["arm"]], action_horizon=2)
     loader = make_mixture_loader(mixture, batch_size=8, seed=3, num_samples=len(mixture), num_workers=2)

@@ -59,9 +59,10 @@ def test_vla_stage_trains_saves_a_policy_and_resumes(data, tmp_path):
     image = sorted(glob.glob(str(data / "lang" / "images" / "*.png")))[0]
     assert isinstance(answer(model, processor, "How many shapes are there?", [image], max_new_tokens=4), str)
 
-    # resume continues the same loss trajectory as the uninterrupted run
-    _train(data, tmp_path / "part", 2)
-    resumed = _train(data, tmp_path / "part", 4, ["resume=true"])
+    # resume continues the same loss trajectory as the uninterrupted run (this one with cached frames: same numbers)
+    cached = ["stage.data.cache_frames=true"]
+    _train(data, tmp_path / "part", 2, cached)
+    resumed = _train(data, tmp_path / "part", 4, ["resume=true", *cached])
     full = json.loads((tmp_path / "run" / "summary.json").read_text())["losses"]
     assert sorted(resumed["losses"]) == [3, 4]
     for step in (3, 4):

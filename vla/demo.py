@@ -55,7 +55,8 @@ def collect(c: dict[str, Any], out: Path) -> dict[str, str]:
     for robot in c["robots"]:
         root = out / "data" / robot["name"]
         result = collect_dataset(robot["env"], root, int(robot["episodes"]), noise=float(c["noise"]), seed=int(c["seed"]),
-                                 image_size=int(c["image_size"]), overwrite=True, progress=False)
+                                 image_size=int(c["image_size"]), overwrite=True, progress=False,
+                                 env_kwargs=robot.get("env_kwargs"))
         _say(f"collected {result.episodes} episodes ({result.frames} frames) of {result.embodiment} in {result.seconds:.1f} s")
         roots[robot["name"]] = str(root)
     return roots
@@ -123,7 +124,8 @@ def evaluate_policies(c: dict[str, Any], out: Path, policy_dir: str, roots: dict
                                      ("no-vision prior", "prior", {"dataset": roots[name]})):
             summary = evaluate(spec, [env_id], episodes=int(c["eval_episodes"]), batch_size=int(c["eval_batch"]),
                                out=out / "eval" / f"{name}-{label.split()[0]}", videos=2 if label == "policy" else 0,
-                               seed=1000, image_size=int(c["image_size"]), policy_options=options, progress=False)
+                               seed=1000, image_size=int(c["image_size"]), policy_options=options, progress=False,
+                               env_kwargs={env_id: dict(robot.get("env_kwargs") or {})})
             embodiment = next(iter(summary["per_embodiment"]))
             results.setdefault(embodiment, {})[label] = summary["overall"]["success_rate"]
             results[embodiment].setdefault("videos", []).extend(summary["videos"])
@@ -228,7 +230,7 @@ def write_report(out: Path, c: dict[str, Any], success: dict[str, Any], language
     example = language["grounding_example"]
     report = f"""# DeepSeek-VL2 VLA demo{' (quick smoke run: numbers are not meaningful)' if c['quick'] else ''}
 
-Trained from nothing in this run: {', '.join(f"{r['name']} ({r['episodes']} demos of {r['env']})" for r in c['robots'])};
+Trained from nothing in this run: {', '.join(f"{r['name']} ({r['episodes']} demos of {r['env']}{_kwargs(r)})" for r in c['robots'])};
 stages align -> pretrain -> sft -> vla ({', '.join(f"{k} {v} steps" for k, v in c['steps'].items())}).
 
 {table}
@@ -257,6 +259,11 @@ Question: "{example['question']}" -> answer `{example['answer']}`
                 for e in language["examples"]) + "\n"
     (out / "report.md").write_text(report)
     return table
+
+
+def _kwargs(robot: dict[str, Any]) -> str:
+    kwargs = robot.get("env_kwargs") or {}
+    return "".join(f", {k}={v}" for k, v in kwargs.items())
 
 
 def _fmt(value) -> str:
@@ -288,7 +295,7 @@ def main(cfg) -> int:
     policy_opts = "{" + ", ".join(f"{k}: {v}" for k, v in c["policy"].items()) + "}"
     vla_summary = train_stage(c, out, "vla", init, [
         f"stage.data={{datasets: {datasets}, chunk_len: {c['chunk_len']}, image_size: {c['image_size']}, "
-        f"vqa_path: '{lang['sft']}', vqa_ratio: {c['vqa_ratio']}}}",
+        f"vqa_path: '{lang['sft']}', vqa_ratio: {c['vqa_ratio']}, cache_frames: {str(bool(c['cache_frames'])).lower()}}}",
         f"stage.options={{policy: {policy_opts}}}"])
     stage_dirs["vla"] = out / "train" / "vla"
     policy_dir = str(out / "policy")

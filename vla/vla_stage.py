@@ -7,7 +7,8 @@ scene VQA, on a DeepSeek-VL2 backbone from the previous stage (or an official ch
 
 `stage.data`: `datasets` (LeRobotDataset roots or hub ids with optional `weight` / `embodiment`), `chunk_len` (one
 number, or {embodiment: H}), `image_size` (frames are resized to it; default the vision tower's), `action_norm` /
-`state_norm` (quantile default), `vqa_path` + `vqa_ratio` (share of samples that are scene conversations).
+`state_norm` (quantile default), `vqa_path` + `vqa_ratio` (share of samples that are scene conversations),
+`cache_frames` (keep decoded frames and processed conversations in memory: later epochs skip decoding).
 `stage.options.policy`: VLAPolicyConfig fields (decoding, router_prior, n_action_steps, ...).
 A checkpoint of this stage is a policy folder (VLAPolicy.save): `vla eval policy=checkpoint:DIR`, `vla vqa
 checkpoint=DIR` and, through lerobot_policy_dsvla.save_policy_for_lerobot, lerobot-eval all read it.
@@ -40,6 +41,7 @@ class VLADataConfig:
     state_norm: str = "quantile"
     vqa_path: str | None = None
     vqa_ratio: float = 0.0
+    cache_frames: bool = False  # keep decoded frames (uint8) and processed scene conversations in memory
 
 
 def registry_from_mixture(mixture, chunk_len: int | dict[str, int], norm_mode: str) -> EmbodimentRegistry:
@@ -72,12 +74,14 @@ class VLAStageTask:
         tile = backbone.config.vision.image_size
         H_max = max(self.data.chunk_len.values()) if isinstance(self.data.chunk_len, dict) else int(self.data.chunk_len)
         self.mixture = MixtureDataset(self.data.datasets, action_horizon=H_max, action_norm=self.data.action_norm,
-                                      state_norm=self.data.state_norm, image_size=self.data.image_size or tile)
+                                      state_norm=self.data.state_norm, image_size=self.data.image_size or tile,
+                                      cache_frames=self.data.cache_frames)
         registry = registry_from_mixture(self.mixture, self.data.chunk_len, self.data.action_norm)
         stats = {emb: self.mixture.normalizer_for(emb).to_dict() for emb in registry.names()}
         policy_cfg = VLAPolicyConfig(**dict(ctx.options.get("policy", {})))
         self.module = VLAPolicy(policy_cfg, backbone, tokenizer, registry, stats)
         self.vqa_records = []
+        self._vqa_cache: dict[int, Any] = {}
         if self.data.vqa_path and self.data.vqa_ratio > 0:
             from envs.scene_language import load_conversations
 
@@ -94,8 +98,14 @@ class VLAStageTask:
         """Global stream position -> a robot sample (dataset by weight, then a per-dataset permutation) or, for the
         `vqa_ratio` share, a scene conversation. A pure function of the index (resumable, shardable)."""
         if self.vqa_records and mix_choice(index, self.ctx.seed, self.data.vqa_ratio):
-            record = self.vqa_records[self._vqa_order(index)]
-            return {"_vqa": self.processor.process(record.conversation, [str(p) for p in record.images])}
+            which = self._vqa_order(index)
+            if which in self._vqa_cache:
+                return {"_vqa": self._vqa_cache[which]}
+            record = self.vqa_records[which]
+            processed = self.processor.process(record.conversation, [str(p) for p in record.images])
+            if self.data.cache_frames:
+                self._vqa_cache[which] = processed
+            return {"_vqa": processed}
         rng = np.random.default_rng([self.ctx.seed, 104729, index])
         which = int(np.searchsorted(self._dataset_cdf, rng.random(), side="right"))
         which = min(which, len(self.mixture.members) - 1)
