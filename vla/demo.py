@@ -291,7 +291,8 @@ def main(cfg) -> int:
             extra.append(f"tokenizer={tokenizer}")
         summary = train_stage(c, out, stage, init, extra)
         init, stage_dirs[stage] = summary["checkpoint"], out / "train" / stage
-    datasets = "[" + ", ".join(f"{{root: '{r}'}}" for r in roots.values()) + "]"
+    weights = {r["name"]: float(r.get("weight", 1.0)) for r in c["robots"]}  # sampling weight in the vla mixture
+    datasets = "[" + ", ".join(f"{{root: '{root}', weight: {weights[name]}}}" for name, root in roots.items()) + "]"
     policy_opts = "{" + ", ".join(f"{k}: {v}" for k, v in c["policy"].items()) + "}"
     vla_summary = train_stage(c, out, "vla", init, [
         f"stage.data={{datasets: {datasets}, chunk_len: {c['chunk_len']}, image_size: {c['image_size']}, "
