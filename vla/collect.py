@@ -15,6 +15,8 @@ import dataclasses
 import json
 import os
 
+from omegaconf import OmegaConf
+
 
 def scene_language(cfg) -> int:
     from pathlib import Path
@@ -52,6 +54,7 @@ def main(cfg) -> int:
             image_size=int(cfg.image_size),
             overwrite=bool(cfg.overwrite),
             keep_failures=bool(cfg.keep_failures),
+            env_kwargs=OmegaConf.to_container(cfg.env_kwargs, resolve=True) if cfg.get("env_kwargs") else None,
         )
     except FileExistsError as error:
         print(f"vla collect: {error}")

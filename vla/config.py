@@ -20,20 +20,22 @@ def load_config(name: str, overrides: list[str] | None = None) -> DictConfig:
 
     overrides = list(overrides or [])
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        base = compose(config_name=name, overrides=[o for o in overrides if "." not in o.partition("=")[0]])
+        top_level = [o for o in overrides if "." not in o.partition("=")[0] and not o.partition("=")[2].lstrip().startswith("{")]
+        base = compose(config_name=name, overrides=top_level)  # groups chosen (stage=vla) before the dicts are placed
         return compose(config_name=name, overrides=[_free_form(o, base) for o in overrides])
 
 
 def _free_form(override: str, base: DictConfig) -> str:
     """`key=value` -> `++key=value` where the key is new inside a free-form dict, or a dict replaces a dict."""
     key, eq, value = override.partition("=")
-    if not eq or key[:1] in "+~" or "." not in key:
+    if not eq or key[:1] in "+~":
         return override
-    parent_key = key.rpartition(".")[0]
-    parent = OmegaConf.select(base, parent_key, default=None)
     node = OmegaConf.select(base, key, default=None)
     if isinstance(node, DictConfig) and value.lstrip().startswith("{"):
         return "++" + override
+    if "." not in key:
+        return override
+    parent = OmegaConf.select(base, key.rpartition(".")[0], default=None)
     if node is None and isinstance(parent, DictConfig) and key.rpartition(".")[2] not in parent and len(parent) == 0:
         return "++" + override
     return override

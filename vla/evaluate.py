@@ -55,6 +55,7 @@ def main(cfg) -> int:
         import_modules=config["import_modules"],
         policy_options=options,
         max_steps=int(config["max_steps"]),
+        env_kwargs={env_id: dict(config.get("env_kwargs") or {}) for env_id in env_ids(config["env"])},
     )
     print(markdown_table(summary, config["policy"]))
     print(f"wrote {out}/summary.json, {out}/summary.md and {len(summary['videos'])} videos")
