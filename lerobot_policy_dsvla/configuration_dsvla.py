@@ -19,6 +19,9 @@ from lerobot.optim import AdamWConfig
 from lerobot.utils.constants import ACTION, OBS_STATE
 
 DECODINGS = ("parallel", "autoregressive")
+#: DSVLAConfig fields that are VLAPolicyConfig fields of the same name and meaning (copied both ways)
+SHARED_POLICY_FIELDS = ("decoding", "n_bins", "continuous_offset", "global_view_only", "temporal_ensemble_coeff",
+                        "router_prior")
 
 
 @PreTrainedConfig.register_subclass("dsvla")

@@ -26,7 +26,7 @@ from envs.normalize import Normalizer
 from heads.embodiment import Embodiment, EmbodimentRegistry
 from vla.policy import POLICY_CONFIG, VLAPolicy, VLAPolicyConfig, build_policy
 
-from .configuration_dsvla import DSVLAConfig
+from .configuration_dsvla import SHARED_POLICY_FIELDS, DSVLAConfig
 
 logger = logging.getLogger(__name__)
 
@@ -76,14 +76,9 @@ def build_vla_policy(config: DSVLAConfig, dataset_stats: dict[str, dict[str, Any
         norm_mode=action_mode if action_mode in ("quantile", "mean_std") else "quantile",
     )
     vla_config = VLAPolicyConfig(
-        decoding=config.decoding,
-        n_bins=config.n_bins,
+        **{name: getattr(config, name) for name in SHARED_POLICY_FIELDS},
         target_sigma_bins=config.target_sigma_bins,
-        continuous_offset=config.continuous_offset,
-        global_view_only=config.global_view_only,
         n_action_steps=config.n_action_steps,
-        temporal_ensemble_coeff=config.temporal_ensemble_coeff,
-        router_prior=config.router_prior,
         max_chunk_len=max(VLAPolicyConfig.max_chunk_len, config.chunk_size),
         max_action_dim=max(VLAPolicyConfig.max_action_dim, config.action_dim),
     )

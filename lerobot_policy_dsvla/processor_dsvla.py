@@ -20,7 +20,7 @@ from lerobot.configs.types import FeatureType, NormalizationMode, PolicyFeature
 from lerobot.processor import PolicyAction, PolicyProcessorPipeline, make_default_pre_post_processors
 from lerobot.utils.constants import ACTION, OBS_STATE
 
-from .configuration_dsvla import DSVLAConfig
+from .configuration_dsvla import SHARED_POLICY_FIELDS, DSVLAConfig
 
 # envs.normalize / heads.embodiment mode names -> lerobot's
 LEROBOT_MODES = {
@@ -105,16 +105,11 @@ def save_policy_for_lerobot(
 
     vla_cfg = vla_policy.config
     fields = dict(
+        {name: getattr(vla_cfg, name) for name in SHARED_POLICY_FIELDS},
         embodiment=embodiment_name,
         chunk_size=emb.chunk_len,
         n_action_steps=min(vla_cfg.n_action_steps or emb.chunk_len, emb.chunk_len),
         fps=float(emb.fps),
-        decoding=vla_cfg.decoding,
-        temporal_ensemble_coeff=vla_cfg.temporal_ensemble_coeff,
-        n_bins=vla_cfg.n_bins,
-        continuous_offset=vla_cfg.continuous_offset,
-        global_view_only=vla_cfg.global_view_only,
-        router_prior=vla_cfg.router_prior,
         normalization_mapping=normalization,
         input_features=input_features,
         output_features=output_features,
