@@ -12,8 +12,9 @@ action/state sizes, fps (action chunks use that dataset's own `delta_timestamps`
 unnormalize its actions for that robot. Action and state stats are computed from the data by default
 (`stats_source="data"`, exact quantiles); `stats_source="meta"` reads `meta/stats.json`, whose quantiles lerobot
 aggregates by averaging per-episode quantiles (see envs/normalize.py for how far off that can be).
-`cache_frames=True` keeps every decoded frame in memory (uint8, 12 KB per 64x64 camera frame) so that epochs after the
-first skip the image decoding.
+`cache_frames=True` keeps every frame in memory (uint8, 12 KB per 64x64 camera frame): datasets that store images in
+their parquet files are read whole at construction (one columnar read, ~1 s per 10k frames, then samples are
+assembled from arrays exactly as lerobot assembles them); video datasets keep each frame once it was decoded.
 
 Sample layout (with `pad=True`, the default, so the default collate stacks embodiments together):
 
@@ -114,7 +115,7 @@ class _Member:
 
     def __init__(
         self, spec: DatasetSpec, action_horizon: int, action_mode: str, state_mode: str, tolerance_s: float, check_data: bool,
-        stats_source: str = "data",
+        stats_source: str = "data", in_memory: bool = False,
     ):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
@@ -134,7 +135,8 @@ class _Member:
         self.dataset = LeRobotDataset(spec.repo_id, root=spec.root, episodes=spec.episodes, delta_timestamps=delta, tolerance_s=tolerance_s)
         if stats_source not in ("data", "meta"):
             raise ValueError(f"stats_source must be 'data' or 'meta', got {stats_source!r}")
-        table = self._low_dim_table() if check_data or stats_source == "data" else None
+        self.action_horizon = action_horizon
+        table = self._low_dim_table() if check_data or stats_source == "data" or in_memory else None
         if check_data:  # before the stats: NaN data makes NaN stats, and the data error says where it is
             self.check_finite(table)
         modes = {ACTION: action_mode}
@@ -150,6 +152,8 @@ class _Member:
             stat_shape = self.normalizer.shapes.get(key)
             if stat_shape is not None and tuple(stat_shape) != tuple(features[key]["shape"]):
                 raise DataError(f"{self.label}: stats of {key!r} have shape {stat_shape}, feature has {tuple(features[key]['shape'])}")
+        # image-column datasets are read whole into memory (`memory_item`); video datasets decode per item
+        self.memory = self._read_into_memory(table) if in_memory and not meta.video_keys else None
 
     def _embodiment(self, spec: DatasetSpec, meta) -> Embodiment:
         name = spec.embodiment or meta.robot_type
@@ -173,7 +177,46 @@ class _Member:
     def _low_dim_table(self) -> dict[str, Any]:
         """Actions, states, episode and frame indices of every frame, as numpy columns."""
         keys = [ACTION] + ([STATE] if self.has_state else [])
-        return self.dataset.hf_dataset.select_columns(keys + ["episode_index", "frame_index"]).with_format("numpy")[:]
+        columns = keys + ["episode_index", "frame_index", "index", "task_index"]
+        return self.dataset.hf_dataset.select_columns(columns).with_format("numpy")[:]
+
+    def _read_into_memory(self, table: dict[str, Any]) -> dict[str, Any]:
+        """Every row at once: low-dim columns as arrays, camera frames as uint8 (N, H, W, 3), and each row's episode
+        bounds (rows of an episode are contiguous in a LeRobotDataset), for `memory_item`."""
+        hf = self.dataset.hf_dataset
+        memory = {key: np.stack(table[key]).astype(np.float32) for key in [ACTION] + ([STATE] if self.has_state else [])}
+        memory |= {key: np.asarray(table[key], dtype=np.int64) for key in ("episode_index", "frame_index", "index", "task_index")}
+        for key in self.camera_keys.values():
+            frames = hf.select_columns([key]).with_format("numpy")[:][key]
+            if not (isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 4):
+                raise DataError(f"{self.label}: camera {key!r} does not decode to uint8 (N, H, W, 3) frames")
+            memory[key] = frames
+        episodes = memory["episode_index"]
+        starts = np.flatnonzero(np.r_[True, episodes[1:] != episodes[:-1]])
+        ends = np.r_[starts[1:], len(episodes)]
+        run = np.repeat(np.arange(len(starts)), ends - starts)
+        memory["episode_start"], memory["episode_end"] = starts[run], ends[run]
+        memory["tasks"] = list(self.dataset.meta.tasks.index)
+        return memory
+
+    def memory_item(self, local: int) -> dict[str, Any]:
+        """Row `local` as `LeRobotDataset.__getitem__` gives it for the keys the mixture reads: the action chunk of
+        `action_horizon` steps clamped to the episode with `action_is_pad` past its end, frames as float in [0, 1]."""
+        m = self.memory
+        start, end = int(m["episode_start"][local]), int(m["episode_end"][local])
+        wanted = local + np.arange(self.action_horizon)
+        item: dict[str, Any] = {
+            ACTION: torch.from_numpy(m[ACTION][np.clip(wanted, start, end - 1)]),
+            f"{ACTION}_is_pad": torch.from_numpy((wanted < start) | (wanted >= end)),
+            "task": m["tasks"][int(m["task_index"][local])],
+        }
+        if self.has_state:
+            item[STATE] = torch.from_numpy(m[STATE][local].copy())
+        for key in ("episode_index", "frame_index", "index"):
+            item[key] = torch.tensor(int(m[key][local]))
+        for key in self.camera_keys.values():
+            item[key] = torch.from_numpy(m[key][local]).permute(2, 0, 1).float().div(255)
+        return item
 
     def check_finite(self, table: dict[str, Any] | None = None) -> None:
         """Scan actions and states; the first non-finite value is reported with its episode and frame."""
@@ -218,8 +261,8 @@ class MixtureDataset(torch.utils.data.Dataset):
         self.action_horizon = int(action_horizon)
         self.image_size = image_size
         self.pad = pad
-        self.members = [_Member(s, self.action_horizon, action_norm, state_norm, tolerance_s, check_data, stats_source)
-                        for s in self.specs]
+        self.members = [_Member(s, self.action_horizon, action_norm, state_norm, tolerance_s, check_data, stats_source,
+                                in_memory=cache_frames) for s in self.specs]
         if cameras is None:
             self.cameras = sorted({c for m in self.members for c in m.camera_keys})
         else:
@@ -336,6 +379,8 @@ class MixtureDataset(torch.utils.data.Dataset):
     def _item(self, which: int, local: int) -> dict[str, Any]:
         """The dataset's item, from the frame cache when `cache_frames` (images stored as uint8, returned as float)."""
         member = self.members[which]
+        if member.memory is not None:
+            return member.memory_item(local)
         if self._frame_cache is None:
             return member.dataset[local]
         cameras = set(member.camera_keys.values())

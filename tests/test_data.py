@@ -243,7 +243,24 @@ def test_cached_frames_equal_decoded_ones(roots):
                     assert value.dtype == b[key].dtype and torch.equal(value, b[key]), key
                 else:
                     assert value == b[key], key
-    assert len(cached._frame_cache) == 3
+    assert all(member.memory is not None for member in cached.members)  # image datasets: read whole, no per-item cache
+    # every row, episode ends included (padded chunks), assembled from memory as lerobot assembles it
+    long = MixtureDataset([roots["nav"], roots["arm"]], action_horizon=12, cache_frames=True)
+    reference = MixtureDataset([roots["nav"], roots["arm"]], action_horizon=12)
+    assert any(bool(reference[i]["action_is_pad"].any()) for i in range(len(reference)))
+    for index in range(len(reference)):
+        a, b = reference[index], long[index]
+        for key, value in a.items():
+            assert (torch.equal(value, b[key]) and value.dtype == b[key].dtype) if isinstance(value, torch.Tensor) else value == b[key], (index, key)
+
+
+def test_in_memory_rows_follow_an_episode_subset(roots):
+    subset = [{"root": str(roots["nav"]), "episodes": [0, 2]}]
+    plain, cached = MixtureDataset(subset, action_horizon=6), MixtureDataset(subset, action_horizon=6, cache_frames=True)
+    assert len(plain) == len(cached) and set(int(plain[i]["episode_index"]) for i in range(len(plain))) == {0, 2}
+    for index in range(len(plain)):
+        a, b = plain[index], cached[index]
+        assert all(torch.equal(a[k], b[k]) for k in ("action", "action_is_pad", "observation.state", "observation.images.top", "index"))
 
 def test_loader_workers_do_not_duplicate(roots):
     mixture = MixtureDataset([roots["nav"], roots["arm"]], action_horizon=2)
