@@ -82,17 +82,19 @@ class DeepseekVL2Config:
                    center_image_tokens=bool(cfg.get("center_image_tokens", False)))
 
 
-def deepseek_vl2_preset(name: str, **language_overrides: Any) -> DeepseekVL2Config:
+def deepseek_vl2_preset(name: str, vision: dict[str, Any] | None = None, **language_overrides: Any) -> DeepseekVL2Config:
     """Whole-model presets: `tiny` / `small` / `base` (published numbers), `test` (CPU-sized, for tests and the demo;
-    trained from scratch, so it centres image tokens, see VisionEncoder)."""
+    trained from scratch, so it centres image tokens, see VisionEncoder). `vision`: VisionConfig overrides of the
+    preset's tower (e.g. {width: 64, layers: 4}); the projector follows the tower's width."""
     if name == "test":
         language = tiny_test_config(**language_overrides)
-        vision = VisionConfig.preset("tiny")
+        vision = VisionConfig.preset("tiny", **(vision or {}))
         return DeepseekVL2Config(vision=vision, projector=ProjectorConfig(input_dim=vision.width, n_embed=language.hidden_size),
                                  language=language, max_tiles=4, center_image_tokens=True)
     language = language_preset(name, **language_overrides)
-    return DeepseekVL2Config(vision=VisionConfig.preset("so400m"),
-                             projector=ProjectorConfig(input_dim=1152, n_embed=language.hidden_size), language=language)
+    vision = VisionConfig.preset("so400m", **(vision or {}))
+    return DeepseekVL2Config(vision=vision, projector=ProjectorConfig(input_dim=vision.width, n_embed=language.hidden_size),
+                             language=language)
 
 
 class DeepseekVL2(nn.Module):

@@ -154,12 +154,15 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 def build_bpe_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 512) -> Tokenizer:
     """Train a small byte-level BPE with all DeepSeek-VL2 special tokens (BOS 0, EOS 1, pad 2, `<image>` 3, ...).
 
-    Deterministic: the same corpus and vocab size give the same vocabulary and merges. `vocab_size` is an upper
-    bound; a tiny corpus yields fewer merges. The 256 byte symbols are always present, so any text encodes.
+    Numbers are split into single digits. Deterministic: the same corpus and vocab size give the same vocabulary
+    and merges. `vocab_size` is an upper bound; a tiny corpus yields fewer merges. The 256 byte symbols are always present, so any text encodes.
     """
     texts = list(corpus) if corpus is not None else BUILTIN_CORPUS.splitlines()
     raw = RawTokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # numbers split into single digits, as DeepSeek LLM's tokenizer does: a box coordinate "531" is the digits 5 3 1,
+    # so the model learns ten digit tokens per place instead of one token per number
+    raw.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     raw.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

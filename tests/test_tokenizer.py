@@ -38,6 +38,15 @@ def test_round_trip_and_specials_split_out(tok):
     assert tok.decode([tok.bos_id, *ids, tok.eos_id], skip_special_tokens=True).startswith(": Locate")
 
 
+def test_numbers_are_split_into_digits():
+    tok = build_bpe_tokenizer(["boxes [[531,484,640,593]] and [[531,484,640,593]] again 531 531 531"], vocab_size=300)
+    text = "<|det|>[[531,484,640,593]]<|/det|> 1024 apples"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    digits = [tok.decode([i]) for i in ids if tok.decode([i]).strip().isdigit()]
+    assert digits == list("5314846405931024")  # one token per digit, however often a number was seen
+
+
 def test_build_is_deterministic():
     corpus = ["pick up the cube", "put the cube in the bowl", "the robot sees the bowl"]
     a, b = build_bpe_tokenizer(corpus, vocab_size=300), build_bpe_tokenizer(corpus, vocab_size=300)

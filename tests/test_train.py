@@ -192,6 +192,12 @@ def test_next_stage_starts_from_previous_checkpoint(tmp_path):
     assert cfg["language_config"]["vocab_size"] == json.loads((Path(first["checkpoint"]) / "config.json").read_text())["language_config"]["vocab_size"]
 
 
+def test_vision_tower_overrides_reach_the_checkpoint(tmp_path):
+    summary = run(train_cfg(tmp_path, "align", "stage.steps=1", "model.vision={width: 48, layers: 1, heads: 2, mlp_dim: 96}"))
+    cfg = json.loads((Path(summary["checkpoint"]) / "config.json").read_text())
+    assert (cfg["vision_config"]["width"], cfg["vision_config"]["layers"], cfg["projector_config"]["input_dim"]) == (48, 1, 48)
+
+
 def _drop_after(out: Path, step: int) -> None:
     import shutil
 

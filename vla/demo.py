@@ -48,18 +48,29 @@ def _settings(cfg) -> dict[str, Any]:
     return c
 
 
-def collect(c: dict[str, Any], out: Path) -> dict[str, str]:
+def _collect_one(c: dict[str, Any], robot: dict[str, Any], root: Path):
+    _quiet_libraries()
+    import envs  # noqa: F401  (registers the built-in envs in a spawned worker)
     from envs.collect import collect_dataset
 
-    roots = {}
-    for robot in c["robots"]:
-        root = out / "data" / robot["name"]
-        result = collect_dataset(robot["env"], root, int(robot["episodes"]), noise=float(c["noise"]), seed=int(c["seed"]),
-                                 image_size=int(c["image_size"]), overwrite=True, progress=False,
-                                 env_kwargs=robot.get("env_kwargs"))
-        _say(f"collected {result.episodes} episodes ({result.frames} frames) of {result.embodiment} in {result.seconds:.1f} s")
-        roots[robot["name"]] = str(root)
-    return roots
+    return collect_dataset(robot["env"], root, int(robot["episodes"]), noise=float(c["noise"]), seed=int(c["seed"]),
+                           image_size=int(c["image_size"]), overwrite=True, progress=False,
+                           env_kwargs=robot.get("env_kwargs"))
+
+
+def collect(c: dict[str, Any], out: Path) -> dict[str, str]:
+    """One process per robot (collection is single-threaded Python; lerobot's per-episode writing dominates it)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    roots = {robot["name"]: out / "data" / robot["name"] for robot in c["robots"]}
+    workers = min(len(c["robots"]), os.cpu_count() or 1)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = [pool.submit(_collect_one, c, robot, roots[robot["name"]]) for robot in c["robots"]]
+        for job in jobs:
+            result = job.result()
+            _say(f"collected {result.episodes} episodes ({result.frames} frames) of {result.embodiment} in {result.seconds:.1f} s")
+    return {name: str(root) for name, root in roots.items()}
 
 
 def scene_language(c: dict[str, Any], out: Path) -> dict[str, Path]:
@@ -104,6 +115,8 @@ def train_stage(c: dict[str, Any], out: Path, stage: str, init_from: str | None,
                  f"stage.schedule.warmup_steps={max(1, int(c['steps'][stage]) // 10)}",
                  # the recipe's 0.1x vision-tower learning rate is for a pretrained SigLIP; this one starts random
                  "stage.lr_mult={" + ", ".join(f"{k}: {v}" for k, v in c["vision_lr_mult"].items()) + "}"]
+    if c.get("vision"):
+        overrides.append("model.vision={" + ", ".join(f"{k}: {v}" for k, v in c["vision"].items()) + "}")
     if init_from:
         overrides.append(f"init_from={init_from}")
     summary = run(load_config("train", overrides + extra))

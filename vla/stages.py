@@ -91,6 +91,7 @@ class StageContext:
     init_from: str | None = None  # previous stage's checkpoint or an official-format folder; None = random init
     model_preset: str = "test"
     model_language: dict[str, Any] = field(default_factory=dict)  # language-config overrides of the preset
+    model_vision: dict[str, Any] = field(default_factory=dict)  # vision-tower overrides of the preset
     tokenizer: str | None = None  # folder with tokenizer.json (default: init_from's, else a built BPE)
     tokenizer_vocab: int = 512
     trainable: list[str] = field(default_factory=lambda: ["all"])
@@ -329,7 +330,7 @@ def build_vl2_backbone(ctx: StageContext):
             raise StageTaskError(f"{ctx.init_from}: tokenizer has {len(tokenizer)} tokens, the model only "
                                  f"{model.config.language.vocab_size}")
     else:
-        config = deepseek_vl2_preset(ctx.model_preset, **ctx.model_language)
+        config = deepseek_vl2_preset(ctx.model_preset, vision=ctx.model_vision, **ctx.model_language)
         if len(tokenizer) > config.language.vocab_size or "vocab_size" not in ctx.model_language:
             config = replace_language(config, vocab_size=max(len(tokenizer), ctx.model_language.get("vocab_size", 0)))
         model = build_deepseek_vl2(config)

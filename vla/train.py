@@ -39,6 +39,7 @@ def configs_from(cfg: DictConfig, dist) -> tuple[StageContext, TrainerConfig]:
     ctx = StageContext(
         name=stage["name"], out_dir=out_dir, seed=int(c["seed"]), init_from=c.get("init_from"),
         model_preset=c["model"]["preset"], model_language=dict(c["model"].get("language") or {}),
+        model_vision=dict(c["model"].get("vision") or {}),
         tokenizer=c.get("tokenizer"), tokenizer_vocab=int(c.get("tokenizer_vocab", 512)),
         trainable=list(stage.get("trainable") or ["all"]), frozen=list(stage.get("frozen") or []),
         lr_mult=dict(stage.get("lr_mult") or {}), data=dict(stage.get("data") or {}),
