@@ -155,7 +155,8 @@ def build_bpe_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 5
     """Train a small byte-level BPE with all DeepSeek-VL2 special tokens (BOS 0, EOS 1, pad 2, `<image>` 3, ...).
 
     Numbers are split into single digits. Deterministic: the same corpus and vocab size give the same vocabulary
-    and merges. `vocab_size` is an upper bound; a tiny corpus yields fewer merges. The 256 byte symbols are always present, so any text encodes.
+    and merges. `vocab_size` is an upper bound; a tiny corpus yields fewer merges. The 256 byte symbols are always
+    present, so any text encodes.
     """
     texts = list(corpus) if corpus is not None else BUILTIN_CORPUS.splitlines()
     raw = RawTokenizer(models.BPE())

@@ -1,9 +1,9 @@
 """`vla bench data [--quick]`: cost of one training sample from the multi-embodiment mixture.
 
 Collects a point-robot and an arm dataset (64x64 frames, images stored in parquet as the demo's are) into a temporary
-folder, then times `MixtureDataset[i]` (action chunk of 8, both robots, random order) three ways:
-lerobot's row access (`cache_frames=False`), and `cache_frames=True` for construction (the whole-dataset read) and
-per sample. Reported: milliseconds per sample (median of repeats) and the construction seconds of each mode.
+folder, then builds a `MixtureDataset` (action chunk of 8, both robots) with lerobot's row access
+(`cache_frames=False`) and with the whole-dataset read (`cache_frames=True`) and times `mixture[i]` in random order.
+Reported per mode: construction seconds and milliseconds per sample (median of repeats).
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ clipped to the action space; the noisy action is what is executed and recorded) 
 | next.success                 | bool    | (1,)       | `info["is_success"]` after the action     |
 
 plus the task string. `robot_type` is the embodiment name, `fps` the embodiment's control rate. lerobot computes the
-stats (min/max/mean/std/q01/q10/q50/q90/q99) in `finalize()`; `write_exact_stats` then replaces those of the action and
-the state with exact whole-dataset values (lerobot averages per-episode quantiles, see envs/normalize.py). Failed episodes are dropped (and another seed is
-tried) unless `keep_failures=True`. Nothing touches the network (`HF_HUB_OFFLINE=1` is set if unset).
+stats (min/max/mean/std/q01/q10/q50/q90/q99) in `finalize()`; `write_exact_stats` then replaces those of the action
+and the state with exact whole-dataset values (lerobot averages per-episode quantiles, see envs/normalize.py). Failed
+episodes are dropped (and another seed is tried) unless `keep_failures=True`. Nothing touches the network (`HF_HUB_OFFLINE=1` is set if unset).
 """
 
 from __future__ import annotations

@@ -144,7 +144,7 @@ class _Member:
             modes[STATE] = state_mode
         stats = dict(meta.stats or {})
         if stats_source == "data":  # exact quantiles (meta/stats.json averages per-episode ones; see envs/normalize.py)
-            stats |= {key: feature_stats(np.stack(table[key])) for key in modes}
+            stats |= {key: feature_stats(table[key]) for key in modes}
         if not stats:
             raise DataError(f"{self.label}: has no stats (meta/stats.json); recompute them with lerobot or use stats_source='data'")
         self.normalizer = Normalizer.from_stats(stats, modes, name=self.label)
@@ -174,18 +174,19 @@ class _Member:
         if shape != (size,):
             raise DataError(f"{self.label}: {key!r} has shape {shape} but embodiment {self.embodiment.name!r} expects ({size},)")
 
-    def _low_dim_table(self) -> dict[str, Any]:
-        """Actions, states, episode and frame indices of every frame, as numpy columns."""
+    def _low_dim_table(self) -> dict[str, np.ndarray]:
+        """Actions and states (N, D) float32, episode / frame / global / task indices (N,) int64 of every frame."""
         keys = [ACTION] + ([STATE] if self.has_state else [])
-        columns = keys + ["episode_index", "frame_index", "index", "task_index"]
-        return self.dataset.hf_dataset.select_columns(columns).with_format("numpy")[:]
+        index_keys = ["episode_index", "frame_index", "index", "task_index"]
+        raw = self.dataset.hf_dataset.select_columns(keys + index_keys).with_format("numpy")[:]
+        return {key: np.stack(raw[key]).astype(np.float32) for key in keys} | {
+            key: np.asarray(raw[key], dtype=np.int64) for key in index_keys}
 
     def _read_into_memory(self, table: dict[str, Any]) -> dict[str, Any]:
         """Every row at once: low-dim columns as arrays, camera frames as uint8 (N, H, W, 3), and each row's episode
         bounds (rows of an episode are contiguous in a LeRobotDataset), for `memory_item`."""
         hf = self.dataset.hf_dataset
-        memory = {key: np.stack(table[key]).astype(np.float32) for key in [ACTION] + ([STATE] if self.has_state else [])}
-        memory |= {key: np.asarray(table[key], dtype=np.int64) for key in ("episode_index", "frame_index", "index", "task_index")}
+        memory = dict(table)
         for key in self.camera_keys.values():
             frames = hf.select_columns([key]).with_format("numpy")[:][key]
             if not (isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 4):
@@ -223,7 +224,7 @@ class _Member:
         keys = [ACTION] + ([STATE] if self.has_state else [])
         table = self._low_dim_table() if table is None else table
         for key in keys:
-            values = np.asarray(np.stack(table[key]), dtype=np.float64)
+            values = np.asarray(table[key], dtype=np.float64)
             bad = ~np.isfinite(values).reshape(len(values), -1).all(axis=1)
             if bad.any():
                 row = int(np.argmax(bad))
