@@ -233,9 +233,11 @@ def generate_scene_language(
     seed: int = 0,
     env_ids: list[str] | None = None,
     image_size: int = 96,
+    env_kwargs: dict[str, Any] | None = None,
 ) -> Path:
     """Write `count` records of `stage` to `out_dir/<stage>.jsonl` with PNGs in `out_dir/images/`. Record i shows
-    the reset scene of env `env_ids[i % len(env_ids)]` (default: the built-in suite) with seed `seed + i`."""
+    the reset scene of env `env_ids[i % len(env_ids)]` (default: the built-in suite) with seed `seed + i`;
+    `env_kwargs` go to every `gym.make` (e.g. `{"num_objects": [1, 1]}`)."""
     from PIL import Image
 
     if stage not in STAGES:
@@ -243,7 +245,7 @@ def generate_scene_language(
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     env_ids = list(env_ids or envs.BUILTIN_ENVS)
-    made = {env_id: gym.make(env_id, image_size=image_size) for env_id in env_ids}
+    made = {env_id: gym.make(env_id, **{"image_size": image_size, **(env_kwargs or {})}) for env_id in env_ids}
     rng = np.random.default_rng(seed)
     path = out_dir / f"{stage}.jsonl"
     with path.open("w") as handle:

@@ -55,6 +55,15 @@ def test_generation_is_deterministic(generated, tmp_path):
     assert again.read_text() == generated["sft"].read_text()
 
 
+def test_env_kwargs_reach_the_scenes(tmp_path):
+    default = load_conversations(generate_scene_language(tmp_path / "default", "sft", 8, seed=5, image_size=64,
+                                                         env_ids=["vla/PointNav-v0"]))
+    single = load_conversations(generate_scene_language(tmp_path / "single", "sft", 8, seed=5, image_size=64,
+                                                        env_ids=["vla/PointNav-v0"], env_kwargs={"num_objects": [1, 1]}))
+    assert {len(r.meta["objects"]) for r in single} == {1}
+    assert min(len(r.meta["objects"]) for r in default) >= 2
+
+
 def test_answers_match_the_ground_truth_and_the_pixels(generated):
     checked = {"grounding": 0, "count": 0, "colour_of_shape": 0, "caption": 0}
     for stage in STAGES:

@@ -1,0 +1,148 @@
+"""`vla bench vqa [--quick]`: how fast the demo-size DeepSeek-VL2 learns to answer short questions from a scene image.
+
+The demo's scene-VQA number mixes many things (captions, boxes, multi-turn SFT, the vla stage). This benchmark
+isolates one: can the model, trained from random init on short-answer questions only, read the answer off the image?
+Per setting it generates scene-language records (64 px, the demo's robots' envs), builds the demo's model
+(`configs/demo.yaml`: `model`, `vision`, the "test" preset) and a tokenizer of the same size, trains on questions of
+the setting's kinds (micro-batch 16, AdamW, lr 1e-3, clip 1) and scores held-out scenes teacher-forced (every answer
+token must be the argmax). The blind column is the best a model that ignores the image can do: the majority training
+answer of each question text.
+
+Settings (rows):
+  1 object: colour     "What colour is the <shape>?", one object in the scene
+  1 object: shape      "What shape is the <colour> object?", one object
+  2-4 objects: binding the same two questions with 2-4 objects (the question names the object by shape or colour)
+  2-4 objects: count   "How many shapes are there?" / "How many <colour> shapes are there?"
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SETTINGS = (
+    # (label, num_objects, kinds)
+    ("1 object: colour", (1, 1), ("colour_of_shape",)),
+    ("1 object: shape", (1, 1), ("shape_of_colour",)),
+    ("2-4 objects: binding", (2, 4), ("colour_of_shape", "shape_of_colour")),
+    ("2-4 objects: count", (2, 4), ("count", "count_colour")),
+)
+ENV_IDS = ("vla/PointNav-v0", "vla/ArmReach-v0")
+
+
+def _questions(path: Path, kinds: tuple[str, ...], seed: int) -> list[tuple[str, str, str, str]]:
+    """(image path, question, answer, kind) for every question of `kinds` about each scene of a records file."""
+    from envs.scene_language import load_conversations, question_turns
+
+    rng = np.random.default_rng(seed)
+    items = []
+    for record in load_conversations(path):
+        truth = {"objects": record.meta["objects"], "image_size": record.meta["image_size"]}
+        items += [(str(record.images[0]), t.question, t.answer, t.meta["kind"])
+                  for t in question_turns(truth, rng) if t.meta["kind"] in kinds]
+    return items
+
+
+def _blind_accuracy(train, test) -> float:
+    """Accuracy of answering each test question with the majority training answer of the same question text."""
+    by_question = collections.defaultdict(collections.Counter)
+    for _, question, answer, _ in train:
+        by_question[question][answer] += 1
+    overall = collections.Counter(answer for *_, answer, _ in train)
+    guess = {q: c.most_common(1)[0][0] for q, c in by_question.items()}
+    return float(np.mean([guess.get(q, overall.most_common(1)[0][0]) == a for _, q, a, _ in test]))
+
+
+def _train_and_score(train, test, texts: list[str], demo: dict, steps: int, seed: int) -> tuple[float, float, float]:
+    """(held-out accuracy, final training loss, seconds) of a fresh demo-size model trained on `train`."""
+    import torch
+    import torch.nn.functional as F
+
+    from backbone.deepseek_vl2 import build_deepseek_vl2, deepseek_vl2_preset, replace_language
+    from backbone.processor import DeepseekVL2Processor
+    from backbone.tokenizer import build_bpe_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_bpe_tokenizer(texts, vocab_size=int(demo["tokenizer_vocab"]))
+    config = deepseek_vl2_preset("test", vision=demo.get("vision") or {}, **demo["model"])
+    model = build_deepseek_vl2(replace_language(config, vocab_size=len(tokenizer)))
+    processor = DeepseekVL2Processor(tokenizer, config.processor_config(mask_prompt=True))
+    processed: dict[tuple[int, int], dict] = {}
+
+    def sample(split: list, index: int) -> dict:
+        key = (id(split), index)
+        if key not in processed:
+            image, question, answer, _ = split[index]
+            processed[key] = processor.process([{"role": "<|User|>", "content": "<image>\n" + question},
+                                                {"role": "<|Assistant|>", "content": answer}], [image])
+        return processed[key]
+
+    def next_token_loss(batch):
+        out = model(**batch)
+        logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        return (loss + out.aux_loss if out.aux_loss is not None else loss), logits, labels
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, steps // 10)))
+    order = np.random.default_rng(seed).permutation(len(train))
+    start, micro_batch = time.perf_counter(), 16
+    model.train()
+    for step in range(steps):
+        picks = [int(order[(step * micro_batch + j) % len(order)]) for j in range(micro_batch)]
+        loss, _, _ = next_token_loss(processor.collate([sample(train, i) for i in picks]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+    seconds = time.perf_counter() - start
+    model.eval()
+    right = 0
+    with torch.no_grad():
+        for first in range(0, len(test), 32):
+            indices = range(first, min(first + 32, len(test)))
+            _, logits, labels = next_token_loss(processor.collate([sample(test, i) for i in indices]))
+            right += int(((logits.argmax(-1) == labels) | (labels == -100)).all(dim=1).sum())
+    return right / len(test), float(loss.detach()), seconds
+
+
+def run(cfg) -> dict:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import envs  # noqa: F401  (registers the built-in envs)
+    from omegaconf import OmegaConf
+
+    from envs.scene_language import generate_scene_language, load_conversations
+
+    quick = bool(cfg.get("quick", False))
+    steps = int(cfg.get("steps", 0) or (20 if quick else 400))
+    train_scenes, test_scenes = (60, 20) if quick else (2000, 100)
+    seed = int(cfg.get("seed", 0) or 0)
+    demo = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"))
+    rows = []
+    print(f"{'setting':<22} {'steps':>6} {'questions':>10} {'blind':>7} {'trained':>8} {'loss':>7} {'train s':>8}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, num_objects, kinds in SETTINGS:
+            folder = Path(tmp) / f"{num_objects[0]}-{num_objects[1]}"
+            if not (folder / "train" / "sft.jsonl").is_file():
+                for split, count, first_seed in (("train", train_scenes, 10_000), ("test", test_scenes, 900_000)):
+                    generate_scene_language(folder / split, "sft", count, seed=first_seed, env_ids=list(ENV_IDS),
+                                            image_size=int(demo["image_size"]),
+                                            env_kwargs={"num_objects": list(num_objects)})
+            train = _questions(folder / "train" / "sft.jsonl", kinds, seed)
+            test = _questions(folder / "test" / "sft.jsonl", kinds, seed + 1)
+            texts = [m["content"].replace("<image>", "") for r in load_conversations(folder / "train" / "sft.jsonl")
+                     for m in r.conversation] + [q for _, q, _, _ in train]
+            accuracy, loss, seconds = _train_and_score(train, test, texts, demo, steps, seed)
+            blind = _blind_accuracy(train, test)
+            rows.append({"setting": label, "kinds": list(kinds), "steps": steps, "test_questions": len(test),
+                         "blind_accuracy": round(blind, 3), "accuracy": round(accuracy, 3),
+                         "final_loss": round(loss, 3), "train_s": round(seconds, 1)})
+            print(f"{label:<22} {steps:>6} {len(test):>10} {blind:>7.2f} {accuracy:>8.2f} {loss:>7.3f} {seconds:>8.1f}",
+                  flush=True)
+    return {"benchmark": "vqa", "quick": quick, "steps": steps, "results": rows}
