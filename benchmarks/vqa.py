@@ -16,6 +16,10 @@ Settings (rows):
   binding + 1-object   the binding questions, with the one-object scenes' questions mixed into training (a
                        curriculum: where one object is shown, the image's average already holds the answer); scored on
                        the 2-4 object scenes. Its effect shows from ~1,000 steps (`steps=1500`).
+  binding, oracle tokens the binding questions with the tower replaced by oracle image tokens: per token cell,
+                       learned colour and shape embeddings weighted by each object's share of its pixels in that cell
+                       (from the renderer's ground truth). Same language model, same token layout: what the model
+                       does with perfect colour / shape features.
 """
 
 from __future__ import annotations
@@ -26,17 +30,75 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+import hashlib
+import math
+from dataclasses import dataclass
 
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Setting:
+    label: str
+    num_objects: tuple[int, int]  # objects in the scored (and training) scenes
+    kinds: tuple[str, ...]  # question kinds (envs.scene_language)
+    mixed_in: tuple[int, int] | None = None  # object counts of extra training scenes (curriculum)
+    oracle_tokens: bool = False  # replace the tower by OracleImageTokens
+
+
+BINDING = ("colour_of_shape", "shape_of_colour")
 SETTINGS = (
-    # (label, num_objects of the scored scenes, kinds, num_objects of extra training scenes or None)
-    ("1 object: colour", (1, 1), ("colour_of_shape",), None),
-    ("1 object: shape", (1, 1), ("shape_of_colour",), None),
-    ("2-4 objects: binding", (2, 4), ("colour_of_shape", "shape_of_colour"), None),
-    ("2-4 objects: count", (2, 4), ("count", "count_colour"), None),
-    ("binding + 1-object", (2, 4), ("colour_of_shape", "shape_of_colour"), (1, 1)),
+    Setting("1 object: colour", (1, 1), ("colour_of_shape",)),
+    Setting("1 object: shape", (1, 1), ("shape_of_colour",)),
+    Setting("2-4 objects: binding", (2, 4), BINDING),
+    Setting("2-4 objects: count", (2, 4), ("count", "count_colour")),
+    Setting("binding + 1-object", (2, 4), BINDING, mixed_in=(1, 1)),
+    Setting("binding, oracle tokens", (2, 4), BINDING, oracle_tokens=True),
 )
 ENV_IDS = ("vla/PointNav-v0", "vla/ArmReach-v0")
+
+
+def _tile_key(tile_CHW: torch.Tensor) -> str:
+    return hashlib.sha1(tile_CHW.contiguous().numpy().tobytes()).hexdigest()
+
+
+def pixel_shares(image_path: str, objects: list[dict], cells: int) -> np.ndarray:
+    """(cells*cells, n_colours + n_shapes): per token cell (row-major), the share of each object's pixels that falls
+    in it, added to the object's colour and shape columns. Object pixels: its colour inside its box (flat rendering)."""
+    from PIL import Image
+
+    from envs.scene import COLOURS, SHAPES
+
+    pixels_HW3 = np.asarray(Image.open(image_path).convert("RGB")).astype(np.int64)
+    height, width, _ = pixels_HW3.shape
+    shares = np.zeros((cells * cells, len(COLOURS) + len(SHAPES)), dtype=np.float32)
+    for obj in objects:
+        x1, y1, x2, y2 = (int(v) for v in obj["bbox"])
+        mask_HW = np.zeros((height, width), dtype=bool)
+        mask_HW[y1:y2, x1:x2] = np.abs(pixels_HW3[y1:y2, x1:x2] - np.array(COLOURS[obj["colour"]])).sum(-1) < 10
+        per_cell = mask_HW.reshape(cells, height // cells, cells, width // cells).sum((1, 3)).reshape(-1)
+        per_cell = per_cell / max(int(mask_HW.sum()), 1)
+        shares[:, list(COLOURS).index(obj["colour"])] += per_cell
+        shares[:, len(COLOURS) + SHAPES.index(obj["shape"])] += per_cell
+    return shares
+
+
+class OracleImageTokens(nn.Module):
+    """Stands in for `VisionEncoder.encode_tiles`: tiles -> (N, cells*cells, D) tokens built from the ground-truth
+    colour / shape shares of each token cell (`pixel_shares`) through learned embeddings, plus a learned position."""
+
+    def __init__(self, shares_by_tile: dict[str, np.ndarray], cells: int, dim: int):
+        super().__init__()
+        self.shares_by_tile = shares_by_tile
+        features = next(iter(shares_by_tile.values())).shape[1]
+        self.feature_embed = nn.Linear(features, dim, bias=False)
+        self.position_embed = nn.Parameter(torch.randn(cells * cells, dim) * 0.02)
+
+    def forward(self, tiles_NCHW: torch.Tensor) -> torch.Tensor:
+        shares_NLF = torch.from_numpy(np.stack([self.shares_by_tile[_tile_key(t)] for t in tiles_NCHW]))
+        return self.feature_embed(shares_NLF) + self.position_embed
 
 
 def _questions(path: Path, kinds: tuple[str, ...], seed: int) -> list[tuple[str, str, str, str]]:
@@ -62,9 +124,10 @@ def _blind_accuracy(train, test) -> float:
     return float(np.mean([guess.get(q, overall.most_common(1)[0][0]) == a for _, q, a, _ in test]))
 
 
-def _train_and_score(train, test, texts: list[str], demo: dict, steps: int, seed: int) -> tuple[float, float, float]:
-    """(held-out accuracy, final training loss, seconds) of a fresh demo-size model trained on `train`."""
-    import torch
+def _train_and_score(train, test, texts: list[str], demo: dict, steps: int, seed: int,
+                     oracle_objects: dict[str, list[dict]] | None = None) -> tuple[float, float, float]:
+    """(held-out accuracy, final training loss, seconds) of a fresh demo-size model trained on `train`; with
+    `oracle_objects` (image path -> ground-truth objects) the tower is replaced by `OracleImageTokens`."""
     import torch.nn.functional as F
 
     from backbone.deepseek_vl2 import build_deepseek_vl2, deepseek_vl2_preset, replace_language
@@ -76,6 +139,18 @@ def _train_and_score(train, test, texts: list[str], demo: dict, steps: int, seed
     config = deepseek_vl2_preset("test", vision=demo.get("vision") or {}, **demo["model"])
     model = build_deepseek_vl2(replace_language(config, vocab_size=len(tokenizer)))
     processor = DeepseekVL2Processor(tokenizer, config.processor_config(mask_prompt=True))
+    if oracle_objects is not None:
+        encoder = model.vision_encoder
+        cells = math.isqrt(encoder.tokens_per_tile)
+        shares_by_tile = {}
+        for path, objects in oracle_objects.items():
+            shares = pixel_shares(path, objects, cells)
+            for tile in processor.preprocess_image(path)[0]:
+                shares_by_tile[_tile_key(tile)] = shares
+        encoder.oracle = OracleImageTokens(shares_by_tile, cells, config.language.hidden_size)
+        # an instance attribute shadows the method (a plain function: assigning the module itself would only
+        # register it as a submodule); the tower is bypassed and its parameters get no gradient
+        encoder.encode_tiles = lambda tiles_NCHW: encoder.oracle(tiles_NCHW)
     processed: dict[tuple[int, int], dict] = {}
 
     def sample(split: list, index: int) -> dict:
@@ -142,15 +217,20 @@ def run(cfg) -> dict:
                                             env_kwargs={"num_objects": list(num_objects)})
             return folder
 
-        for label, num_objects, kinds, extra in SETTINGS:
-            folders = [scenes(num_objects)] + ([scenes(extra)] if extra else [])
+        for setting in SETTINGS:
+            label, kinds = setting.label, setting.kinds
+            folders = [scenes(setting.num_objects)] + ([scenes(setting.mixed_in)] if setting.mixed_in else [])
             train = [item for folder in folders for item in _questions(folder / "train" / "sft.jsonl", kinds, seed)]
             test = _questions(folders[0] / "test" / "sft.jsonl", kinds, seed + 1)
-            texts = [m["content"].replace("<image>", "") for folder in folders
-                     for r in load_conversations(folder / "train" / "sft.jsonl") for m in r.conversation]
-            accuracy, loss, seconds = _train_and_score(train, test, texts, demo, steps, seed)
+            train_records = [r for folder in folders for r in load_conversations(folder / "train" / "sft.jsonl")]
+            texts = [m["content"].replace("<image>", "") for r in train_records for m in r.conversation]
+            oracle = None
+            if setting.oracle_tokens:
+                records = train_records + load_conversations(folders[0] / "test" / "sft.jsonl")
+                oracle = {str(r.images[0]): r.meta["objects"] for r in records}
+            accuracy, loss, seconds = _train_and_score(train, test, texts, demo, steps, seed, oracle)
             blind = _blind_accuracy(train, test)
-            rows.append({"setting": label, "kinds": list(kinds), "steps": steps, "test_questions": len(test),
+            rows.append({"setting": label, "kinds": list(kinds), "oracle_tokens": setting.oracle_tokens, "steps": steps, "test_questions": len(test),
                          "blind_accuracy": round(blind, 3), "accuracy": round(accuracy, 3),
                          "final_loss": round(loss, 3), "train_s": round(seconds, 1)})
             print(f"{label:<22} {steps:>6} {len(test):>10} {blind:>7.2f} {accuracy:>8.2f} {loss:>7.3f} {seconds:>8.1f}",

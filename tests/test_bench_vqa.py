@@ -1,0 +1,25 @@
+"""`vla bench vqa`'s oracle image tokens: the per-cell pixel shares they are built from."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from benchmarks.vqa import pixel_shares
+from envs.scene import COLOURS, SHAPES
+from envs.scene_language import generate_scene_language, load_conversations
+
+
+def test_pixel_shares_put_each_object_where_it_is_drawn(tmp_path):
+    path = generate_scene_language(tmp_path, "sft", 4, seed=3, image_size=64, env_ids=["vla/PointNav-v0"])
+    for record in load_conversations(path):
+        objects = record.meta["objects"]
+        shares = pixel_shares(str(record.images[0]), objects, cells=4)
+        assert shares.shape == (16, len(COLOURS) + len(SHAPES))
+        for obj in objects:
+            colour = list(COLOURS).index(obj["colour"])
+            shape = len(COLOURS) + SHAPES.index(obj["shape"])
+            owned = [o for o in objects if o["colour"] == obj["colour"]]
+            assert np.isclose(shares[:, colour].sum(), len(owned), atol=1e-5)  # each object's pixels sum to 1
+            assert shares[:, shape].sum() >= 1 - 1e-5
+            cx, cy = obj["center"]
+            assert shares[min(int(cy // 16), 3) * 4 + min(int(cx // 16), 3), colour] > 0  # its centre cell holds it
