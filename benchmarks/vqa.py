@@ -25,14 +25,13 @@ Settings (rows):
 from __future__ import annotations
 
 import collections
+import hashlib
+import math
 import os
 import tempfile
 import time
-from pathlib import Path
-
-import hashlib
-import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -101,13 +100,13 @@ class OracleImageTokens(nn.Module):
         return self.feature_embed(shares_NLF) + self.position_embed
 
 
-def _questions(path: Path, kinds: tuple[str, ...], seed: int) -> list[tuple[str, str, str, str]]:
-    """(image path, question, answer, kind) for every question of `kinds` about each scene of a records file."""
-    from envs.scene_language import load_conversations, question_turns
+def _questions(records: list, kinds: tuple[str, ...], seed: int) -> list[tuple[str, str, str, str]]:
+    """(image path, question, answer, kind) for every question of `kinds` about each scene of `records`."""
+    from envs.scene_language import question_turns
 
     rng = np.random.default_rng(seed)
     items = []
-    for record in load_conversations(path):
+    for record in records:
         truth = {"objects": record.meta["objects"], "image_size": record.meta["image_size"]}
         items += [(str(record.images[0]), t.question, t.answer, t.meta["kind"])
                   for t in question_turns(truth, rng) if t.meta["kind"] in kinds]
@@ -119,9 +118,9 @@ def _blind_accuracy(train, test) -> float:
     by_question = collections.defaultdict(collections.Counter)
     for _, question, answer, _ in train:
         by_question[question][answer] += 1
-    overall = collections.Counter(answer for *_, answer, _ in train)
+    fallback = collections.Counter(answer for *_, answer, _ in train).most_common(1)[0][0]
     guess = {q: c.most_common(1)[0][0] for q, c in by_question.items()}
-    return float(np.mean([guess.get(q, overall.most_common(1)[0][0]) == a for _, q, a, _ in test]))
+    return float(np.mean([guess.get(q, fallback) == a for _, q, a, _ in test]))
 
 
 def _train_and_score(train, test, texts: list[str], demo: dict, steps: int, seed: int,
@@ -133,6 +132,7 @@ def _train_and_score(train, test, texts: list[str], demo: dict, steps: int, seed
     from backbone.deepseek_vl2 import build_deepseek_vl2, deepseek_vl2_preset, replace_language
     from backbone.processor import DeepseekVL2Processor
     from backbone.tokenizer import build_bpe_tokenizer
+    from vla.stages import shifted_targets
 
     torch.manual_seed(seed)
     tokenizer = build_bpe_tokenizer(texts, vocab_size=int(demo["tokenizer_vocab"]))
@@ -163,7 +163,7 @@ def _train_and_score(train, test, texts: list[str], demo: dict, steps: int, seed
 
     def next_token_loss(batch):
         out = model(**batch)
-        logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
+        logits, labels = out.logits[:, :-1], shifted_targets(batch)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         return (loss + out.aux_loss if out.aux_loss is not None else loss), logits, labels
 
@@ -220,18 +220,17 @@ def run(cfg) -> dict:
         for setting in SETTINGS:
             label, kinds = setting.label, setting.kinds
             folders = [scenes(setting.num_objects)] + ([scenes(setting.mixed_in)] if setting.mixed_in else [])
-            train = [item for folder in folders for item in _questions(folder / "train" / "sft.jsonl", kinds, seed)]
-            test = _questions(folders[0] / "test" / "sft.jsonl", kinds, seed + 1)
             train_records = [r for folder in folders for r in load_conversations(folder / "train" / "sft.jsonl")]
+            test_records = load_conversations(folders[0] / "test" / "sft.jsonl")
+            train = _questions(train_records, kinds, seed)
+            test = _questions(test_records, kinds, seed + 1)
             texts = [m["content"].replace("<image>", "") for r in train_records for m in r.conversation]
-            oracle = None
-            if setting.oracle_tokens:
-                records = train_records + load_conversations(folders[0] / "test" / "sft.jsonl")
-                oracle = {str(r.images[0]): r.meta["objects"] for r in records}
+            oracle = ({str(r.images[0]): r.meta["objects"] for r in train_records + test_records}
+                      if setting.oracle_tokens else None)
             accuracy, loss, seconds = _train_and_score(train, test, texts, demo, steps, seed, oracle)
             blind = _blind_accuracy(train, test)
-            rows.append({"setting": label, "kinds": list(kinds), "oracle_tokens": setting.oracle_tokens, "steps": steps, "test_questions": len(test),
-                         "blind_accuracy": round(blind, 3), "accuracy": round(accuracy, 3),
+            rows.append({"setting": label, "kinds": list(kinds), "oracle_tokens": setting.oracle_tokens, "steps": steps,
+                         "test_questions": len(test), "blind_accuracy": round(blind, 3), "accuracy": round(accuracy, 3),
                          "final_loss": round(loss, 3), "train_s": round(seconds, 1)})
             print(f"{label:<22} {steps:>6} {len(test):>10} {blind:>7.2f} {accuracy:>8.2f} {loss:>7.3f} {seconds:>8.1f}",
                   flush=True)
