@@ -14,7 +14,8 @@ clipped to the action space; the noisy action is what is executed and recorded) 
 plus the task string. `robot_type` is the embodiment name, `fps` the embodiment's control rate. lerobot computes the
 stats (min/max/mean/std/q01/q10/q50/q90/q99) in `finalize()`; `write_exact_stats` then replaces those of the action
 and the state with exact whole-dataset values (lerobot averages per-episode quantiles, see envs/normalize.py). Failed
-episodes are dropped (and another seed is tried) unless `keep_failures=True`. Nothing touches the network (`HF_HUB_OFFLINE=1` is set if unset).
+episodes are dropped (and another seed is tried) unless `keep_failures=True`. Nothing touches the network
+(`HF_HUB_OFFLINE=1` is set if unset).
 """
 
 from __future__ import annotations

@@ -104,19 +104,24 @@ def build_tokenizer(c: dict[str, Any], lang: dict[str, Path], out: Path) -> Path
     return folder
 
 
+def _inline_dict(values: dict[str, Any]) -> str:
+    """A flat dict as a hydra override value: {a: 1, b: 2}."""
+    return "{" + ", ".join(f"{k}: {v}" for k, v in values.items()) + "}"
+
+
 def train_stage(c: dict[str, Any], out: Path, stage: str, init_from: str | None, extra: list[str]) -> dict[str, Any]:
     from vla.config import load_config
     from vla.train import run
 
-    model = "{" + ", ".join(f"{k}: {v}" for k, v in c["model"].items()) + "}"
     overrides = [f"stage={stage}", f"out={out / 'train' / stage}", f"seed={c['seed']}", f"stage.steps={c['steps'][stage]}",
-                 f"stage.optim.lr={c['lr'][stage]}", f"micro_batch={c['micro_batch']}", f"model.language={model}",
+                 f"stage.optim.lr={c['lr'][stage]}", f"micro_batch={c['micro_batch']}",
+                 f"model.language={_inline_dict(c['model'])}",
                  "checkpoint.every=0", "checkpoint.keep_last=1", "log.progress=true", "log.tensorboard=false",
                  f"stage.schedule.warmup_steps={max(1, int(c['steps'][stage]) // 10)}",
                  # the recipe's 0.1x vision-tower learning rate is for a pretrained SigLIP; this one starts random
-                 "stage.lr_mult={" + ", ".join(f"{k}: {v}" for k, v in c["vision_lr_mult"].items()) + "}"]
+                 f"stage.lr_mult={_inline_dict(c['vision_lr_mult'])}"]
     if c.get("vision"):
-        overrides.append("model.vision={" + ", ".join(f"{k}: {v}" for k, v in c["vision"].items()) + "}")
+        overrides.append(f"model.vision={_inline_dict(c['vision'])}")
     if init_from:
         overrides.append(f"init_from={init_from}")
     summary = run(load_config("train", overrides + extra))
@@ -306,11 +311,10 @@ def main(cfg) -> int:
         init, stage_dirs[stage] = summary["checkpoint"], out / "train" / stage
     weights = {r["name"]: float(r.get("weight", 1.0)) for r in c["robots"]}  # sampling weight in the vla mixture
     datasets = "[" + ", ".join(f"{{root: '{root}', weight: {weights[name]}}}" for name, root in roots.items()) + "]"
-    policy_opts = "{" + ", ".join(f"{k}: {v}" for k, v in c["policy"].items()) + "}"
     vla_summary = train_stage(c, out, "vla", init, [
         f"stage.data={{datasets: {datasets}, chunk_len: {c['chunk_len']}, image_size: {c['image_size']}, "
         f"vqa_path: '{lang['sft']}', vqa_ratio: {c['vqa_ratio']}, cache_frames: {str(bool(c['cache_frames'])).lower()}}}",
-        f"stage.options={{policy: {policy_opts}}}"])
+        f"stage.options={{policy: {_inline_dict(c['policy'])}}}"])
     stage_dirs["vla"] = out / "train" / "vla"
     policy_dir = str(out / "policy")
     shutil.copytree(vla_summary["checkpoint"], policy_dir)
