@@ -20,6 +20,9 @@ Settings (rows):
                        learned colour and shape embeddings weighted by each object's share of its pixels in that cell
                        (from the renderer's ground truth). Same language model, same token layout: what the model
                        does with perfect colour / shape features.
+  every kind           every short-answer kind the demo scores (counts, binding, "Which shape is furthest to the
+                       left?", "Is the <a> left of the <b>?", "Is there a <colour shape>?"), 2-4 objects
+  every kind, oracle   the same with oracle image tokens: the ceiling of the language model at this step count
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from envs.scene_language import QUESTION_KINDS
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,8 @@ SETTINGS = (
     Setting("2-4 objects: count", (2, 4), ("count", "count_colour")),
     Setting("binding + 1-object", (2, 4), BINDING, mixed_in=(1, 1)),
     Setting("binding, oracle tokens", (2, 4), BINDING, oracle_tokens=True),
+    Setting("every kind", (2, 4), QUESTION_KINDS),
+    Setting("every kind, oracle", (2, 4), QUESTION_KINDS, oracle_tokens=True),
 )
 ENV_IDS = ("vla/PointNav-v0", "vla/ArmReach-v0")
 
@@ -203,6 +210,11 @@ def run(cfg) -> dict:
     train_scenes, test_scenes = (60, 20) if quick else (2000, 100)
     seed = int(cfg.get("seed", 0) or 0)
     demo = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"))
+    wanted = list(cfg.get("rows") or [])
+    unknown = sorted(set(wanted) - {s.label for s in SETTINGS})
+    if unknown:
+        raise SystemExit(f"vla bench vqa: unknown rows {unknown}; known: {[s.label for s in SETTINGS]}")
+    settings = [s for s in SETTINGS if not wanted or s.label in wanted]
     rows = []
     print(f"{'setting':<22} {'steps':>6} {'questions':>10} {'blind':>7} {'trained':>8} {'loss':>7} {'train s':>8}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -217,7 +229,7 @@ def run(cfg) -> dict:
                                             env_kwargs={"num_objects": list(num_objects)})
             return folder
 
-        for setting in SETTINGS:
+        for setting in settings:
             label, kinds = setting.label, setting.kinds
             folders = [scenes(setting.num_objects)] + ([scenes(setting.mixed_in)] if setting.mixed_in else [])
             train_records = [r for folder in folders for r in load_conversations(folder / "train" / "sft.jsonl")]

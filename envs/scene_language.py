@@ -58,6 +58,8 @@ IMAGE_TOKEN = "<image>"
 STAGES = ("align", "pretrain", "sft")
 CAPTION_PROMPTS = ("Describe the image.", "What is in this picture?", "Describe the scene in one sentence.")
 NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six")
+# the short-answer question kinds `question_turns` writes (turn meta "kind"; captions and grounding are the others)
+QUESTION_KINDS = ("count", "count_colour", "colour_of_shape", "shape_of_colour", "extreme", "left_of", "exists")
 
 
 class SceneLanguageFormatError(ValueError):
@@ -338,3 +340,77 @@ def load_conversations(path: str | Path, check_images: bool = True) -> list[Conv
             seen[record_id] = line_number
             records.append(ConversationRecord(record_id, images, conversation, meta, line_number))
     return records
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+def scored_turns(records: list[ConversationRecord]) -> list[tuple[ConversationRecord, str, dict[str, Any]]]:
+    """(record, question, turn meta) for every scored turn of `records`: each user turn with the `meta.turns` entry
+    of its answer, the `<image>` tag stripped; captions are not scored (no canonical answer)."""
+    items = []
+    for record in records:
+        questions = [m["content"] for m in record.conversation if m["role"] == USER]
+        for turn_meta, question in zip(record.meta.get("turns", []), questions):
+            if turn_meta.get("kind") != "caption":
+                items.append((record, question.replace(IMAGE_TOKEN, "").strip(), turn_meta))
+    return items
+
+
+def score_turns(records: list[ConversationRecord], predict, progress: bool = False, examples: int = 12) -> dict[str, Any]:
+    """Score `predict(record, question, turn_meta) -> text` on every scored turn of `records` (`score_answer`).
+
+    Returns {"vqa_accuracy", "grounding_acc", "n_vqa", "n_grounding", "by_kind": {kind: {"right", "total",
+    "accuracy"}}, "examples": the first `examples` as {"image", "question", "answer", "expected", "correct", "kind"}}
+    (short answers are "vqa", boxes "grounding")."""
+    from tqdm import tqdm
+
+    right: dict[str, int] = {}
+    total: dict[str, int] = {}
+    shown = []
+    for record, question, turn_meta in tqdm(scored_turns(records), desc="scene VQA", unit="q", disable=not progress):
+        text = predict(record, question, turn_meta)
+        ok = score_answer(text, turn_meta)
+        kind = turn_meta.get("kind", "?")
+        right[kind] = right.get(kind, 0) + int(ok)
+        total[kind] = total.get(kind, 0) + 1
+        if len(shown) < examples:
+            shown.append({"image": str(record.images[0]) if record.images else "", "question": " ".join(question.split()),
+                          "answer": text, "expected": turn_meta.get("answer"), "correct": ok,
+                          "kind": "grounding" if kind == "grounding" else "vqa"})
+    n_vqa = sum(t for k, t in total.items() if k != "grounding")
+    n_grounding = total.get("grounding", 0)
+    return {"vqa_accuracy": sum(r for k, r in right.items() if k != "grounding") / max(n_vqa, 1),
+            "grounding_acc": right.get("grounding", 0) / max(n_grounding, 1),
+            "n_vqa": n_vqa, "n_grounding": n_grounding,
+            "by_kind": {k: {"right": right[k], "total": total[k], "accuracy": right[k] / total[k]} for k in sorted(total)},
+            "examples": shown}
+
+
+def blind_baseline(train_records: list[ConversationRecord], eval_records: list[ConversationRecord]) -> dict[str, Any]:
+    """What answering without the image scores on `eval_records` (the language side's "no vision" baseline): a
+    short question gets the most common training answer to the same question text (else to its kind), a grounding
+    question the mean training box of the same reference (else of every reference). Same result dict as
+    `score_turns`."""
+    from collections import Counter, defaultdict
+
+    answers: dict[str, Counter] = defaultdict(Counter)
+    by_kind: dict[str, Counter] = defaultdict(Counter)
+    boxes: dict[str, list[list[int]]] = defaultdict(list)
+    for _, question, meta in scored_turns(train_records):
+        if meta.get("kind") == "grounding":
+            boxes[meta["ref"]].append(meta["det"])
+            boxes[""].append(meta["det"])
+        else:
+            answers[question][str(meta["answer"])] += 1
+            by_kind[meta.get("kind", "?")][str(meta["answer"])] += 1
+
+    def predict(record: ConversationRecord, question: str, meta: dict[str, Any]) -> str:
+        if meta.get("kind") == "grounding":
+            seen = boxes.get(meta["ref"]) or boxes.get("")
+            if not seen:
+                return ""
+            mean = [round(float(v)) for v in np.mean(np.asarray(seen, dtype=np.float64), axis=0)]
+            return grounding_answer(meta["ref"], mean)
+        pool = answers.get(question) or by_kind.get(meta.get("kind", "?"))
+        return pool.most_common(1)[0][0] if pool else ""
+
+    return score_turns(eval_records, predict)

@@ -23,3 +23,18 @@ def test_pixel_shares_put_each_object_where_it_is_drawn(tmp_path):
             assert shares[:, shape].sum() >= 1 - 1e-5
             cx, cy = obj["center"]
             assert shares[min(int(cy // 16), 3) * 4 + min(int(cx // 16), 3), colour] > 0  # its centre cell holds it
+
+
+def test_rows_filter_runs_only_the_named_settings_and_rejects_unknown_ones(capsys):
+    import pytest
+    from omegaconf import OmegaConf
+
+    from benchmarks.vqa import run
+
+    with pytest.raises(SystemExit, match="unknown rows"):
+        run(OmegaConf.create({"quick": True, "rows": ["no such row"]}))
+    result = run(OmegaConf.create({"quick": True, "steps": 2, "rows": ["every kind, oracle"]}))
+    assert [r["setting"] for r in result["results"]] == ["every kind, oracle"]
+    row = result["results"][0]
+    assert row["oracle_tokens"] and set(row["kinds"]) >= {"extreme", "left_of", "exists"}
+    assert 0.0 <= row["accuracy"] <= 1.0 and row["test_questions"] > 0

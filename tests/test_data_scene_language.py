@@ -140,3 +140,34 @@ def test_user_made_file_without_meta_loads(tmp_path):
     [record] = load_conversations(path)
     assert record.id == "mine-1" and record.meta == {} and record.answers == ["red"] and record.line == 1
     assert record.images == [tmp_path / "a.png"]
+
+
+def test_score_turns_counts_every_scored_turn_by_kind(generated):
+    from envs.scene_language import QUESTION_KINDS, score_turns, scored_turns
+
+    records = load_conversations(generated["sft"])
+    turns = scored_turns(records)
+    assert turns and all("<image>" not in question for _, question, _ in turns)
+    perfect = score_turns(records, lambda record, question, meta: meta["answer"])
+    assert perfect["vqa_accuracy"] == 1.0 and perfect["grounding_acc"] == 1.0
+    assert perfect["n_vqa"] + perfect["n_grounding"] == len(turns)
+    assert sum(n["total"] for n in perfect["by_kind"].values()) == len(turns)
+    assert set(perfect["by_kind"]) <= set(QUESTION_KINDS) | {"grounding"}
+    silent = score_turns(records, lambda record, question, meta: "", examples=3)
+    assert silent["vqa_accuracy"] == 0.0 and silent["grounding_acc"] == 0.0 and len(silent["examples"]) == 3
+
+
+def test_blind_baseline_answers_from_the_text_alone(tmp_path):
+    from envs.scene_language import blind_baseline
+
+    # one object per scene: "How many shapes are there?" is always "1", which the text alone gives away
+    train = load_conversations(generate_scene_language(tmp_path / "train", "sft", 30, seed=1, image_size=64,
+                                                       env_kwargs={"num_objects": [1, 1]}))
+    held_out = load_conversations(generate_scene_language(tmp_path / "test", "sft", 20, seed=900, image_size=64,
+                                                          env_kwargs={"num_objects": [1, 1]}))
+    blind = blind_baseline(train, held_out)
+    assert blind["by_kind"]["count"]["accuracy"] == 1.0
+    # colours and boxes are not in the text: the mean box of 1-object scenes at random places rarely overlaps
+    assert blind["by_kind"]["colour_of_shape"]["accuracy"] < 0.7
+    assert blind["grounding_acc"] < 0.5
+    assert all(e["answer"] != "" for e in blind["examples"])

@@ -21,3 +21,17 @@ def test_demo_quick_writes_report_and_json(tmp_path, capsys):
         assert (out / name).stat().st_size > 0, name
     assert json.loads((out / "result.json").read_text()) == result
     assert list((out / "eval").glob("*/videos/*.gif")), "rollout GIFs"
+
+
+def test_quick_keeps_the_configured_robots_with_fewer_episodes():
+    from omegaconf import OmegaConf
+
+    from vla.config import CONFIG_DIR, load_config
+    from vla.demo import _settings
+
+    cfg = load_config("demo", ["demo.quick=true", "robots=[{env: vla/PointNav-v0, name: only, episodes: 300}]"])
+    c = _settings(cfg)
+    assert [(r["name"], r["episodes"]) for r in c["robots"]] == [("only", 6)]
+    assert c["quick"] and c["steps"]["vla"] == OmegaConf.load(CONFIG_DIR / "demo.yaml").quick_overrides.steps.vla
+    full = _settings(load_config("demo", []))
+    assert not full["quick"] and all(r["episodes"] >= 100 for r in full["robots"])

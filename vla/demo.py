@@ -41,7 +41,11 @@ def _settings(cfg) -> dict[str, Any]:
     c = OmegaConf.to_container(cfg, resolve=True)
     quick = bool(c["demo"]["quick"])
     if quick:
-        c.update(c["quick_overrides"])
+        overrides = dict(c["quick_overrides"])
+        episodes = overrides.pop("episodes", None)
+        c.update(overrides)
+        if episodes is not None:  # the same robots, fewer demonstrations each
+            c["robots"] = [{**robot, "episodes": int(episodes)} for robot in c["robots"]]
         c["out"] = c["out"].rstrip("/") + "_quick" if c["out"] == "outputs/demo" else c["out"]
     c.pop("quick_overrides")
     c["quick"] = quick
@@ -153,13 +157,15 @@ def evaluate_policies(c: dict[str, Any], out: Path, policy_dir: str, roots: dict
 
 def evaluate_language(c: dict[str, Any], out: Path, policy_dir: str, lang: dict[str, Path]) -> dict[str, Any]:
     from backbone.grounding import draw_grounding
-    from envs.scene_language import load_conversations
+    from envs.scene_language import blind_baseline, load_conversations
     from vla.checkpoints import load_vl2_for_chat
     from vla.vqa import answer, evaluate_scene_vqa
 
     model, processor = load_vl2_for_chat(policy_dir)
     records = load_conversations(lang["eval"])
     result = evaluate_scene_vqa(model, processor, records, progress=False)
+    # the language side's "no vision" baseline: the most common training answer per question, the mean training box
+    result["blind"] = blind_baseline([r for stage in ("pretrain", "sft") for r in load_conversations(lang[stage])], records)
     # one grounding picture: the model's box (and the question) on a held-out scene
     record = records[0]
     target = record.meta["objects"][0]["name"]
@@ -175,8 +181,9 @@ def evaluate_language(c: dict[str, Any], out: Path, policy_dir: str, lang: dict[
     image = Image.open(record.images[0]).convert("RGB").resize((256, 256), Image.NEAREST)
     draw_grounding(image, text + truth, picture)  # the model's box(es) and the true box, labelled "truth"
     result["grounding_example"] = {"question": f"Locate the {target}", "answer": text, "image": str(picture)}
-    _say(f"scene VQA accuracy {result['vqa_accuracy']:.2f} ({result['n_vqa']} questions), grounding "
-         f"{result['grounding_acc']:.2f} ({result['n_grounding']} boxes)")
+    _say(f"scene VQA accuracy {result['vqa_accuracy']:.2f} ({result['n_vqa']} questions; blind "
+         f"{result['blind']['vqa_accuracy']:.2f}), grounding {result['grounding_acc']:.2f} ({result['n_grounding']} "
+         f"boxes; blind {result['blind']['grounding_acc']:.2f})")
     return result
 
 
@@ -237,13 +244,17 @@ def write_report(out: Path, c: dict[str, Any], success: dict[str, Any], language
     for name in sorted(success):
         s = success[name]
         rows.append(f"| {name} | {s['policy']:.2f} | {s['no-vision prior']:.2f} | {s['random']:.2f} |")
+    blind = language["blind"]
     table = "\n".join(rows + [
-        "", "| scene language (held-out scenes) | value |", "|---|---|",
-        f"| VQA accuracy ({language['n_vqa']} questions) | {language['vqa_accuracy']:.2f} |",
-        f"| grounding acc, IoU >= 0.5 ({language['n_grounding']} boxes) | {language['grounding_acc']:.2f} |",
-        f"| routing NMI (embodiment vs expert, action tokens) | {_fmt(route.get('nmi_mean'))} |",
-        f"| wall time | {summary['wall_s']:.0f} s |",
+        "", "| scene language (held-out scenes) | model | blind |", "|---|---|---|",
+        f"| VQA accuracy ({language['n_vqa']} questions) | {language['vqa_accuracy']:.2f} | {blind['vqa_accuracy']:.2f} |",
+        f"| grounding acc, IoU >= 0.5 ({language['n_grounding']} boxes) | {language['grounding_acc']:.2f} | {blind['grounding_acc']:.2f} |",
+        f"| routing NMI (embodiment vs expert, action tokens) | {_fmt(route.get('nmi_mean'))} | |",
+        f"| wall time | {summary['wall_s']:.0f} s | |",
     ])
+    per_kind = "\n".join(["| question kind | questions | model | blind |", "|---|---|---|---|"] + [
+        f"| {kind} | {n['total']} | {n['accuracy']:.2f} | {blind['by_kind'].get(kind, {}).get('accuracy', float('nan')):.2f} |"
+        for kind, n in language["by_kind"].items()])
     gifs = "\n".join(f"![{Path(v).stem}]({Path(v).relative_to(out)})" for s in success.values() for v in s.get("videos", [])[:1])
     example = language["grounding_example"]
     report = f"""# DeepSeek-VL2 VLA demo{' (quick smoke run: numbers are not meaningful)' if c['quick'] else ''}
@@ -266,6 +277,12 @@ Per-layer shares and the specialization scores are in `routing.json`.
 
 ## Rollouts
 {gifs}
+
+## Scene language per question kind (held-out scenes)
+"blind" answers every question with the most common training answer to it, and every box with the mean training box
+of the object: what the text alone gives.
+
+{per_kind}
 
 ## Grounding
 Question: "{example['question']}" -> answer `{example['answer']}`
@@ -332,6 +349,9 @@ def main(cfg) -> int:
         "baseline_success": {n: {"random": s["random"], "no_vision": s["no-vision prior"]} for n, s in success.items()},
         "vqa_accuracy": round(language["vqa_accuracy"], 4),
         "grounding_acc": round(language["grounding_acc"], 4),
+        "language_baseline": {"blind": {"vqa_accuracy": round(language["blind"]["vqa_accuracy"], 4),
+                                        "grounding_acc": round(language["blind"]["grounding_acc"], 4)}},
+        "vqa_by_kind": {kind: round(n["accuracy"], 4) for kind, n in language["by_kind"].items() if kind != "grounding"},
         "routing_nmi": route.get("nmi_mean"),
         "wall_s": round(time.time() - start, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -55,27 +55,11 @@ def main(cfg) -> int:
 def evaluate_scene_vqa(model, processor, records, max_new_tokens: int = 40, progress: bool = True) -> dict:
     """Accuracy on held-out scene-language records (envs.scene_language format): every user turn is asked on its own
     with the image, greedy; short answers must match exactly (normalized), grounding answers need a box with
-    IoU >= 0.5. Returns {"vqa_accuracy", "grounding_acc", "n_vqa", "n_grounding", "examples"}."""
-    from tqdm import tqdm
+    IoU >= 0.5. Returns `envs.scene_language.score_turns`'s dict: {"vqa_accuracy", "grounding_acc", "n_vqa",
+    "n_grounding", "by_kind", "examples"}."""
+    from envs.scene_language import score_turns
 
-    from envs.scene_language import score_answer
+    def predict(record, question: str, turn_meta: dict) -> str:
+        return answer(model, processor, question, [record.images[0]], max_new_tokens=max_new_tokens, prefill_chunk_size=0)
 
-    right = {"vqa": 0, "grounding": 0}
-    total = {"vqa": 0, "grounding": 0}
-    examples = []
-    questions = [(record, turn_meta, question)
-                 for record in records
-                 for turn_meta, question in zip(record.meta["turns"], [m["content"] for m in record.conversation if m["role"] in ("<|User|>", "user")])
-                 if turn_meta.get("kind") != "caption"]
-    for record, turn_meta, question in tqdm(questions, desc="scene VQA", unit="q", disable=not progress):
-        text = answer(model, processor, question.replace("<image>", "").strip(), [record.images[0]],
-                      max_new_tokens=max_new_tokens, prefill_chunk_size=0)
-        kind = "grounding" if turn_meta.get("kind") == "grounding" else "vqa"
-        ok = score_answer(text, turn_meta)
-        right[kind] += int(ok)
-        total[kind] += 1
-        if len(examples) < 12:
-            examples.append({"image": str(record.images[0]), "question": " ".join(question.replace("<image>", "").split()), "answer": text,
-                             "expected": turn_meta.get("answer"), "correct": ok, "kind": kind})
-    return {"vqa_accuracy": right["vqa"] / max(total["vqa"], 1), "grounding_acc": right["grounding"] / max(total["grounding"], 1),
-            "n_vqa": total["vqa"], "n_grounding": total["grounding"], "examples": examples}
+    return score_turns(records, predict, progress=progress)
