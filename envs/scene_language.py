@@ -363,10 +363,14 @@ def score_turns(records: list[ConversationRecord], predict, progress: bool = Fal
     (short answers are "vqa", boxes "grounding")."""
     from tqdm import tqdm
 
+    turns = scored_turns(records)
+    if not turns:
+        raise ValueError(f"none of the {len(records)} records has a scored turn: scoring needs `meta.turns` with each "
+                         f"answer's kind and canonical answer (generate_scene_language writes them)")
     right: dict[str, int] = {}
     total: dict[str, int] = {}
     shown = []
-    for record, question, turn_meta in tqdm(scored_turns(records), desc="scene VQA", unit="q", disable=not progress):
+    for record, question, turn_meta in tqdm(turns, desc="scene VQA", unit="q", disable=not progress):
         text = predict(record, question, turn_meta)
         ok = score_answer(text, turn_meta)
         kind = turn_meta.get("kind", "?")

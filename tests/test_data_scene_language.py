@@ -155,6 +155,10 @@ def test_score_turns_counts_every_scored_turn_by_kind(generated):
     assert set(perfect["by_kind"]) <= set(QUESTION_KINDS) | {"grounding"}
     silent = score_turns(records, lambda record, question, meta: "", examples=3)
     assert silent["vqa_accuracy"] == 0.0 and silent["grounding_acc"] == 0.0 and len(silent["examples"]) == 3
+    for record in records:
+        record.meta = {}  # a user-made file without ground truth cannot be scored: say so, do not report 0.00
+    with pytest.raises(ValueError, match="meta.turns"):
+        score_turns(records, lambda record, question, meta: "")
 
 
 def test_blind_baseline_answers_from_the_text_alone(tmp_path):

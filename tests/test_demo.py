@@ -15,8 +15,14 @@ def test_demo_quick_writes_report_and_json(tmp_path, capsys):
     assert set(result["success"]) == {"point2d", "arm3"}
     assert all(0.0 <= v <= 1.0 for v in result["success"].values())
     assert set(result["baseline_success"]["arm3"]) == {"random", "no_vision"}
+    assert 0.0 <= result["language_baseline"]["blind"]["vqa_accuracy"] <= 1.0
+    assert "grounding" not in result["vqa_by_kind"] and all(0.0 <= v <= 1.0 for v in result["vqa_by_kind"].values())
+    phases = result["phase_s"]
+    assert list(phases)[0] == "collect demonstrations" and "stage vla" in phases
+    assert sum(phases.values()) <= result["wall_s"] + 1.0
     report = (out / "report.md").read_text()
     assert "| robot | policy success |" in report and "![routing](routing.png)" in report
+    assert "| question kind | questions | model | blind |" in report and "| stage vla |" in report
     for name in ("report.md", "result.json", "loss_curves.png", "success.png", "routing.png", "routing.json", "grounding.png"):
         assert (out / name).stat().st_size > 0, name
     assert json.loads((out / "result.json").read_text()) == result

@@ -37,6 +37,19 @@ def _say(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
+class _Clock:
+    """Wall seconds per phase of the run, in order (`lap(name)` closes the phase that ends now)."""
+
+    def __init__(self) -> None:
+        self.start = self._last = time.time()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = time.time()
+        self.seconds[phase] = round(now - self._last, 1)
+        self._last = now
+
+
 def _settings(cfg) -> dict[str, Any]:
     c = OmegaConf.to_container(cfg, resolve=True)
     quick = bool(c["demo"]["quick"])
@@ -255,6 +268,7 @@ def write_report(out: Path, c: dict[str, Any], success: dict[str, Any], language
     per_kind = "\n".join(["| question kind | questions | model | blind |", "|---|---|---|---|"] + [
         f"| {kind} | {n['total']} | {n['accuracy']:.2f} | {blind['by_kind'].get(kind, {}).get('accuracy', float('nan')):.2f} |"
         for kind, n in language["by_kind"].items()])
+    phases = "\n".join(f"| {phase} | {seconds:.0f} |" for phase, seconds in summary["phase_s"].items())
     gifs = "\n".join(f"![{Path(v).stem}]({Path(v).relative_to(out)})" for s in success.values() for v in s.get("videos", [])[:1])
     example = language["grounding_example"]
     report = f"""# DeepSeek-VL2 VLA demo{' (quick smoke run: numbers are not meaningful)' if c['quick'] else ''}
@@ -284,6 +298,11 @@ of the object: what the text alone gives.
 
 {per_kind}
 
+## Where the time went
+| phase | wall s |
+|---|---|
+{phases}
+
 ## Grounding
 Question: "{example['question']}" -> answer `{example['answer']}`
 
@@ -307,7 +326,7 @@ def _fmt(value) -> str:
 
 def main(cfg) -> int:
     _quiet_libraries()
-    start = time.time()
+    clock = _Clock()
     c = _settings(cfg)
     out = Path(c["out"])
     if out.exists():
@@ -315,8 +334,10 @@ def main(cfg) -> int:
     out.mkdir(parents=True)
     _say(f"writing to {out}{' (quick)' if c['quick'] else ''}")
     roots = collect(c, out)
+    clock.lap("collect demonstrations")
     lang = scene_language(c, out)
     tokenizer = build_tokenizer(c, lang, out)
+    clock.lap("scene-language data + tokenizer")
 
     stage_dirs = {}
     init = None
@@ -326,6 +347,7 @@ def main(cfg) -> int:
             extra.append(f"tokenizer={tokenizer}")
         summary = train_stage(c, out, stage, init, extra)
         init, stage_dirs[stage] = summary["checkpoint"], out / "train" / stage
+        clock.lap(f"stage {stage}")
     weights = {r["name"]: float(r.get("weight", 1.0)) for r in c["robots"]}  # sampling weight in the vla mixture
     datasets = "[" + ", ".join(f"{{root: '{root}', weight: {weights[name]}}}" for name, root in roots.items()) + "]"
     vla_summary = train_stage(c, out, "vla", init, [
@@ -335,12 +357,16 @@ def main(cfg) -> int:
     stage_dirs["vla"] = out / "train" / "vla"
     policy_dir = str(out / "policy")
     shutil.copytree(vla_summary["checkpoint"], policy_dir)
+    clock.lap("stage vla")
 
     success = evaluate_policies(c, out, policy_dir, roots)
+    clock.lap("policy + baseline rollouts")
     language = evaluate_language(c, out, policy_dir, lang)
+    clock.lap("scene VQA + grounding eval")
     route = routing(c, out, policy_dir, roots)
     plot_results(out, success, stage_dirs)
-    summary = {"wall_s": time.time() - start}
+    clock.lap("routing + plots")
+    summary = {"wall_s": time.time() - clock.start, "phase_s": clock.seconds}
     table = write_report(out, c, success, language, route, summary)
     import resource
 
@@ -353,7 +379,8 @@ def main(cfg) -> int:
                                         "grounding_acc": round(language["blind"]["grounding_acc"], 4)}},
         "vqa_by_kind": {kind: round(n["accuracy"], 4) for kind, n in language["by_kind"].items() if kind != "grounding"},
         "routing_nmi": route.get("nmi_mean"),
-        "wall_s": round(time.time() - start, 1),
+        "wall_s": round(time.time() - clock.start, 1),
+        "phase_s": clock.seconds,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "report": str(out / "report.md"),
         "quick": c["quick"],
