@@ -23,6 +23,8 @@ Settings (rows):
   every kind           every short-answer kind the demo scores (counts, binding, "Which shape is furthest to the
                        left?", "Is the <a> left of the <b>?", "Is there a <colour shape>?"), 2-4 objects
   every kind, oracle   the same with oracle image tokens: the ceiling of the language model at this step count
+  ..., q first         the question before the image in the prompt: with a causal model the image tokens then
+                       see the question, so each can carry "am I what is asked about" to the answer
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class Setting:
     kinds: tuple[str, ...]  # question kinds (envs.scene_language)
     mixed_in: tuple[int, int] | None = None  # object counts of extra training scenes (curriculum)
     oracle_tokens: bool = False  # replace the tower by OracleImageTokens
+    question_first: bool = False  # "<question>\n<image>" instead of DeepSeek-VL2's usual "<image>\n<question>"
 
 
 BINDING = ("colour_of_shape", "shape_of_colour")
@@ -62,6 +65,8 @@ SETTINGS = (
     Setting("binding, oracle tokens", (2, 4), BINDING, oracle_tokens=True),
     Setting("every kind", (2, 4), QUESTION_KINDS),
     Setting("every kind, oracle", (2, 4), QUESTION_KINDS, oracle_tokens=True),
+    Setting("every kind, oracle, q first", (2, 4), QUESTION_KINDS, oracle_tokens=True, question_first=True),
+    Setting("every kind, q first", (2, 4), QUESTION_KINDS, question_first=True),
 )
 ENV_IDS = ("vla/PointNav-v0", "vla/ArmReach-v0")
 
@@ -131,7 +136,8 @@ def _blind_accuracy(train, test) -> float:
 
 
 def _train_and_score(train, test, texts: list[str], demo: dict, steps: int, seed: int,
-                     oracle_objects: dict[str, list[dict]] | None = None) -> tuple[float, float, float]:
+                     oracle_objects: dict[str, list[dict]] | None = None,
+                     question_first: bool = False) -> tuple[float, float, float]:
     """(held-out accuracy, final training loss, seconds) of a fresh demo-size model trained on `train`; with
     `oracle_objects` (image path -> ground-truth objects) the tower is replaced by `OracleImageTokens`."""
     import torch.nn.functional as F
@@ -164,7 +170,8 @@ def _train_and_score(train, test, texts: list[str], demo: dict, steps: int, seed
         key = (id(split), index)
         if key not in processed:
             image, question, answer, _ = split[index]
-            processed[key] = processor.process([{"role": "<|User|>", "content": "<image>\n" + question},
+            prompt = f"{question}\n<image>" if question_first else f"<image>\n{question}"
+            processed[key] = processor.process([{"role": "<|User|>", "content": prompt},
                                                 {"role": "<|Assistant|>", "content": answer}], [image])
         return processed[key]
 
@@ -216,7 +223,7 @@ def run(cfg) -> dict:
         raise SystemExit(f"vla bench vqa: unknown rows {unknown}; known: {[s.label for s in SETTINGS]}")
     settings = [s for s in SETTINGS if not wanted or s.label in wanted]
     rows = []
-    print(f"{'setting':<22} {'steps':>6} {'questions':>10} {'blind':>7} {'trained':>8} {'loss':>7} {'train s':>8}")
+    print(f"{'setting':<28} {'steps':>6} {'questions':>10} {'blind':>7} {'trained':>8} {'loss':>7} {'train s':>8}")
     with tempfile.TemporaryDirectory() as tmp:
 
         def scenes(num_objects: tuple[int, int]) -> Path:
@@ -239,11 +246,13 @@ def run(cfg) -> dict:
             texts = [m["content"].replace("<image>", "") for r in train_records for m in r.conversation]
             oracle = ({str(r.images[0]): r.meta["objects"] for r in train_records + test_records}
                       if setting.oracle_tokens else None)
-            accuracy, loss, seconds = _train_and_score(train, test, texts, demo, steps, seed, oracle)
+            accuracy, loss, seconds = _train_and_score(train, test, texts, demo, steps, seed, oracle,
+                                                       question_first=setting.question_first)
             blind = _blind_accuracy(train, test)
-            rows.append({"setting": label, "kinds": list(kinds), "oracle_tokens": setting.oracle_tokens, "steps": steps,
+            rows.append({"setting": label, "kinds": list(kinds), "oracle_tokens": setting.oracle_tokens,
+                         "question_first": setting.question_first, "steps": steps,
                          "test_questions": len(test), "blind_accuracy": round(blind, 3), "accuracy": round(accuracy, 3),
                          "final_loss": round(loss, 3), "train_s": round(seconds, 1)})
-            print(f"{label:<22} {steps:>6} {len(test):>10} {blind:>7.2f} {accuracy:>8.2f} {loss:>7.3f} {seconds:>8.1f}",
+            print(f"{label:<28} {steps:>6} {len(test):>10} {blind:>7.2f} {accuracy:>8.2f} {loss:>7.3f} {seconds:>8.1f}",
                   flush=True)
     return {"benchmark": "vqa", "quick": quick, "steps": steps, "results": rows}

@@ -33,8 +33,11 @@ def test_rows_filter_runs_only_the_named_settings_and_rejects_unknown_ones(capsy
 
     with pytest.raises(SystemExit, match="unknown rows"):
         run(OmegaConf.create({"quick": True, "rows": ["no such row"]}))
-    result = run(OmegaConf.create({"quick": True, "steps": 2, "rows": ["every kind, oracle"]}))
-    assert [r["setting"] for r in result["results"]] == ["every kind, oracle"]
-    row = result["results"][0]
-    assert row["oracle_tokens"] and set(row["kinds"]) >= {"extreme", "left_of", "exists"}
-    assert 0.0 <= row["accuracy"] <= 1.0 and row["test_questions"] > 0
+    wanted = ["every kind, oracle", "every kind, oracle, q first"]
+    result = run(OmegaConf.create({"quick": True, "steps": 2, "rows": wanted}))
+    assert [r["setting"] for r in result["results"]] == wanted
+    image_first, question_first = result["results"]
+    assert [image_first["question_first"], question_first["question_first"]] == [False, True]
+    for row in result["results"]:
+        assert row["oracle_tokens"] and set(row["kinds"]) >= {"extreme", "left_of", "exists"}
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["test_questions"] > 0
