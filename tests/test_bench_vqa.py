@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
+from omegaconf import OmegaConf
 
 from benchmarks.vqa import pixel_shares
 from envs.scene import COLOURS, SHAPES
@@ -25,10 +27,7 @@ def test_pixel_shares_put_each_object_where_it_is_drawn(tmp_path):
             assert shares[min(int(cy // 16), 3) * 4 + min(int(cx // 16), 3), colour] > 0  # its centre cell holds it
 
 
-def test_rows_filter_runs_only_the_named_settings_and_rejects_unknown_ones(capsys):
-    import pytest
-    from omegaconf import OmegaConf
-
+def test_rows_filter_runs_only_the_named_settings_and_rejects_unknown_ones():
     from benchmarks.vqa import run
 
     with pytest.raises(SystemExit, match="unknown rows"):
