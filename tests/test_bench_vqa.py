@@ -1,4 +1,4 @@
-"""`vla bench vqa`'s oracle image tokens: the per-cell pixel shares they are built from."""
+"""`vla bench vqa`: the per-cell pixel shares its oracle image tokens are built from, and its `rows=` filter."""
 
 from __future__ import annotations
 
