@@ -266,7 +266,7 @@ def write_report(out: Path, c: dict[str, Any], success: dict[str, Any], language
         f"| wall time | {summary['wall_s']:.0f} s | |",
     ])
     per_kind = "\n".join(["| question kind | questions | model | blind |", "|---|---|---|---|"] + [
-        f"| {kind} | {n['total']} | {n['accuracy']:.2f} | {blind['by_kind'].get(kind, {}).get('accuracy', float('nan')):.2f} |"
+        f"| {kind} | {n['total']} | {n['accuracy']:.2f} | {blind['by_kind'][kind]['accuracy']:.2f} |"  # same records, same kinds
         for kind, n in language["by_kind"].items()])
     phases = "\n".join(f"| {phase} | {seconds:.0f} |" for phase, seconds in summary["phase_s"].items())
     gifs = "\n".join(f"![{Path(v).stem}]({Path(v).relative_to(out)})" for s in success.values() for v in s.get("videos", [])[:1])
