@@ -32,7 +32,8 @@ one past the last) of the env's `scene_ground_truth()`.
 Generated `meta`: stage, env, seed, image_size [W, H], objects (name, colour, shape, pixel bbox, is_target), extras
 (robot, goal zone), task, and `turns`: one entry per assistant turn with its `kind` and canonical `answer` (grounding
 turns: `ref`, pixel `bbox` and `det`). Short answers are canonical: a colour word, a shape word, "colour shape", a
-digit, "yes"/"no"; `score_answer` compares a prediction with a turn (normalized exact match, IoU >= 0.5 for boxes).
+digit, "yes"/"no"; `score_answer` compares a prediction with a turn (normalized exact match; a grounding answer must
+give exactly one box, with IoU >= 0.5).
 """
 
 from __future__ import annotations
@@ -183,10 +184,14 @@ def normalize_answer(text: str) -> str:
 
 
 def score_answer(prediction: str, turn_meta: dict[str, Any], iou_threshold: float = 0.5) -> bool:
-    """Is `prediction` right for this turn? Grounding: a parsed box with IoU >= threshold (0..999 space) against
-    the true box; otherwise normalized exact match of the canonical answer."""
+    """Is `prediction` right for this turn? Grounding: the question asks for one object, so the answer must give
+    exactly one well-formed box and that box needs IoU >= threshold (0..999 space) against the true box; extra boxes
+    count against it (a right box among others, or a wrong first box followed by a right one, is wrong), so emitting
+    many boxes is not rewarded. The ref label is not compared. Otherwise: normalized exact match of the canonical
+    answer."""
     if turn_meta.get("kind") == "grounding":
-        return any(box_iou(box, turn_meta["det"]) >= iou_threshold for _, boxes in parse_grounding(prediction) for box in boxes)
+        boxes = [box for _, group in parse_grounding(prediction) for box in group]
+        return len(boxes) == 1 and box_iou(boxes[0], turn_meta["det"]) >= iou_threshold
     return normalize_answer(prediction) == normalize_answer(str(turn_meta["answer"]))
 
 

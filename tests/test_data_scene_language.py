@@ -93,6 +93,21 @@ def test_answers_match_the_ground_truth_and_the_pixels(generated):
     assert all(count > 0 for count in checked.values()), checked
 
 
+def test_grounding_scores_the_one_box_the_answer_gives():
+    truth = {"kind": "grounding", "ref": "the red square", "det": [100, 100, 300, 300]}
+    right, wrong, other = "[110,100,300,310]", "[500,500,700,700]", "[0,0,50,50]"
+    assert score_answer(f"<|ref|>the red square<|/ref|><|det|>[{right}]<|/det|>", truth)  # exactly one right box
+    # the right box plus extra boxes (in the same det block or in another ref/det pair) is wrong
+    assert not score_answer(f"<|ref|>the red square<|/ref|><|det|>[{right},{wrong}]<|/det|>", truth)
+    assert not score_answer(f"<|ref|>the red square<|/ref|><|det|>[{right},{other},{wrong}]<|/det|>", truth)
+    assert not score_answer(f"<|ref|>the red square<|/ref|><|det|>[{right}]<|/det|><|ref|>x<|/ref|><|det|>[{wrong}]<|/det|>", truth)
+    # a wrong first box followed by the right one is wrong
+    assert not score_answer(f"<|ref|>the red square<|/ref|><|det|>[{wrong},{right}]<|/det|>", truth)
+    assert not score_answer(f"<|ref|>a<|/ref|><|det|>[{wrong}]<|/det|><|ref|>the red square<|/ref|><|det|>[{right}]<|/det|>", truth)
+    # so the score of a many-box answer is no better than that of its first box alone
+    assert not score_answer(f"<|ref|>the red square<|/ref|><|det|>[{wrong}]<|/det|>", truth)
+
+
 def test_scoring_and_boxes():
     assert to_det([0, 0, 64, 32], 64, 64) == [0, 0, 999, 500]
     truth = {"kind": "grounding", "det": [100, 100, 300, 300]}
