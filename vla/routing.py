@@ -298,7 +298,8 @@ def specialization_nmi(stats: RoutingStats, normalization: str = "sqrt") -> tupl
 
 
 # ------------------------------------------------------------------------------------------------- outputs
-def write_routing_json(stats: RoutingStats, out_json: str | Path, normalization: str = "sqrt") -> dict[str, Any]:
+def write_routing_json(stats: RoutingStats, out_json: str | Path, normalization: str = "sqrt",
+                       measured_on: str | None = None) -> dict[str, Any]:
     """Write the report and return it. Format:
 
         {"n_experts": E, "top_k": K, "weighted": false, "normalization": "sqrt",
@@ -306,11 +307,14 @@ def write_routing_json(stats: RoutingStats, out_json: str | Path, normalization:
          "n_batches": N,
          "layers": [{"layer": i, "shares": {group: [E floats summing to 1]}, "choices": {group: total},
                      "nmi": x or null, "theil_u": u or null}, ...],
-         "nmi_mean": x or null, "theil_u_mean": u or null}
+         "nmi_mean": x or null, "theil_u_mean": u or null, "measured_on": "..." (only when given)}
 
     `layers` lists MoE layers only, by their decoder-layer index; `choices` is the number of expert choices (or summed
-    weights) behind each share row."""
+    weights) behind each share row. `measured_on` says which frames the counts come from (e.g. training frames, so
+    a reader does not take them for held-out numbers)."""
     report = stats.to_dict(normalization)
+    if measured_on is not None:
+        report["measured_on"] = measured_on
     path = Path(out_json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1))

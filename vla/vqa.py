@@ -54,8 +54,8 @@ def main(cfg) -> int:
 
 def evaluate_scene_vqa(model, processor, records, max_new_tokens: int = 40, progress: bool = True) -> dict:
     """Accuracy on held-out scene-language records (envs.scene_language format): every user turn is asked on its own
-    with the image, greedy; short answers must match exactly (normalized), grounding answers need a box with
-    IoU >= 0.5. Returns `envs.scene_language.score_turns`'s dict: {"vqa_accuracy", "grounding_acc", "n_vqa",
+    with the image, greedy; short answers must match exactly (normalized), grounding answers must give exactly one
+    box, with IoU >= 0.5. Returns `envs.scene_language.score_turns`'s dict: {"vqa_accuracy", "grounding_acc", "n_vqa",
     "n_grounding", "by_kind", "examples"}."""
     from envs.scene_language import score_turns
 
