@@ -16,6 +16,9 @@ stats (min/max/mean/std/q01/q10/q50/q90/q99) in `finalize()`; `write_exact_stats
 and the state with exact whole-dataset values (lerobot averages per-episode quantiles, see envs/normalize.py). Failed
 episodes are dropped (and another seed is tried) unless `keep_failures=True`. Nothing touches the network
 (`HF_HUB_OFFLINE=1` is set if unset).
+
+`meta/collection.json` records how the dataset was made, the env seed of every kept episode included
+(`episode_seeds`); `check_eval_seeds` uses it to refuse evaluating on scenes a policy was trained on.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +34,8 @@ import gymnasium as gym
 import numpy as np
 
 import envs  # noqa: F401  (registers the built-in suite)
+
+COLLECTION_FILE = "meta/collection.json"  # env id, kwargs, noise and the env seed of each kept episode
 
 
 @dataclass
@@ -152,6 +158,7 @@ def collect_dataset(
     max_attempts = max_attempts or 3 * episodes + 10
     start = time.perf_counter()
     kept = attempts = successes = frames = 0
+    episode_seeds: list[int] = []  # env seed of each kept episode, in episode order
     bar = tqdm(total=episodes, desc=f"collect {env_id}", unit="ep", disable=not progress)
     try:
         while kept < episodes:
@@ -184,6 +191,7 @@ def collect_dataset(
             successes += success
             if success or keep_failures:
                 dataset.save_episode()
+                episode_seeds.append(seed + attempts - 1)
                 kept += 1
                 frames += length
                 bar.update(1)
@@ -198,6 +206,8 @@ def collect_dataset(
         env.close()
     if kept:
         write_exact_stats(root)
+        write_collection_record(root, {"env_id": env_id, "env_kwargs": dict(env_kwargs or {}), "image_size": image_size,
+                                       "noise": noise, "seed": seed, "attempts": attempts, "episode_seeds": episode_seeds})
     return CollectResult(
         root=str(root),
         repo_id=repo_id,
@@ -209,3 +219,47 @@ def collect_dataset(
         success_rate=successes / max(attempts, 1),
         seconds=time.perf_counter() - start,
     )
+
+
+# ---------------------------------------------------------------------------------------------- held-out seeds
+class SeedOverlapError(ValueError):
+    """Evaluation would run on env seeds (scenes) that a training dataset holds episodes of."""
+
+
+def write_collection_record(root: str | Path, record: dict) -> Path:
+    import json
+
+    path = Path(root) / COLLECTION_FILE
+    path.write_text(json.dumps(record, indent=1))
+    return path
+
+
+def read_collection_record(root: str | Path) -> dict | None:
+    """The dataset's `meta/collection.json`, or None for datasets collected elsewhere (or before it existed)."""
+    import json
+
+    path = Path(root) / COLLECTION_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_eval_seeds(env_id: str, seeds: Sequence[int], datasets: Sequence[str | Path]) -> list[str]:
+    """Raise `SeedOverlapError` (one line) when any of the eval `seeds` of `env_id` is the seed of an episode of one of
+    `datasets` collected from the same env: that scene was trained on, so it is not held out. Returns the roots that
+    record no collection seeds (and so could not be checked); the caller may warn about them."""
+    wanted = {int(s) for s in seeds}
+    unchecked = []
+    for root in dict.fromkeys(str(d) for d in datasets if d):
+        record = read_collection_record(root)
+        if record is None:
+            unchecked.append(root)
+            continue
+        if record.get("env_id") != env_id:
+            continue
+        overlap = sorted(wanted.intersection(int(s) for s in record.get("episode_seeds", [])))
+        if overlap:
+            trained = record["episode_seeds"]
+            raise SeedOverlapError(
+                f"eval seeds {min(wanted)}..{max(wanted)} of {env_id} overlap the training dataset {root} "
+                f"({len(overlap)} shared, e.g. seed {overlap[0]}; it holds episodes of seeds {min(trained)}..{max(trained)}): "
+                f"these scenes are not held out; evaluate with seed > {max(trained)}")
+    return unchecked

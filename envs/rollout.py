@@ -485,14 +485,30 @@ def evaluate(
     policy_options: dict[str, Any] | None = None,
     max_steps: int = 1000,
     progress: bool = True,
+    train_datasets: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
     """Evaluate `policy` on each env for `episodes` episodes (episode k uses env seed `seed + k`) in batches of
     `batch_size` parallel envs; write `summary.json`, `summary.md` and GIFs of the first `videos` episodes per env
-    under `out` (if given). Returns the summary (see `summarize`, plus `episodes` and `skipped`)."""
+    under `out` (if given). Returns the summary (see `summarize`, plus `episodes` and `skipped`).
+
+    Held-out guard: before any rollout, the eval seeds of each env are checked against the episode seeds recorded
+    by `train_datasets` (the policy's training data) and by the prior's dataset (`policy_options["dataset"]` or
+    `prior:ROOT`); an overlap raises `envs.collect.SeedOverlapError`, a dataset without the record only warns."""
+    import warnings
+
     from tqdm import tqdm
+
+    from envs.collect import check_eval_seeds
 
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
+    guarded = [*train_datasets, (policy_options or {}).get("dataset")]
+    if isinstance(policy, str) and policy.startswith("prior:"):
+        guarded.append(policy.split(":", 1)[1])
+    unchecked = {root for env_id in env_ids for root in check_eval_seeds(env_id, range(seed, seed + episodes), guarded)}
+    for root in sorted(unchecked):
+        warnings.warn(f"{root} records no collection seeds (meta/collection.json): cannot check that the eval seeds "
+                      f"are held out from it", stacklevel=2)
     out_dir = Path(out) if out else None
     all_results: list[EpisodeResult] = []
     skipped: list[dict[str, str]] = []

@@ -77,6 +77,35 @@ def test_prior_policy_from_a_dataset(tmp_path):
         evaluate("prior", ["vla/PointNav-v0"], episodes=1, image_size=32, progress=False)
 
 
+def test_eval_refuses_seeds_the_training_dataset_was_collected_from(tmp_path, capsys):
+    from envs.collect import COLLECTION_FILE, SeedOverlapError, collect_dataset
+    from vla.cli import main
+
+    root = collect_dataset("vla/PointNav-v0", tmp_path / "nav", 2, image_size=32, seed=10, progress=False).root
+    record = json.loads((tmp_path / "nav" / COLLECTION_FILE).read_text())
+    assert record["env_id"] == "vla/PointNav-v0" and record["seed"] == 10
+    assert len(record["episode_seeds"]) == 2 and all(10 <= s < 10 + record["attempts"] for s in record["episode_seeds"])
+    trained = record["episode_seeds"][-1]
+    kwargs = dict(episodes=2, batch_size=2, image_size=32, progress=False)
+    with pytest.raises(SeedOverlapError, match="of vla/PointNav-v0 overlap the training dataset .* not held out"):
+        evaluate("random", ["vla/PointNav-v0"], seed=trained - 1, train_datasets=[root], **kwargs)
+    with pytest.raises(SeedOverlapError):  # the prior's own dataset counts too
+        evaluate("prior", ["vla/PointNav-v0"], seed=trained, policy_options={"dataset": root}, **kwargs)
+    # seeds past the dataset's, or another env, are held out
+    assert evaluate("random", ["vla/PointNav-v0"], seed=trained + 1, train_datasets=[root], **kwargs)["overall"]["episodes"] == 2
+    assert evaluate("random", ["vla/ArmReach-v0"], seed=trained, train_datasets=[root], **kwargs)["overall"]["episodes"] == 2
+    # the CLI refuses with one line and a non-zero exit
+    capsys.readouterr()
+    assert main(["eval", "policy=random", "env=vla/PointNav-v0", "episodes=2", "batch_size=2", "videos=0", "image_size=32",
+                 f"seed={trained}", f"train_datasets=[{root}]", f"out={tmp_path / 'eval'}"]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vla eval: eval seeds") and "not held out" in lines[0]
+    # a dataset that records no seeds cannot be checked: a warning, not a refusal
+    (tmp_path / "nav" / COLLECTION_FILE).unlink()
+    with pytest.warns(UserWarning, match="records no collection seeds"):
+        evaluate("random", ["vla/PointNav-v0"], seed=trained, train_datasets=[root], **kwargs)
+
+
 class ConstantPolicy:
     def __init__(self, value: float, size: int):
         self.value, self.size, self.resets = value, size, 0

@@ -7,6 +7,9 @@ markdown table and, last, one JSON line with the overall numbers.
 Policies: random, expert (the env's scripted expert), prior (the action prior of dataset=ROOT, blind to images), or
 anything registered with envs.rollout.register_policy_factory / given as package.module:factory. See envs/rollout.py
 for the policy protocol.
+
+Held-out guard: `train_datasets=[ROOT, ...]` (the policy's training data) and `dataset=ROOT` name datasets whose
+recorded collection seeds (meta/collection.json) the eval seeds must not overlap; an overlap is refused with one line.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def env_ids(value) -> list[str]:
 def main(cfg) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import vla.env_policy  # noqa: F401  registers policy=checkpoint:DIR
+    from envs.collect import SeedOverlapError
     from envs.rollout import evaluate, markdown_table
 
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -42,21 +46,26 @@ def main(cfg) -> int:
     options = dict(config["policy_options"])
     options.setdefault("dataset", config["dataset"])
     options.setdefault("prior_mode", config["prior_mode"])
-    summary = evaluate(
-        config["policy"],
-        env_ids(config["env"]),
-        episodes=int(config["episodes"]),
-        batch_size=int(config["batch_size"]),
-        asynchronous=bool(config["async"]),
-        out=out,
-        videos=int(config["videos"]),
-        seed=int(config["seed"]),
-        image_size=config["image_size"],
-        import_modules=config["import_modules"],
-        policy_options=options,
-        max_steps=int(config["max_steps"]),
-        env_kwargs={env_id: dict(config.get("env_kwargs") or {}) for env_id in env_ids(config["env"])},
-    )
+    try:
+        summary = evaluate(
+            config["policy"],
+            env_ids(config["env"]),
+            episodes=int(config["episodes"]),
+            batch_size=int(config["batch_size"]),
+            asynchronous=bool(config["async"]),
+            out=out,
+            videos=int(config["videos"]),
+            seed=int(config["seed"]),
+            image_size=config["image_size"],
+            import_modules=config["import_modules"],
+            policy_options=options,
+            max_steps=int(config["max_steps"]),
+            env_kwargs={env_id: dict(config.get("env_kwargs") or {}) for env_id in env_ids(config["env"])},
+            train_datasets=list(config.get("train_datasets") or []),
+        )
+    except SeedOverlapError as error:  # eval seeds a training dataset was collected from: not held out
+        print(f"vla eval: {error}")
+        return 1
     print(markdown_table(summary, config["policy"]))
     print(f"wrote {out}/summary.json, {out}/summary.md and {len(summary['videos'])} videos")
     print(json.dumps({"policy": config["policy"], "out": out, **summary["overall"], "per_env": {k: v["success_rate"] for k, v in summary["per_env"].items()}, "skipped": [s["env_id"] for s in summary["skipped"]]}))
