@@ -367,13 +367,18 @@ class VLAPolicy(nn.Module):
 
     def _select_ensembled(self, batch, embodiments) -> torch.Tensor:
         """ACT temporal ensembling: every step predicts a chunk; the action for now averages all chunks' predictions
-        for now with weights exp(-coeff * age_index), oldest first."""
+        for now with weights exp(-coeff * i), i = 0 for the oldest. A chunk covers its own robot's H steps only (in a
+        mixed batch the chunk is padded to the largest H; those padded zeros never count)."""
         chunk = self.predict_action_chunk(batch)
         self._ensemble = [(age + 1, c) for age, c in self._ensemble if age + 1 < c.shape[1]] + [(0, chunk)]
         coeff = self.config.temporal_ensemble_coeff
-        preds = torch.stack([c[:, age] for age, c in self._ensemble])  # oldest first
-        w = torch.exp(-coeff * torch.arange(len(preds), dtype=preds.dtype, device=preds.device))
-        return (preds * w[:, None, None]).sum(0) / w.sum()
+        preds = torch.stack([c[:, age] for age, c in self._ensemble])  # (K, B, A) oldest first
+        ages = torch.tensor([age for age, _ in self._ensemble], device=preds.device)
+        horizon = torch.tensor([e.chunk_len for e in embodiments], device=preds.device)
+        covers = ages[:, None] < horizon[None, :]  # (K, B): chunk k still holds an action for sample b
+        index = covers.cumsum(0) - 1  # position among the covering chunks (a suffix), oldest = 0
+        w = torch.where(covers, torch.exp(-coeff * index.to(preds.dtype)), torch.zeros((), dtype=preds.dtype, device=preds.device))
+        return (preds * w[:, :, None]).sum(0) / w.sum(0)[:, None]
 
     # ---------------------------------------------------------------------------------------------------------------
     # routing analysis, saving, loading
