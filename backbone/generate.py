@@ -22,11 +22,13 @@ def sample_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float 
 
 
 @torch.no_grad()
-def prefill(model, cache, input_ids=None, inputs_embeds=None, attention_mask=None, chunk_size: int = 0) -> torch.Tensor:
+def prefill(model, cache, input_ids=None, inputs_embeds=None, attention_mask=None, chunk_size: int = 0,
+            router_bias: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Run the prompt through the model into `cache`; returns the last position's logits (B, V).
 
     chunk_size > 0 prefills in chunks (DeepSeek-VL2's incremental prefilling for long multi-image prompts); the result
-    equals a one-shot prefill.
+    equals a one-shot prefill. `router_bias` ({MoE layer: (B, T, E)}, as the model's forward takes it) is sliced with
+    the chunks.
     """
     x = input_ids if inputs_embeds is None else inputs_embeds
     T = x.shape[1]
@@ -36,6 +38,8 @@ def prefill(model, cache, input_ids=None, inputs_embeds=None, attention_mask=Non
     for start in range(0, T, step):
         end = min(start + step, T)
         kwargs = {"input_ids": x[:, start:end]} if inputs_embeds is None else {"inputs_embeds": x[:, start:end]}
+        if router_bias:
+            kwargs["router_bias"] = {layer: b[:, start:end] for layer, b in router_bias.items()}
         logits = model(**kwargs, attention_mask=mask[:, start:end], cache=cache, logits_to_keep=1).logits[:, -1]
     return logits
 
@@ -54,11 +58,16 @@ def generate(
     prefill_chunk_size: int = 0,
     generator: torch.Generator | None = None,
     allowed_token_ids: torch.Tensor | None = None,
+    router_bias: dict[int, torch.Tensor] | None = None,
+    decode_router_bias: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Generate up to `max_new_tokens` per prompt. Prompts are left-padded (attention_mask marks real tokens).
 
     Returns the new tokens (B, N); after a sequence emits a stop token, its remaining positions hold `pad_token_id`.
     `allowed_token_ids` constrains decoding to a vocabulary subset (e.g. action tokens).
+    Router-logit biases, so that cached decoding routes as a full forward with the same `router_bias` would:
+    `router_bias` {MoE layer: (B, T, E)} for the prompt; `decode_router_bias` {MoE layer: (B, E)} for every generated
+    token (e.g. the VLA policy's per-embodiment prior on action tokens).
     """
     x = input_ids if inputs_embeds is None else inputs_embeds
     B, T = x.shape[:2]
@@ -66,7 +75,8 @@ def generate(
     if T + max_new_tokens > model_max:
         raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new exceeds the context of {model_max}")
     cache = model.new_cache(B, T + max_new_tokens)
-    logits_BV = prefill(model, cache, input_ids, inputs_embeds, attention_mask, prefill_chunk_size)
+    logits_BV = prefill(model, cache, input_ids, inputs_embeds, attention_mask, prefill_chunk_size, router_bias)
+    step_bias = {layer: b[:, None] for layer, b in decode_router_bias.items()} if decode_router_bias else None
     stop = torch.tensor(list(stop_token_ids), dtype=torch.long, device=x.device)
     done_B = torch.zeros(B, dtype=torch.bool, device=x.device)
     out = []
@@ -82,5 +92,5 @@ def generate(
             done_B |= torch.isin(next_B, stop)
         if bool(done_B.all()):
             break
-        logits_BV = model(next_B[:, None], cache=cache, logits_to_keep=1).logits[:, -1]
+        logits_BV = model(next_B[:, None], cache=cache, logits_to_keep=1, router_bias=step_bias).logits[:, -1]
     return torch.stack(out, 1)

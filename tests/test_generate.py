@@ -69,3 +69,33 @@ def test_chunked_prefill_equals_one_shot():
     chunked = prefill(model, c2, ids, chunk_size=5)
     assert torch.allclose(one, chunked, atol=1e-5)
     assert torch.allclose(c1.c_kv[1][:, :23], c2.c_kv[1][:, :23], atol=1e-5)
+
+
+def test_router_bias_routes_cached_decoding_as_the_full_forward():
+    """A prompt bias (sliced with the prefill chunks) and a per-sequence bias on every generated token: greedy decoding
+    with the cache equals step-by-step argmax of full forwards given the same biases, with left padding."""
+    model = _model()
+    with torch.no_grad():  # louder experts, so that which experts a token gets shows in the chosen tokens
+        for layer in model.model.layers:
+            if layer.is_moe:
+                layer.mlp.experts.down_proj.mul_(30)
+    cfg = model.config
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(2, 256, (2, 9), generator=g)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, :4] = False
+    layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    prompt_bias = {i: torch.randn(2, 9, cfg.n_routed_experts, generator=g) * 3 for i in layers}
+    step_bias = {i: torch.randn(2, cfg.n_routed_experts, generator=g) * 3 for i in layers}
+    n = 5
+    got = generate(model, ids, attention_mask=mask, max_new_tokens=n, prefill_chunk_size=4,
+                   router_bias=prompt_bias, decode_router_bias=step_bias)
+    prompt_only = generate(model, ids, attention_mask=mask, max_new_tokens=n, router_bias=prompt_bias)
+    assert not torch.equal(got, prompt_only)  # the per-token bias matters here
+    seq, seq_mask = ids, mask
+    with torch.no_grad():
+        for t in range(n):
+            bias = {i: torch.cat([prompt_bias[i], step_bias[i][:, None].expand(-1, t, -1)], 1) for i in layers}
+            nxt = model(seq, attention_mask=seq_mask, router_bias=bias).logits[:, -1].argmax(-1, keepdim=True)
+            seq, seq_mask = torch.cat([seq, nxt], 1), torch.cat([seq_mask, torch.ones_like(nxt, dtype=torch.bool)], 1)
+    assert torch.equal(got, seq[:, 9:])

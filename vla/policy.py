@@ -329,11 +329,19 @@ class VLAPolicy(nn.Module):
 
     def _decode_autoregressive(self, batch, embodiments):
         """Prefill the prompt into the latent KV cache, then decode H*A tokens constrained to the action bins; one
-        teacher-forced pass over the decoded tokens reads the offsets when the offset head is on."""
+        teacher-forced pass over the decoded tokens reads the offsets when the offset head is on. Every decoded token
+        is an action token of its sample's robot, so it gets that robot's router prior, as in the teacher-forced pass
+        (equality with its argmax: tests/test_policy.py::test_cached_autoregressive_decoding_equals_teacher_forced_argmax)."""
         seq = self.build_sequences(batch)
         n_max = max(e.num_action_tokens for e in embodiments)
+        prompt_bias = step_bias = None
+        if self.router_prior is not None:
+            prompt_bias = self._router_bias(seq)
+            robot_B1 = torch.tensor([[self.registry.index(e.name)] for e in embodiments], device=self.device)
+            step_bias = {layer: b[:, 0] for layer, b in self.router_prior(robot_B1).items()}
         tokens_BN = generate(self.backbone.language, inputs_embeds=seq.inputs_embeds, attention_mask=seq.attention_mask,
-                             max_new_tokens=n_max, allowed_token_ids=self.action_token_ids)
+                             max_new_tokens=n_max, allowed_token_ids=self.action_token_ids,
+                             router_bias=prompt_bias, decode_router_bias=step_bias)
         lookup = torch.full((int(self.action_token_ids.max()) + 1,), -1, dtype=torch.long, device=self.device)
         lookup[self.action_token_ids] = torch.arange(len(self.action_token_ids), device=self.device)
         bins_BN = lookup[tokens_BN]
