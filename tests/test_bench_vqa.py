@@ -39,4 +39,7 @@ def test_rows_filter_runs_only_the_named_settings_and_rejects_unknown_ones():
     assert [image_first["question_first"], question_first["question_first"]] == [False, True]
     for row in result["results"]:
         assert row["oracle_tokens"] and set(row["kinds"]) >= {"extreme", "left_of", "exists"}
-        assert 0.0 <= row["accuracy"] <= 1.0 and row["test_questions"] > 0
+        n = row["test_questions"]
+        assert n > 0
+        for key in ("accuracy", "blind_accuracy"):  # a share of the n test questions (rounded to 3 decimals)
+            assert 0.0 <= row[key] <= 1.0 and row[key] == pytest.approx(round(row[key] * n) / n, abs=5e-4), key

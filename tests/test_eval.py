@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import envs
@@ -148,7 +149,9 @@ def test_observation_batch_and_lerobot_conversion():
     assert observation["pixels"]["top"].shape == (2, 32, 32, 3) and observation["agent_pos"].shape == (2, 5)
     converted = to_lerobot_observation({**observation, "task": ["a", "b"]})
     assert converted["observation.images.wrist"].shape == (2, 3, 32, 32)
-    assert 0.0 <= float(converted["observation.images.top"].min()) and float(converted["observation.images.top"].max()) <= 1.0
+    for camera in ("top", "wrist"):  # channels first, uint8 -> [0, 1]
+        want = torch.as_tensor(observation["pixels"][camera]).permute(0, 3, 1, 2).float() / 255.0
+        assert torch.allclose(converted[f"observation.images.{camera}"], want)
     assert converted["observation.state"].shape == (2, 5) and converted["task"] == ["a", "b"]
 
 

@@ -217,7 +217,10 @@ def test_lerobot_eval_policy_in_process(our_checkpoint, tmp_path):
     finally:
         close_envs(envs)
     overall = info["overall"]
-    assert overall["n_episodes"] == 2 and 0.0 <= overall["pc_success"] <= 100.0
+    successes = [s for task in info["per_task"] for s in task["metrics"]["successes"]]
+    assert overall["n_episodes"] == len(successes) == 2
+    # the percentage is of these episodes, and an untrained policy cannot cover the T in 12 steps
+    assert overall["pc_success"] == pytest.approx(100.0 * np.mean(successes)) and overall["pc_success"] == 0.0
     assert np.isfinite(overall["avg_sum_reward"])
 
 

@@ -165,15 +165,23 @@ def test_json_report_is_well_formed(tmp_path):
         assert set(entry) == {"layer", "shares", "choices", "nmi", "theil_u"}
         for row in entry["shares"].values():
             assert len(row) == E and sum(row) == pytest.approx(1.0)
-        assert 0.0 <= entry["nmi"] <= 1.0
     assert loaded["layers"][0]["choices"]["action:arm"] == 4.0
     assert loaded["nmi_mean"] == pytest.approx(np.mean([e["nmi"] for e in loaded["layers"]]))
     assert loaded["layers"][1]["nmi"] == pytest.approx(1.0)  # layer 2: arm only expert 2, nav only expert 3
+    # layer 1 by hand: choices arm {0: 1, 2: 2, 3: 1}, nav {0: 1, 1: 1}; H(X) = log2(3) - 2/3, H(Y) = log2(3) + 1/3,
+    # H(Y|X) = 4/3, so I = log2(3) - 1
+    log3 = math.log2(3)
+    assert loaded["layers"][0]["nmi"] == pytest.approx((log3 - 1) / math.sqrt((log3 - 2 / 3) * (log3 + 1 / 3)))
+    assert loaded["layers"][0]["theil_u"] == pytest.approx((log3 - 1) / (log3 - 2 / 3))
     # undefined NMI is written as null, not NaN (valid JSON)
     single = RoutingStats(n_experts=E)
     single.add([torch.tensor([[0]])], ["text"])
     text = json.dumps(write_routing_json(single, tmp_path / "single.json"))
     assert "NaN" not in text and json.loads(text)["nmi_mean"] is None
+    # which frames the counts come from is recorded when given (the demo's are training frames)
+    assert "measured_on" not in loaded
+    labelled = write_routing_json(stats, tmp_path / "labelled.json", measured_on="training frames")
+    assert json.loads((tmp_path / "labelled.json").read_text())["measured_on"] == labelled["measured_on"] == "training frames"
 
 
 def test_heatmap_png_is_written(tmp_path):
