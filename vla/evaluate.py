@@ -4,7 +4,8 @@ Rolls a policy out in gymnasium vector envs (sync or async) and reports success 
 env, embodiment and task; writes summary.json, summary.md and GIFs of the first episodes to `out`, and prints the
 markdown table and, last, one JSON line with the overall numbers.
 
-Policies: random, expert (the env's scripted expert), prior (the action prior of dataset=ROOT, blind to images), or
+Policies: random, expert (the env's scripted expert), prior (the action prior of dataset=ROOT, blind to images),
+checkpoint:DIR (a trained VLAPolicy), remote:ws://HOST:PORT (a `vla serve` server; policy_options={api_key: KEY}), or
 anything registered with envs.rollout.register_policy_factory / given as package.module:factory. See envs/rollout.py
 for the policy protocol.
 
@@ -36,6 +37,7 @@ def env_ids(value) -> list[str]:
 def main(cfg) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import vla.env_policy  # noqa: F401  registers policy=checkpoint:DIR
+    import vla.serve  # noqa: F401  registers policy=remote:ws://HOST:PORT
     from envs.collect import SeedOverlapError
     from envs.rollout import evaluate, markdown_table
 
