@@ -15,10 +15,10 @@ from backbone.convert import language_to_official
 from backbone.language_model import build_language_model
 from backbone.moe import MoE, RouterOutput, balance_aux_loss
 
-transformers = pytest.importorskip("transformers")
-
 
 def hf_model(topk_method: str, n_group: int = 1, topk_group: int = 1, q_lora_rank=None):
+    """transformers' reference model; the tests that use it skip where transformers is missing (only they need it)."""
+    pytest.importorskip("transformers")
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
     cfg = DeepseekV2Config(
