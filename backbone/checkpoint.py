@@ -35,14 +35,19 @@ def read_config(path: str | Path) -> dict:
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder, single-file or sharded (index)."""
+    """All tensors of a checkpoint folder, single-file or sharded (`model.safetensors.index.json` + shards).
+
+    A sharded folder must agree with its index: every listed shard present, every tensor in the shard its entry names,
+    and no tensor in a shard without an entry (an index that does not describe the files is corrupt)."""
     path = Path(path)
     index = path / INDEX_NAME
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: unreadable shard index ({e})") from e
+            if not isinstance(weight_map, dict):
+                raise TypeError(f"weight_map is a {type(weight_map).__name__}, not an object")
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: unreadable shard index ({e!r})") from e
         files = sorted(set(weight_map.values()))
     elif (path / SINGLE_NAME).is_file():
         files, weight_map = [SINGLE_NAME], None
@@ -56,18 +61,39 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         if not file.is_file():
             raise CheckpointError(f"{file}: shard listed in {INDEX_NAME} is missing")
         try:
-            state.update(load_file(str(file)))
+            shard = load_file(str(file))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from e
-    if weight_map is not None:
-        missing = sorted(set(weight_map) - set(state))
-        if missing:
-            raise CheckpointError(f"{path}: tensors listed in {INDEX_NAME} but absent from the shards: {missing[:5]}")
+        if weight_map is not None:
+            listed = {k for k, v in weight_map.items() if v == name}
+            absent = sorted(listed - set(shard))
+            if absent:
+                raise CheckpointError(f"{path}: {INDEX_NAME} lists tensors absent from {name}: "
+                                      f"{absent[:5]}{' ...' if len(absent) > 5 else ''}")
+            unlisted = sorted(k for k in set(shard) - listed if k not in weight_map)
+            if unlisted:
+                raise CheckpointError(f"{path}: {name} holds tensors with no entry in {INDEX_NAME}: "
+                                      f"{unlisted[:5]}{' ...' if len(unlisted) > 5 else ''}")
+            elsewhere = sorted(set(shard) - listed)
+            if elsewhere:
+                raise CheckpointError(f"{path}: {name} holds tensors that {INDEX_NAME} places in another shard: "
+                                      + ", ".join(f"{k} (listed in {weight_map[k]})" for k in elsewhere[:5]))
+        duplicate = sorted(set(shard) & set(state))
+        if duplicate:
+            raise CheckpointError(f"{file}: tensors also stored in another shard: {duplicate[:5]}")
+        state.update(shard)
     return state
 
 
+# Tensors that keep the dtype the module declares whatever `dtype` a load asks for: routing state, kept in float32
+# (the MoE gate chooses experts in float32; the noaux_tc bias is nudged by 1e-3 steps that bf16 would round away).
+KEEP_MODULE_DTYPE = ("e_score_correction_bias",)
+
+
 def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str, dtype: torch.dtype | None = None) -> None:
-    """Strictly copy `state` into `module`: every parameter and persistent buffer must be present with its shape."""
+    """Strictly copy `state` into `module`: every parameter and persistent buffer must be present with its shape.
+    Floating tensors are cast to `dtype` (None: as stored, e.g. bf16 for the published checkpoints), except those in
+    KEEP_MODULE_DTYPE, which take the dtype the module declares."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -82,9 +108,12 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], where: st
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise CheckpointError(f"{where}: tensor {key} has shape {tuple(tensor.shape)}, "
                                   f"the model expects {tuple(expected[key].shape)}")
-    if dtype is not None:
-        state = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith("e_score_correction_bias") else v)
-                 for k, v in state.items()}
+    def cast(key: str, tensor: torch.Tensor) -> torch.Tensor:
+        if key.endswith(KEEP_MODULE_DTYPE):
+            return tensor.to(expected[key].dtype)
+        return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+    state = {k: cast(k, v) for k, v in state.items()}
     module.load_state_dict(state, strict=True, assign=True)
     # Non-persistent buffers (counters) are not in files: give any still on the meta device real zeros.
     for name, buf in list(module.named_buffers()):
@@ -114,7 +143,8 @@ def write_checkpoint(path: str | Path, config: dict, state: dict[str, torch.Tens
         os.replace(tmp, path / name)
     if len(shards) > 1:
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
-        (path / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+        total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
+        (path / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
