@@ -2,6 +2,10 @@
 
 Layer: hidden 512, 16 routed experts of 256, 2 shared, top-4, 4096 tokens, fp32 (quick: 1024 tokens). transformers'
 layer is run with its `eager` and `grouped_mm` experts implementations on identical weights, in the same process.
+
+Before timing, both implementations are checked against ours on the benchmark's input (output and input gradient);
+a difference above `tolerance` (default 1e-5; fp32 agrees to ~2e-8) fails the benchmark (SystemExit, exit code 1):
+a speed comparison of layers that compute different functions means nothing.
 """
 
 from __future__ import annotations
@@ -59,6 +63,33 @@ def _fwd_bwd(layer, x, g, is_ours: bool):
     return step
 
 
+def parity(ours, hf, x: torch.Tensor, g: torch.Tensor) -> dict[str, float]:
+    """max |ours - transformers| over the output and the input gradient, per transformers experts implementation."""
+    def output_and_grad(layer, is_ours: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        xi = x.detach().clone().requires_grad_(True)
+        y = layer(xi)[0] if is_ours else layer(xi)
+        (grad,) = torch.autograd.grad((y * g).sum(), xi)
+        return y.detach(), grad
+
+    y_ours, dx_ours = output_and_grad(ours, True)
+    diffs = {}
+    for impl in ("eager", "grouped_mm"):
+        hf.experts.config._experts_implementation = impl
+        y_hf, dx_hf = output_and_grad(hf, False)
+        diffs[impl] = max((y_ours - y_hf).abs().max().item(), (dx_ours - dx_hf).abs().max().item())
+    return diffs
+
+
+def check_parity(diffs: dict[str, float], tolerance: float) -> float:
+    """The largest difference; SystemExit (one line) when it exceeds `tolerance`."""
+    worst = max(diffs.values())
+    if not worst <= tolerance:  # NaN fails too
+        detail = ", ".join(f"{impl} {d:.2e}" for impl, d in diffs.items())
+        raise SystemExit(f"vla bench moe: ours and transformers' MoE layer differ by {worst:.2e} (> tolerance "
+                         f"{tolerance:.0e}; {detail}): they do not compute the same function, so no timing")
+    return worst
+
+
 def layer_flops(cfg: LanguageModelConfig, tokens: int) -> float:
     """Matmul FLOPs of forward + backward (3x forward)."""
     D, F, K = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
@@ -76,8 +107,10 @@ def run(cfg) -> dict:
     x = torch.randn(1, tokens, ours_cfg.hidden_size, requires_grad=True)
     g = torch.randn(1, tokens, ours_cfg.hidden_size)
 
-    with torch.no_grad():  # same weights, same function
-        diff = (ours(x)[0] - hf(x)).abs().max().item()
+    # same weights, same function (output and gradient), or the timing below compares different layers
+    tolerance = cfg.get("tolerance")
+    diff = check_parity(parity(ours, hf, x, g), 1e-5 if tolerance is None else float(tolerance))
+
     def hf_with(impl: str):
         step = _fwd_bwd(hf, x, g, False)
 
