@@ -2,8 +2,9 @@
 allows, for parallel and autoregressive decoding, on the demo-size model and on the DeepSeek-VL2 `tiny` preset.
 
 Control rate = chunk steps served per chunk / seconds per chunk (the policy re-plans once per served chunk). Both
-decodings run on the same random weights; the autoregressive one needs H*A + 1 forward passes (prefill + one per
-action token) against one for parallel decoding. `--quick` skips the tiny preset (3.4B parameters).
+decodings run on the same random weights. The "forward passes" column is counted, not computed: a hook on the language
+model counts its calls during one `select_action` (parallel: 1; autoregressive: the prefill, one per action token,
+and the teacher-forced offset pass). `--quick` skips the tiny preset (3.4B parameters).
 """
 
 from __future__ import annotations
@@ -36,6 +37,22 @@ def _policy(preset: str, overrides: dict, chunk_len: int, dtype: torch.dtype):
     return build_policy(VLAPolicyConfig(), _registry(chunk_len), tok, preset, **overrides).to(dtype).eval()
 
 
+def count_forward_passes(policy, call) -> int:
+    """How many times the policy's language model (the decoder stack) runs a forward pass during `call()`."""
+    calls = 0
+
+    def hook(module, args) -> None:
+        nonlocal calls
+        calls += 1
+
+    handle = policy.backbone.language.register_forward_pre_hook(hook)
+    try:
+        call()
+    finally:
+        handle.remove()
+    return calls
+
+
 def _measure(name: str, preset: str, overrides: dict, image_size: int, chunk_len: int, repeats: int, dtype) -> list:
     policy = _policy(preset, overrides, chunk_len, dtype)
     batch = _batch(image_size)
@@ -49,12 +66,8 @@ def _measure(name: str, preset: str, overrides: dict, image_size: int, chunk_len
 
     with torch.no_grad():
         seconds = time_interleaved({d: new_chunk(d) for d in ("parallel", "autoregressive")}, repeats)
-    n_tokens = chunk_len * 2
-    rows = []
-    for decoding, s in seconds.items():
-        passes = 1 if decoding == "parallel" else n_tokens + 1 + int(policy.config.continuous_offset)
-        rows.append([name, decoding, passes, s * 1e3, chunk_len / s])
-    return rows
+        passes = {d: count_forward_passes(policy, new_chunk(d)) for d in seconds}  # one more call each, counted
+    return [[name, decoding, passes[decoding], s * 1e3, chunk_len / s] for decoding, s in seconds.items()]
 
 
 def run(cfg) -> dict:
