@@ -394,6 +394,27 @@ def score_turns(records: list[ConversationRecord], predict, progress: bool = Fal
             "examples": shown}
 
 
+class SceneOverlapError(ValueError):
+    """Held-out records show a scene (env, reset seed) that training saw."""
+
+
+def scene_keys(records: list[ConversationRecord]) -> set[tuple[str, int]]:
+    """(env id, reset seed) of each generated record's scene (records without them, e.g. hand-made ones, are left out)."""
+    return {(str(r.meta["env"]), int(r.meta["seed"])) for r in records if "env" in r.meta and "seed" in r.meta}
+
+
+def check_held_out(eval_records: list[ConversationRecord], trained: set[tuple[str, int]]) -> int:
+    """Raise `SceneOverlapError` (one line) when an eval record shows a scene in `trained` ((env id, seed) pairs: the
+    training records' `scene_keys`, robot datasets' episode seeds); returns how many eval scenes were checked."""
+    keys = scene_keys(eval_records)
+    shared = sorted(keys & set(trained))
+    if shared:
+        env_id, seed = shared[0]
+        raise SceneOverlapError(f"{len(shared)} of {len(keys)} held-out scenes were trained on (e.g. {env_id} seed {seed}): "
+                                f"generate the eval records from other seeds")
+    return len(keys)
+
+
 def blind_baseline(train_records: list[ConversationRecord], eval_records: list[ConversationRecord]) -> dict[str, Any]:
     """What answering without the image scores on `eval_records` (the language side's "no vision" baseline): a
     short question gets the most common training answer to the same question text (else to its kind), a grounding

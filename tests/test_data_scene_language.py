@@ -108,6 +108,24 @@ def test_grounding_scores_the_one_box_the_answer_gives():
     assert not score_answer(f"<|ref|>the red square<|/ref|><|det|>[{wrong}]<|/det|>", truth)
 
 
+def test_held_out_check_refuses_trained_scenes(tmp_path):
+    from envs.scene_language import SceneOverlapError, check_held_out, scene_keys
+
+    kwargs = dict(image_size=32, env_ids=["vla/PointNav-v0", "vla/ArmReach-v0"])
+    train = load_conversations(generate_scene_language(tmp_path / "train", "align", 4, seed=10, **kwargs))
+    held_out = load_conversations(generate_scene_language(tmp_path / "eval", "sft", 2, seed=20, **kwargs))
+    overlapping = load_conversations(generate_scene_language(tmp_path / "again", "sft", 2, seed=12, **kwargs))
+    trained = scene_keys(train)
+    assert trained == {("vla/PointNav-v0", 10), ("vla/ArmReach-v0", 11), ("vla/PointNav-v0", 12), ("vla/ArmReach-v0", 13)}
+    assert check_held_out(held_out, trained) == 2
+    with pytest.raises(SceneOverlapError, match="2 of 2 held-out scenes were trained on .e.g. vla/ArmReach-v0 seed 13"):
+        check_held_out(overlapping, trained)
+    # a robot dataset's episode seeds count as trained scenes of its env
+    with pytest.raises(SceneOverlapError, match="1 of 2"):
+        check_held_out(held_out, {("vla/ArmReach-v0", 21)})
+    assert check_held_out(held_out, {("vla/PointNav-v0", 21)}) == 2  # another env's seed 21 is another scene
+
+
 def test_scoring_and_boxes():
     assert to_det([0, 0, 64, 32], 64, 64) == [0, 0, 999, 500]
     truth = {"kind": "grounding", "det": [100, 100, 300, 300]}

@@ -170,14 +170,22 @@ def evaluate_policies(c: dict[str, Any], out: Path, policy_dir: str, roots: dict
     return results
 
 
-def evaluate_language(c: dict[str, Any], out: Path, policy_dir: str, lang: dict[str, Path]) -> dict[str, Any]:
+def evaluate_language(c: dict[str, Any], out: Path, policy_dir: str, lang: dict[str, Path],
+                      roots: dict[str, str] | None = None) -> dict[str, Any]:
     from backbone.grounding import draw_grounding
-    from envs.scene_language import blind_baseline, load_conversations
+    from envs.collect import read_collection_record
+    from envs.scene_language import blind_baseline, check_held_out, load_conversations, scene_keys
     from vla.checkpoints import load_vl2_for_chat
     from vla.vqa import answer, evaluate_scene_vqa
 
-    model, processor = load_vl2_for_chat(policy_dir)
     records = load_conversations(lang["eval"])
+    # held out for real: no eval scene is one a training stage or a robot dataset showed (refused otherwise)
+    trained = scene_keys([r for stage in ("align", "pretrain", "sft") for r in load_conversations(lang[stage], check_images=False)])
+    for root in (roots or {}).values():
+        record = read_collection_record(root) or {}
+        trained |= {(record["env_id"], int(s)) for s in record.get("episode_seeds", [])}
+    check_held_out(records, trained)
+    model, processor = load_vl2_for_chat(policy_dir)
     result = evaluate_scene_vqa(model, processor, records, progress=False)
     # the language side's "no vision" baseline: the most common training answer per question, the mean training box
     result["blind"] = blind_baseline([r for stage in ("pretrain", "sft") for r in load_conversations(lang[stage])], records)
@@ -373,7 +381,7 @@ def main(cfg) -> int:
 
     success = evaluate_policies(c, out, policy_dir, roots)
     clock.lap("policy + baseline rollouts")
-    language = evaluate_language(c, out, policy_dir, lang)
+    language = evaluate_language(c, out, policy_dir, lang, roots)
     clock.lap("scene VQA + grounding eval")
     route = routing(c, out, policy_dir, roots)
     plot_results(out, success, stage_dirs)
