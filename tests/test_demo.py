@@ -12,8 +12,14 @@ def test_demo_quick_writes_report_and_json(tmp_path, capsys):
     result = json.loads(last_line)
     for key in ("success", "baseline_success", "vqa_accuracy", "grounding_acc", "routing_nmi", "wall_s"):
         assert key in result, key
+    assert result["routing_measured_on"] == "training frames"
     assert set(result["success"]) == {"point2d", "arm3"}
-    assert all(0.0 <= v <= 1.0 for v in result["success"].values())
+    from vla.config import load_config
+    from vla.demo import _settings
+
+    episodes = int(_settings(load_config("demo", ["demo.quick=true"]))["eval_episodes"])
+    rates = [*result["success"].values(), *(v for s in result["baseline_success"].values() for v in s.values())]
+    assert len(rates) == 6 and all(0.0 <= v <= 1.0 and abs(v * episodes - round(v * episodes)) < 1e-9 for v in rates), rates
     assert set(result["baseline_success"]["arm3"]) == {"random", "no_vision"}
     assert 0.0 <= result["language_baseline"]["blind"]["vqa_accuracy"] <= 1.0
     assert "grounding" not in result["vqa_by_kind"] and all(0.0 <= v <= 1.0 for v in result["vqa_by_kind"].values())
