@@ -186,6 +186,27 @@ def test_every_bad_input_gets_an_error_and_the_connection_keeps_working(server, 
     other.close()
 
 
+def test_a_request_that_breaks_the_forward_pass_fails_alone(server, policy):
+    """A prompt too long for the model's context fails inside the batched forward pass: the batch is retried one
+    request at a time, so the good request that shared it still gets its actions. Frames over 4x the limit close
+    only their own connection."""
+    bad, good = client(server), client(server)
+    bad.send(observation("point2d") | {"prompt": "touch the blue circle " * 90})  # ~2,000 characters, > 512 tokens
+    good.send(observation("arm3"))
+    with pytest.raises(RemoteError, match="inference failed.*max_position_embeddings"):
+        bad.receive()
+    np.testing.assert_allclose(good.receive()["actions"], in_process_chunk(policy, observation("arm3")), atol=1e-4)
+    np.testing.assert_allclose(bad.infer(observation("point2d"))["actions"],
+                               in_process_chunk(policy, observation("point2d")), atol=1e-4)
+    from websockets.exceptions import ConnectionClosed
+
+    bad.ws.send(b"\0" * (4 * MAX_FRAME + 1))
+    with pytest.raises(ConnectionClosed):
+        bad.receive()
+    assert good.infer(observation("arm3"))["actions"].shape == (3, 3)
+    good.close()
+
+
 def test_two_embodiments_on_two_connections_at_once(server, policy):
     point, arm = client(server), client(server)
     obs_point, obs_arm = observation("point2d", seed=1), observation("arm3", seed=2)

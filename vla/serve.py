@@ -68,6 +68,7 @@ ACTION, STATE = "action", "observation.state"
 IMAGES = "observation.images."
 MODES = ("chunk", "step")
 ACTIVE_S = 1.0  # a connection counts as active (the batcher waits for it) this long after its last forward request
+TEXT_CACHE_LIMIT = 10_000  # tokenized prompts the policy may keep cached
 HARD_LIMIT_FACTOR = 4  # frames up to this x max_frame_bytes are read and refused; beyond, the library closes the link
 
 
@@ -470,7 +471,13 @@ class PolicyServer:
             for item in self._pending:
                 (batch if len(batch) < self.options.max_batch and item.request.frame_shape == first else rest).append(item)
             self._pending = rest
-            await self._run(batch)
+            try:
+                await self._run(batch)
+            except Exception as error:  # noqa: BLE001 - the batcher must outlive any bug: fail this batch only
+                log.error("batch of %d failed: %s: %s", len(batch), type(error).__name__, error)
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(RequestError(f"internal server error ({type(error).__name__})"))
 
     async def _run(self, items: list[_Item]) -> None:
         try:
@@ -491,6 +498,9 @@ class PolicyServer:
     def _infer(self, requests: list[Request]):
         """One forward pass (worker thread): normalized (H, A) chunks per request, and the milliseconds it took."""
         start = time.perf_counter()
+        cache = getattr(self.policy, "_text_cache", None)
+        if cache is not None and len(cache) > TEXT_CACHE_LIMIT:  # the policy caches every prompt it tokenized;
+            cache.clear()  # clients sending ever new prompts must not grow a long-running server without bound
         chunk = self.policy.predict_action_chunk(self.policy_batch(requests)).cpu()
         ms = (time.perf_counter() - start) * 1e3
         embs = [self.robots[r.embodiment].embodiment for r in requests]
