@@ -6,10 +6,10 @@
     )
     loader = make_mixture_loader(mixture, batch_size=32, seed=0, num_workers=2)
 
-Unlike lerobot's `MultiLeRobotDataset` no key is dropped and no stats are merged: every dataset keeps its cameras,
-action/state sizes, fps (action chunks use that dataset's own `delta_timestamps`) and its own `Normalizer`
-(`mixture.normalizers[i]`, also by name in `mixture.normalizer_for(embodiment)`), which is what a policy needs to
-unnormalize its actions for that robot. Action and state stats are computed from the data by default
+Unlike lerobot's `MultiLeRobotDataset` no key is dropped and no stats are merged across robots: every dataset keeps
+its cameras, action/state sizes, fps (action chunks use that dataset's own `delta_timestamps`) and its robot's
+`Normalizer` (`mixture.normalizers[i]`, also by name in `mixture.normalizer_for(embodiment)`), which is what a policy
+needs to unnormalize its actions for that robot. Action and state stats are computed from the data by default
 (`stats_source="data"`, exact quantiles); `stats_source="meta"` reads `meta/stats.json`, whose quantiles lerobot
 aggregates by averaging per-episode quantiles (see envs/normalize.py for how far off that can be).
 `cache_frames=True` keeps every frame in memory (uint8, 12 KB per 64x64 camera frame): datasets that store images in
@@ -33,9 +33,16 @@ Sample layout (with `pad=True`, the default, so the default collate stacks embod
 
 With `pad=False` tensors keep each dataset's own sizes and only the listed cameras that dataset has appear.
 
-Sampling: `MixtureSampler` draws dataset i with probability weight_i / sum(weights), then the next frame of a
-per-dataset permutation (reshuffled when used up), from `numpy.random.default_rng([seed, epoch])`. It runs in the
-main process and DataLoader workers only fetch the indices they are handed, so workers never duplicate samples.
+Sampling: one sampler for every training stream, `SourceSchedule`: global position -> (source, item). Source i is
+drawn with probability weight_i / sum(weights) and each source takes its items in epochs of its own (a fresh
+permutation per pass, so every frame is seen once before any is seen twice); a pure function of the position, so a
+run resumes on the next unseen sample and processes shard the stream. `MixtureSampler` (a torch Sampler over flat
+mixture indices) and the training stages (`vla train`: robot datasets plus scene VQA; `pretrain`: conversations plus
+text) all draw from it. It runs in the main process and DataLoader workers only fetch the indices they are handed,
+so workers never duplicate samples.
+
+Datasets of the same embodiment share one normalizer, with stats computed exactly over all their frames
+(`stats_source="data"`): a policy has one set of stats per robot, the one it trains with, saves and rolls out with.
 
 Errors name the dataset (and episode, frame and key where it applies): non-finite actions/states, missing stats,
 missing requested cameras, shapes that disagree with the embodiment or the stats, unknown embodiments.
@@ -143,6 +150,8 @@ class _Member:
         if self.has_state:
             modes[STATE] = state_mode
         stats = dict(meta.stats or {})
+        # the raw values the stats come from, kept until the mixture has merged the stats of same-robot datasets
+        self.stat_values = {key: table[key] for key in modes} if stats_source == "data" else None
         if stats_source == "data":  # exact quantiles (meta/stats.json averages per-episode ones; see envs/normalize.py)
             stats |= {key: feature_stats(table[key]) for key in modes}
         if not stats:
@@ -275,9 +284,32 @@ class MixtureDataset(torch.utils.data.Dataset):
         self.max_action_dim = max(m.embodiment.action_size for m in self.members)
         self.max_state_dim = max(m.embodiment.state_size for m in self.members)
         self._check_image_sizes()
+        self._share_stats_per_embodiment()
         self.offsets = np.cumsum([0] + [len(m) for m in self.members])
         # decoded frames kept in memory as uint8 (exact: they were uint8 before decoding); per process/worker
         self._frame_cache: dict[tuple[int, int], dict[str, Any]] | None = {} if cache_frames else None
+
+    def _share_stats_per_embodiment(self) -> None:
+        """Datasets of one robot get one normalizer, with stats computed over all their frames (exact quantiles): the
+        policy keeps one set of stats per robot, so training must normalize every dataset of that robot with it."""
+        by_robot: dict[str, list[_Member]] = {}
+        for member in self.members:
+            by_robot.setdefault(member.embodiment.name, []).append(member)
+        for name, group in by_robot.items():
+            if len(group) > 1:
+                labels = ", ".join(m.label for m in group)
+                if any(m.stat_values is None for m in group):
+                    raise DataError(f"{labels} are all embodiment {name!r}: their stats merge exactly only from the data "
+                                    f"(quantiles cannot be merged from meta/stats.json); use stats_source='data'")
+                modes = group[0].normalizer.modes
+                if any(m.normalizer.modes != modes for m in group):
+                    raise DataError(f"{labels} are all embodiment {name!r} but do not all have {sorted(modes)}")
+                stats = {key: feature_stats(np.concatenate([m.stat_values[key] for m in group])) for key in modes}
+                shared = Normalizer.from_stats(stats, modes, name=f"embodiment {name!r} ({labels})")
+                for member in group:
+                    member.normalizer = shared
+        for member in self.members:
+            member.stat_values = None
 
     def _check_image_sizes(self) -> None:
         if self.image_size is not None or not self.pad:
@@ -314,7 +346,7 @@ class MixtureDataset(torch.utils.data.Dataset):
         return [m.embodiment.name for m in self.members]
 
     def normalizer_for(self, embodiment: str) -> Normalizer:
-        """The normalizer of the (first) dataset of this embodiment."""
+        """The normalizer of this embodiment (shared by all its datasets)."""
         for member in self.members:
             if member.embodiment.name == embodiment:
                 return member.normalizer
@@ -406,19 +438,74 @@ class MixtureDataset(torch.utils.data.Dataset):
             raise DataError(f"{where}: non-finite {key!r}: {value.tolist()}")
 
 
+class SourceSchedule:
+    """The one sampler of the project: global stream position -> (source, item inside that source).
+
+    Source s is drawn with probability weights[s] / sum(weights) (uniform draws from numpy rng [seed, 104729, block],
+    `block` positions at a time); each source takes its items in epochs of its own: its n-th draw is item
+    perm_e[n % size] of a fresh permutation per epoch e = n // size (rng [seed, salts[s], e]), so every item is seen
+    once before any is seen twice. A pure function of the position: a run resumes on the next unseen sample, and
+    processes that share out the positions together see what one process sees."""
+
+    def __init__(self, sizes: Sequence[int], weights: Sequence[float], seed: int = 0, salts: Sequence[int] | None = None,
+                 names: Sequence[str] | None = None, block: int = 4096):
+        self.sizes = [int(n) for n in sizes]
+        names = list(names) if names is not None else [f"source {i}" for i in range(len(self.sizes))]
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != (len(self.sizes),) or np.any(w < 0) or not np.isfinite(w).all() or w.sum() <= 0:
+            raise ValueError(f"need one non-negative weight per source with a positive sum, got {w.tolist()}")
+        empty = [i for i, n in enumerate(self.sizes) if n == 0 and w[i] > 0]
+        if empty:
+            raise DataError(f"{names[empty[0]]}: has no items but a positive sampling weight")
+        self.probabilities = w / w.sum()
+        self.seed, self.block = seed, block
+        self.salts = list(salts) if salts is not None else [10 + i for i in range(len(self.sizes))]
+        self._cdf = np.cumsum(self.probabilities)
+        self._counts_before = [np.zeros(len(self.sizes), dtype=np.int64)]  # draws per source before block b
+        self._block_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, permutation)
+
+    def _choices(self, block: int) -> np.ndarray:
+        u = np.random.default_rng([self.seed, 104729, block]).random(self.block)
+        return np.minimum(np.searchsorted(self._cdf, u, side="right"), len(self.sizes) - 1)
+
+    def _block(self, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(source per position, earlier draws of the same source inside the block, draws per source before it)."""
+        while len(self._counts_before) <= block:
+            b = len(self._counts_before) - 1
+            self._counts_before.append(self._counts_before[b] + np.bincount(self._choices(b), minlength=len(self.sizes)))
+        if self._block_cache is None or self._block_cache[0] != block:
+            choices = self._choices(block)
+            onehot = choices[:, None] == np.arange(len(self.sizes))[None]
+            rank = (np.cumsum(onehot, axis=0) - onehot)[np.arange(self.block), choices]
+            self._block_cache = (block, choices, rank)
+        return self._block_cache[1], self._block_cache[2], self._counts_before[block]
+
+    def __call__(self, index: int) -> tuple[int, int]:
+        if index < 0:
+            raise IndexError(f"stream positions start at 0, got {index}")
+        block, pos = divmod(int(index), self.block)
+        choices, rank, before = self._block(block)
+        source = int(choices[pos])
+        draw = int(before[source] + rank[pos])
+        size = self.sizes[source]
+        epoch = draw // size
+        cached = self._perms.get(source)
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, np.random.default_rng([self.seed, self.salts[source], epoch]).permutation(size))
+            self._perms[source] = cached
+        return source, int(cached[1][draw % size])
+
+
 class MixtureSampler(torch.utils.data.Sampler[int]):
-    """Weighted, seeded sampler of flat mixture indices (see the module docstring); `set_epoch` reshuffles."""
+    """Flat mixture indices from `SourceSchedule` (datasets by weight, per-dataset epochs); epoch e of the sampler
+    is stream positions [e * num_samples, (e + 1) * num_samples), so `set_epoch` moves on to unseen frames."""
 
     def __init__(self, mixture: MixtureDataset, num_samples: int | None = None, seed: int = 0, weights: Sequence[float] | None = None):
-        self.sizes = [len(m) for m in mixture.members]
         self.offsets = mixture.offsets
-        weights = np.asarray(mixture.weights if weights is None else weights, dtype=np.float64)
-        if weights.shape != (len(self.sizes),) or np.any(weights < 0) or weights.sum() <= 0:
-            raise ValueError(f"need one non-negative weight per dataset with a positive sum, got {weights.tolist()}")
-        empty = [mixture.members[i].label for i, n in enumerate(self.sizes) if n == 0 and weights[i] > 0]
-        if empty:
-            raise DataError(f"{empty[0]}: has no frames but a positive sampling weight")
-        self.probabilities = weights / weights.sum()
+        self.schedule = SourceSchedule([len(m) for m in mixture.members], mixture.weights if weights is None else weights,
+                                       seed, names=[m.label for m in mixture.members])
+        self.probabilities = self.schedule.probabilities
         self.num_samples = int(num_samples if num_samples is not None else len(mixture))
         self.seed = seed
         self.epoch = 0
@@ -430,16 +517,10 @@ class MixtureSampler(torch.utils.data.Sampler[int]):
         return self.num_samples
 
     def __iter__(self) -> Iterator[int]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        choices = rng.choice(len(self.sizes), size=self.num_samples, p=self.probabilities)
-        permutations = [rng.permutation(n) if n else np.zeros(0, dtype=np.int64) for n in self.sizes]
-        cursors = [0] * len(self.sizes)
-        for which in choices:
-            if cursors[which] == self.sizes[which]:
-                permutations[which] = rng.permutation(self.sizes[which])
-                cursors[which] = 0
-            yield int(self.offsets[which] + permutations[which][cursors[which]])
-            cursors[which] += 1
+        start = self.epoch * self.num_samples
+        for position in range(start, start + self.num_samples):
+            which, local = self.schedule(position)
+            yield int(self.offsets[which] + local)
 
 
 def make_mixture_loader(

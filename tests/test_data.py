@@ -123,6 +123,75 @@ def test_stats_are_exact_whole_dataset_quantiles(tmp_path):
         MixtureDataset([root], stats_source="guess")
 
 
+def test_same_robot_datasets_share_exactly_merged_stats(tmp_path):
+    """Two point2d datasets of different ranges: one normalizer for the robot, with stats over all their frames,
+    used to normalize both in training and saved (per robot) with the policy."""
+    from envs.normalize import feature_stats
+
+    small = [[[0.1 * i, -0.1 * i] for i in range(10)]]
+    large = [[[2.0 + i, 5.0 - i] for i in range(10)], [[-3.0, 4.0]] * 6]
+    a, b = write_dataset(tmp_path / "a", small), write_dataset(tmp_path / "b", large)
+    mixture = MixtureDataset([a, b])
+    shared = mixture.normalizer_for("point2d")
+    assert mixture.normalizers[0] is mixture.normalizers[1] is shared
+    every = np.array([step for episodes in (small, large) for episode in episodes for step in episode])
+    expected = feature_stats(every)
+    assert {"q01", "q99"} <= set(shared.stats["action"])
+    for stat in shared.stats["action"]:  # the ones quantile normalization keeps
+        np.testing.assert_allclose(shared.stats["action"][stat], expected[stat], rtol=1e-6, atol=1e-6)
+    # both datasets' samples are normalized with the merged stats (a frame of `a` no longer maps by its own range)
+    raw = torch.tensor(every[0], dtype=torch.float32)
+    np.testing.assert_allclose(mixture[0]["action"][0].numpy(), shared.normalize("action", raw).numpy(), atol=1e-6)
+    assert abs(float(mixture[len(mixture) - 1]["action"][0, 0]) - float(shared.normalize("action", torch.tensor([-3.0, 4.0]))[0])) < 1e-6
+    # quantiles of several datasets cannot be merged from meta/stats.json
+    with pytest.raises(DataError, match="stats_source='data'"):
+        MixtureDataset([a, b], stats_source="meta")
+
+
+def test_source_schedule_weights_and_per_source_epochs():
+    """The one sampler: sources in proportion to their weights over thousands of draws, each source's items once
+    per epoch, the same draws for the same seed, a pure function of the position."""
+    from envs.mixture import SourceSchedule
+
+    sizes, weights = [7, 30, 5], [0.45, 0.15, 0.4]
+    schedule = SourceSchedule(sizes, weights, seed=3, block=64)
+    draws = [schedule(i) for i in range(6000)]
+    counts = np.bincount([s for s, _ in draws], minlength=3) / len(draws)
+    np.testing.assert_allclose(counts, weights, atol=0.02)
+    for source, size in enumerate(sizes):
+        items = [item for s, item in draws if s == source]
+        for epoch in range(len(items) // size):
+            assert sorted(items[epoch * size:(epoch + 1) * size]) == list(range(size)), (source, epoch)
+    fresh = SourceSchedule(sizes, weights, seed=3, block=64)
+    assert [fresh(i) for i in (5999, 17, 4000, 0)] == [draws[i] for i in (5999, 17, 4000, 0)]
+    assert [SourceSchedule(sizes, weights, seed=4, block=64)(i) for i in range(50)] != draws[:50]
+    with pytest.raises(DataError, match="no items"):
+        SourceSchedule([3, 0], [1.0, 1.0])
+
+
+def test_vla_stage_draws_robots_and_vqa_by_the_configured_weights(roots, tmp_path):
+    """The sampler training uses: `vla train stage=vla` with dataset weights 3:1 and vqa_ratio 0.25, counted over
+    a few thousand draws of the task's own stream; what `sample` returns follows it."""
+    from envs.scene_language import generate_scene_language
+    from vla.stages import StageContext, make_stage_task
+
+    generate_scene_language(tmp_path / "lang", "sft", 4, seed=0, image_size=IMAGE)
+    data = {"datasets": [{"root": str(roots["nav"]), "weight": 3}, {"root": str(roots["arm"]), "weight": 1}],
+            "chunk_len": 2, "vqa_path": str(tmp_path / "lang" / "sft.jsonl"), "vqa_ratio": 0.25}
+    task = make_stage_task(StageContext(name="vla", out_dir=tmp_path, data=data,
+                                        model_language={"hidden_size": 32, "num_hidden_layers": 1}))
+    sources = np.array([task.schedule(i)[0] for i in range(4000)])
+    np.testing.assert_allclose(np.bincount(sources, minlength=3) / len(sources), [0.5625, 0.1875, 0.25], atol=0.02)
+    for i in range(12):
+        sample, source = task.sample(i), sources[i]
+        assert ("_vqa" in sample) == (source == 2)
+        if source < 2:
+            assert sample["embodiment"] == ["point2d", "arm3"][source]
+    # every frame of the smaller dataset once before any twice
+    arm = [task.schedule(i)[1] for i in range(4000) if sources[i] == 1][: len(task.mixture.members[1])]
+    assert sorted(arm) == list(range(len(task.mixture.members[1])))
+
+
 def test_collected_stats_match_the_data(roots):
     dataset = load(roots["nav"])
     actions = np.stack([dataset[i]["action"].numpy() for i in range(len(dataset))])

@@ -71,3 +71,31 @@ def test_vla_stage_trains_saves_a_policy_and_resumes(data, tmp_path, capsys):
     assert sorted(resumed["losses"]) == [3, 4]
     for step in (3, 4):
         assert resumed["losses"][step] == pytest.approx(full[str(step)], abs=1e-5)
+
+
+def _vla_overrides(data, vqa_ratio):
+    return ["stage=vla", "seed=2", "stage.steps=3", "checkpoint.every=0", "log.progress=false", "log.tensorboard=false",
+            "log.plot=false", "stage.optim.lr=3e-3", "stage.schedule.warmup_steps=0",
+            "model.language={hidden_size: 64, num_hidden_layers: 2}",
+            f"stage.data={{datasets: [{{root: '{data / 'nav'}'}}, {{root: '{data / 'arm'}', weight: 2}}], chunk_len: 4, "
+            f"vqa_path: '{data / 'lang' / 'sft.jsonl'}', vqa_ratio: {vqa_ratio}}}"]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_vla_stage_two_processes_match_one(data, tmp_path, mode):
+    """stage=vla with co-training under torchrun (gloo): each term is a mean over the global step's units (action
+    tokens, answer tokens, sequences), and a micro-batch of conversations only goes through the wrapper too."""
+    from test_train import two_processes_match_one
+    from vla.stages import StageContext, make_stage_task
+
+    common = _vla_overrides(data, 0.4)
+    # the stream really holds a conversations-only micro-batch of one process and mixed ones (global batch 4 = 2 x 2)
+    ctx = StageContext(name="vla", out_dir=tmp_path / "probe", seed=2, model_language={"hidden_size": 64, "num_hidden_layers": 2},
+                       data={"datasets": [{"root": str(data / "nav")}, {"root": str(data / "arm"), "weight": 2}],
+                             "chunk_len": 4, "vqa_path": str(data / "lang" / "sft.jsonl"), "vqa_ratio": 0.4})
+    task = make_stage_task(ctx)
+    is_vqa = [task.schedule(i)[0] == 2 for i in range(12)]
+    halves = [is_vqa[i:i + 2] for i in range(0, 12, 2)]
+    assert [True, True] in halves and [False, False] in halves and any(sum(h) == 1 for h in halves), is_vqa
+
+    two_processes_match_one(tmp_path, common, mode)

@@ -44,6 +44,7 @@ from backbone.vision import layout_global_view, layout_image_tokens
 from heads.action_head import ActionQueries, OffsetHead, RouterPrior, StateProjection, action_losses
 from heads.action_tokenizer import ActionTokenizer
 from heads.embodiment import Embodiment, EmbodimentRegistry
+from vla.stages import next_token_loss, shifted_targets
 
 TEXT, IMAGE, STATE, ACTION, PAD = 0, 1, 2, 3, -1
 KIND_NAMES = {TEXT: "text", IMAGE: "image", STATE: "state", ACTION: "action", PAD: "pad"}
@@ -230,61 +231,127 @@ class VLAPolicy(nn.Module):
     # ---------------------------------------------------------------------------------------------------------------
     # training
     # ---------------------------------------------------------------------------------------------------------------
-    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Action-token loss (+ offset L1, + MoE balance loss, + co-trained VQA loss) and metrics."""
+    def forward(self, batch: dict[str, Any], return_terms: bool = False):
+        """Training loss and metrics of a batch of control steps (robot keys) and/or scene conversations (`vqa`).
+
+        The loss is a sum of terms, each a mean over its own units (`loss_weights` counts them): `action` (bin
+        cross-entropy, per real action token), `offset` (in-bin L1 x offset_loss_weight, per action token), `aux`
+        (MoE balance loss, per sequence), `vqa` (next-token loss on answers x vqa_loss_weight, per answer token).
+        `return_terms=True` returns ({term: mean}, metrics) so that the trainer can weigh each term by its units over
+        the global step (the same loss with any process count or accumulation); otherwise (summed loss, metrics).
+
+        Control steps and conversations go through the language model together, in one left-padded batch: every
+        micro-batch, whatever its mix (conversations only, too), runs the decoder layers once, so FSDP2 issues the
+        same collectives on every process."""
+        terms: dict[str, torch.Tensor] = {}
+        metrics: dict[str, float] = {}
+        robot = self._robot_targets(batch) if "observation.state" in batch else None
+        seq = self.build_sequences(batch, robot["bins"] if robot and self.config.decoding == "autoregressive" else None) \
+            if robot else None
+        vqa = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch["vqa"].items()} \
+            if batch.get("vqa") is not None else None
+        if seq is None and vqa is None:
+            raise ValueError("batch has neither robot keys ('observation.state') nor scene conversations ('vqa')")
+        parts = [] if seq is None else [(seq.inputs_embeds, seq.attention_mask, seq.block_ids, seq.embodiment_index)]
+        if vqa is not None:
+            embeds = self.backbone.prepare_inputs_embeds(vqa["input_ids"], vqa.get("images"), vqa.get("images_seq_mask"),
+                                                         vqa.get("images_spatial_crop"))
+            parts.append((embeds, vqa["attention_mask"].bool(), None, torch.full(embeds.shape[:2], -1, device=self.device)))
+        x_BTD, mask_BT, block_ids, emb_index = _stack_left_padded(parts)
+        out = self.backbone.language(inputs_embeds=x_BTD, attention_mask=mask_BT, block_ids=block_ids,
+                                     router_bias=self.router_prior(emb_index) if self.router_prior is not None else None,
+                                     compute_logits=False)
+        T, B_robot = x_BTD.shape[1], 0 if seq is None else seq.inputs_embeds.shape[0]
+        if seq is not None:
+            self._action_terms(out.hidden_states[:B_robot, T - seq.inputs_embeds.shape[1]:], seq, robot, terms, metrics)
+        if vqa is not None:
+            hidden = out.hidden_states[B_robot:, T - vqa["input_ids"].shape[1]:]
+            lm = next_token_loss(self.backbone.language.lm_head(hidden).float(), vqa)
+            terms["vqa"] = self.config.vqa_loss_weight * lm
+            metrics["vqa_loss"] = float(lm.detach())
+        if out.aux_loss is not None:  # one balance term per sequence, robot and conversation alike
+            terms["aux"] = out.aux_loss
+            metrics["aux_loss"] = float(out.aux_loss.detach())
+        metrics["tokens"] = float(mask_BT.sum())
+        if self.training:
+            # Every trainable parameter outside the decoder layers gets a gradient (0 where unused: the other robots'
+            # state projections, the action head on a conversations-only micro-batch): every process then reduces
+            # the same parameters (FSDP2 reduce-scatters only those with a gradient; DDP needs no unused-parameter
+            # search), and AdamW treats them alike with 1 or N processes.
+            first = next(iter(terms))
+            terms[first] = terms[first] + 0.0 * sum(p.sum() for p in self._outside_layers())
+        loss = sum(terms.values())
+        metrics["loss"] = float(loss.detach())
+        return (terms, metrics) if return_terms else (loss, metrics)
+
+    def loss_weights(self, batch: dict[str, Any]) -> dict[str, float]:
+        """Units each term of `forward` averages over in this batch (every term, 0 where it is absent)."""
+        weights = {"action": 0.0, "offset": 0.0, "aux": 0.0, "vqa": 0.0}
+        cfg = self.backbone.config.language
+        aux_on = self.training and cfg.aux_loss_alpha > 0 and cfg.scoring_func == "softmax" and any(
+            self.backbone.config.language.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+        if "observation.state" in batch:
+            embodiments = self._embodiments(batch, len(batch["observation.state"]))
+            is_pad = batch.get("action_is_pad")
+            n = sum(e.action_dim * (e.chunk_len if is_pad is None else int((~is_pad[b, : e.chunk_len].bool()).sum()))
+                    for b, e in enumerate(embodiments))
+            weights["action"] = float(n)
+            weights["offset"] = float(n) if self.config.continuous_offset else 0.0
+            weights["aux"] += float(len(embodiments)) if aux_on else 0.0
+        if batch.get("vqa") is not None:
+            weights["vqa"] = float((shifted_targets(batch["vqa"]) != -100).sum())
+            weights["aux"] += float(len(batch["vqa"]["input_ids"])) if aux_on else 0.0
+        return weights
+
+    def _robot_targets(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Per sample: target bins and in-bin offsets of its robot's H x A chunk, and weights (0 on padded steps)."""
         embodiments = self._embodiments(batch, len(batch["observation.state"]))
         actions, is_pad = batch["action"].to(self.device), batch.get("action_is_pad")
-        targets, offsets, weights = [], [], []
+        out: dict[str, Any] = {"embodiments": embodiments, "bins": [], "offsets": [], "weights": []}
         for b, emb in enumerate(embodiments):
             chunk = actions[b, : emb.chunk_len, : emb.action_dim]
             if chunk.shape[0] < emb.chunk_len:
                 raise ValueError(f"sample {b} ({emb.name}): action chunk has {chunk.shape[0]} steps, needs {emb.chunk_len}")
             bins, offs = self.binners[emb.name].encode_with_offsets(chunk.float())
             pad = is_pad[b, : emb.chunk_len].to(self.device) if is_pad is not None else torch.zeros(emb.chunk_len, dtype=torch.bool, device=self.device)
-            targets.append(bins)
-            offsets.append(offs)
-            weights.append((~pad).float()[:, None].expand(-1, emb.action_dim))
-        seq = self.build_sequences(batch, targets if self.config.decoding == "autoregressive" else None)
-        out = self.backbone.language(inputs_embeds=seq.inputs_embeds, attention_mask=seq.attention_mask,
-                                     block_ids=seq.block_ids, router_bias=self._router_bias(seq),
-                                     compute_logits=False)
-        hidden_ND, _ = self._action_hidden(out.hidden_states, seq)
+            out["bins"].append(bins)
+            out["offsets"].append(offs)
+            out["weights"].append((~pad).float()[:, None].expand(-1, emb.action_dim))
+        return out
+
+    def _action_terms(self, hidden_BTD: torch.Tensor, seq: SequenceBatch, robot: dict[str, Any],
+                      terms: dict[str, torch.Tensor], metrics: dict[str, float]) -> None:
+        """The action-token terms (and per-embodiment metrics) from the robot rows' hidden states."""
+        hidden_ND, _ = self._action_hidden(hidden_BTD, seq)
         bin_logits = self._bin_logits(hidden_ND)
-        target_N = torch.cat([t.reshape(-1) for t in targets])
-        weight_N = torch.cat([w.reshape(-1) for w in weights])
+        target_N = torch.cat([t.reshape(-1) for t in robot["bins"]])
+        weight_N = torch.cat([w.reshape(-1) for w in robot["weights"]])
         pred_offsets = self.offset_head(hidden_ND) if self.config.continuous_offset else None
-        losses = action_losses(bin_logits, target_N, weight_N, pred_offsets, torch.cat([o.reshape(-1) for o in offsets]).float(),
-                               self.config.target_sigma_bins)
-        loss = losses["action_ce"]
+        losses = action_losses(bin_logits, target_N, weight_N, pred_offsets,
+                               torch.cat([o.reshape(-1) for o in robot["offsets"]]).float(), self.config.target_sigma_bins)
+        terms["action"] = losses["action_ce"]
         if pred_offsets is not None:
-            loss = loss + self.config.offset_loss_weight * losses["offset_l1"]
-        if out.aux_loss is not None:
-            loss = loss + out.aux_loss
-            losses["aux_loss"] = out.aux_loss
-        if batch.get("vqa") is not None:
-            losses["vqa_loss"] = self.vqa_loss(batch["vqa"])
-            loss = loss + self.config.vqa_loss_weight * losses["vqa_loss"]
-        metrics = {k: float(v.detach()) for k, v in losses.items()}
-        metrics["loss"] = float(loss.detach())
-        metrics["tokens"] = float(seq.attention_mask.sum()) + (float(batch["vqa"]["attention_mask"].sum()) if batch.get("vqa") is not None else 0.0)
+            terms["offset"] = self.config.offset_loss_weight * losses["offset_l1"]
+        metrics.update({k: float(v.detach()) for k, v in losses.items()})
         # per-embodiment action loss, for logging
         ce_N = F.cross_entropy(bin_logits.detach().float(), target_N, reduction="none")
         start = 0
         per_emb: dict[str, list[float]] = {}
-        for emb, w in zip(embodiments, weights):
+        for emb, w in zip(robot["embodiments"], robot["weights"]):
             n = w.numel()
             per_emb.setdefault(emb.name, []).append(float((ce_N[start:start + n] * w.reshape(-1)).sum() / w.sum().clamp(min=1)))
             start += n
         metrics.update({f"loss/{name}": float(np.mean(v)) for name, v in per_emb.items()})
-        return loss, metrics
+
+    def _outside_layers(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters()
+                if p.requires_grad and not name.startswith("backbone.language.model.layers.")]
 
     def vqa_loss(self, vqa_batch: dict[str, Any]) -> torch.Tensor:
         """Next-token loss on the labelled (answer) tokens of a processor batch: co-training keeps the backbone able
         to answer questions about scenes."""
         batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in vqa_batch.items()}
-        out = self.backbone(**batch)
-        logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        return next_token_loss(self.backbone(**batch).logits, batch)
 
     def _router_bias(self, seq: SequenceBatch) -> dict[int, torch.Tensor] | None:
         return self.router_prior(seq.embodiment_index) if self.router_prior is not None else None
@@ -441,6 +508,23 @@ class VLAPolicy(nn.Module):
         if missing or unexpected:
             raise RuntimeError(f"{path / POLICY_WEIGHTS}: missing {missing}, unexpected {unexpected}")
         return policy.to(device).eval()
+
+
+def _stack_left_padded(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]]):
+    """Left-padded batches (inputs_embeds (B, T, D), attention_mask, block_ids or None, embodiment_index) stacked
+    into one, padded on the left to the longest T; block_ids None when no part has any."""
+    if len(parts) == 1:
+        return parts[0]
+    T = max(x.shape[1] for x, _, _, _ in parts)
+    pad = lambda t, value: F.pad(t, (0, 0) * (t.ndim - 2) + (T - t.shape[1], 0), value=value)  # noqa: E731
+    x = torch.cat([pad(x, 0.0) for x, _, _, _ in parts])
+    mask = torch.cat([pad(m, False) for _, m, _, _ in parts])
+    emb = torch.cat([pad(e, -1) for _, _, _, e in parts])
+    blocks = None
+    if any(b is not None for _, _, b, _ in parts):
+        blocks = torch.cat([pad(b if b is not None else torch.full(m.shape, -1, device=m.device), -1)
+                            for _, m, b, _ in parts])
+    return x, mask, blocks, emb
 
 
 def build_policy(config: VLAPolicyConfig, registry: EmbodimentRegistry, tokenizer: Tokenizer,

@@ -267,27 +267,6 @@ class ShardedBatches:
         self.next_index = int(state["next_index"])
 
 
-class EpochPermutation:
-    """Global index -> item index: a fresh permutation of the N items per epoch (numpy rng [seed, salt, epoch])."""
-
-    def __init__(self, size: int, seed: int, salt: int = 0):
-        if size <= 0:
-            raise StageTaskError("a data source is empty")
-        self.size, self.seed, self.salt = size, seed, salt
-        self._epoch, self._perm = -1, None
-
-    def __call__(self, index: int) -> int:
-        epoch = index // self.size
-        if epoch != self._epoch:
-            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, self.salt, epoch]).permutation(self.size)
-        return int(self._perm[index % self.size])
-
-
-def mix_choice(index: int, seed: int, ratio: float) -> bool:
-    """True for the fraction `ratio` of global indices (a pure function of the index: resumable, shardable)."""
-    return ratio > 0 and np.random.default_rng([seed, 7919, index]).random() < ratio
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # DeepSeek-VL2 stages: align, pretrain, sft
 # ------------------------------------------------------------------------------------------------------------------
@@ -354,6 +333,7 @@ class VL2StageTask:
 
     def __init__(self, ctx: StageContext):
         from backbone.processor import DeepseekVL2Processor
+        from envs.mixture import SourceSchedule
         from envs.scene_language import load_conversations
 
         self.name, self.ctx = ctx.name, ctx
@@ -366,8 +346,10 @@ class VL2StageTask:
             [a for r in self.records for a in r.answers if a.strip()]
         if self.data.text_ratio > 0 and not self.texts:
             raise StageTaskError("text_ratio > 0 but there are no text-only documents")
-        self._records_order = EpochPermutation(len(self.records), ctx.seed, salt=1)
-        self._texts_order = EpochPermutation(max(len(self.texts), 1), ctx.seed, salt=2)
+        # conversations and (text_ratio) text documents, each in epochs of its own
+        ratio = self.data.text_ratio if self.texts else 0.0
+        self._schedule = SourceSchedule([len(self.records), len(self.texts)], [1.0 - ratio, ratio], ctx.seed,
+                                        salts=[1, 2], names=["conversations", "text documents"])
         # Every parameter takes part in every step (see _keep_vision_in_graph): DDP need not search for unused ones.
         self.ddp_find_unused_parameters = False
         self.module.register_forward_hook(_keep_vision_in_graph, with_kwargs=True)
@@ -392,9 +374,10 @@ class VL2StageTask:
 
     def sample(self, index: int) -> dict[str, Any]:
         """The processed sample at global stream position `index` (a pure function of the index)."""
-        if mix_choice(index, self.ctx.seed, self.data.text_ratio):
-            return self._text_sample(self.texts[self._texts_order(index)])
-        record = self.records[self._records_order(index)]
+        source, item = self._schedule(index)
+        if source == 1:
+            return self._text_sample(self.texts[item])
+        record = self.records[item]
         return self.processor.process(record.conversation, [str(p) for p in record.images])
 
     def _text_sample(self, text: str) -> dict[str, Any]:
@@ -426,13 +409,7 @@ class VL2StageTask:
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         out = model(**batch, return_router=True)
-        labels = shifted_targets(batch)
-        logits = out.logits[:, :-1]
-        valid = labels != -100
-        # A mean over this micro-batch's supervised tokens (0 when none: the term then has weight 0).
-        lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                             reduction="sum") / valid.sum().clamp(min=1)
-        terms = {"lm": lm}
+        terms = {"lm": next_token_loss(out.logits, batch)}
         if out.aux_loss is not None:
             terms["aux"] = out.aux_loss
         metrics = {"router/load_entropy": expert_load_entropy(out.router, batch["attention_mask"])}
@@ -487,6 +464,15 @@ def _keep_vision_in_graph(module: nn.Module, args: tuple, kwargs: dict, output):
     if params:
         output.logits = output.logits + 0.0 * torch.stack([p.sum() for p in params]).sum()
     return output
+
+
+def next_token_loss(logits_BTV: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """The language loss of every stage (and of VQA co-training): cross-entropy of the next token, a mean over this
+    batch's supervised targets (`shifted_targets`; 0 when there are none: the term then has weight 0)."""
+    labels = shifted_targets(batch)
+    logits = logits_BTV[:, :-1]
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    return total / (labels != -100).sum().clamp(min=1)
 
 
 def shifted_targets(batch: dict[str, Any]) -> torch.Tensor:

@@ -308,8 +308,10 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         state = torch.load(path / ckpt.TRAINER_STATE, map_location="cpu", weights_only=False)
+        # strict=False: a parameter that had no gradient before the checkpoint has no optimizer state yet, as in
+        # the uninterrupted run
         set_optimizer_state_dict(self.task.module, optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
         scheduler.load_state_dict(state["scheduler"])
         batches.load_state_dict(state["data"])
         rngs = state["rng"]
@@ -393,7 +395,8 @@ class Trainer:
         weights = [task.loss_weights(b) if hasattr(task, "loss_weights") else None for b in micro]
         totals = self._global_totals(weights)
 
-        logged: dict[str, torch.Tensor] = {}
+        # every term the task declares, also where this process's micro-batches lack it (the reduce needs them all)
+        logged: dict[str, torch.Tensor] = {name: torch.zeros((), device=dist.device) for name in totals}
         metric_sums: dict[str, float] = {}
         tokens = 0.0
         for i, batch in enumerate(micro):
@@ -440,6 +443,8 @@ class Trainer:
         if weights[0] is None:
             return {}
         names = sorted(weights[0])
+        if any(sorted(w) != names for w in weights):
+            raise ValueError(f"loss_weights must name the same terms for every batch, got {[sorted(w) for w in weights]}")
         sums = torch.tensor([sum(w[n] for w in weights) for n in names], dtype=torch.float64)
         if self.dist.enabled:
             sums = sums.to(self.dist.device) if self.dist.device.type == "cuda" else sums

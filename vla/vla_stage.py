@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from heads.embodiment import Embodiment, EmbodimentRegistry
 from vla.policy import VLAPolicy, VLAPolicyConfig
-from vla.stages import (VL2_GROUPS, EpochPermutation, ShardedBatches, StageContext, StageTaskError, build_vl2_backbone,
-                        group_parameters, mix_choice, register_stage_task, vl2_module_group)
+from envs.mixture import MixtureDataset, SourceSchedule
+from vla.stages import (VL2_GROUPS, ShardedBatches, StageContext, StageTaskError, build_vl2_backbone, group_parameters,
+                        register_stage_task, vl2_module_group)
 
 HEAD_GROUP = "action_head"
 
@@ -64,7 +64,6 @@ class VLAStageTask:
 
     def __init__(self, ctx: StageContext):
         from backbone.processor import DeepseekVL2Processor
-        from envs.mixture import MixtureDataset
 
         self.name, self.ctx = ctx.name, ctx
         self.data = VLADataConfig(**ctx.data)
@@ -87,30 +86,29 @@ class VLAStageTask:
 
             self.vqa_records = load_conversations(self.data.vqa_path)
             self.processor = DeepseekVL2Processor(tokenizer, backbone.config.processor_config(mask_prompt=True))
-        weights = self.mixture.weights / self.mixture.weights.sum()
-        self._dataset_cdf = np.cumsum(weights)
-        self._orders = [EpochPermutation(len(m), ctx.seed, salt=10 + i) for i, m in enumerate(self.mixture.members)]
-        self._vqa_order = EpochPermutation(max(len(self.vqa_records), 1), ctx.seed, salt=3)
-        self.ddp_find_unused_parameters = True  # the router prior / other robots' state projections may sit idle
+        # one stream: each dataset by its weight, scene conversations at vqa_ratio, each source in epochs of its own
+        vqa_ratio = self.data.vqa_ratio if self.vqa_records else 0.0
+        weights = (1.0 - vqa_ratio) * self.mixture.weights / self.mixture.weights.sum()
+        self.schedule = SourceSchedule([len(m) for m in self.mixture.members] + [len(self.vqa_records)],
+                                       [*weights, vqa_ratio], ctx.seed,
+                                       salts=[10 + i for i in range(len(self.mixture.members))] + [3],
+                                       names=[m.label for m in self.mixture.members] + [str(self.data.vqa_path)])
+        self.ddp_find_unused_parameters = False  # VLAPolicy.forward gives every trainable parameter a gradient
 
     # ---- data --------------------------------------------------------------------------------------------------
     def sample(self, index: int) -> dict[str, Any]:
-        """Global stream position -> a robot sample (dataset by weight, then a per-dataset permutation) or, for the
-        `vqa_ratio` share, a scene conversation. A pure function of the index (resumable, shardable)."""
-        if self.vqa_records and mix_choice(index, self.ctx.seed, self.data.vqa_ratio):
-            which = self._vqa_order(index)
-            if which in self._vqa_cache:
-                return {"_vqa": self._vqa_cache[which]}
-            record = self.vqa_records[which]
-            processed = self.processor.process(record.conversation, [str(p) for p in record.images])
-            if self.data.cache_frames:
-                self._vqa_cache[which] = processed
-            return {"_vqa": processed}
-        rng = np.random.default_rng([self.ctx.seed, 104729, index])
-        which = int(np.searchsorted(self._dataset_cdf, rng.random(), side="right"))
-        which = min(which, len(self.mixture.members) - 1)
-        local = self._orders[which](index)
-        return self.mixture[int(self.mixture.offsets[which]) + local]
+        """Global stream position -> a robot sample or (the `vqa_ratio` share) a scene conversation, from
+        `self.schedule`. A pure function of the index (resumable, shardable)."""
+        source, item = self.schedule(index)
+        if source < len(self.mixture.members):
+            return self.mixture[int(self.mixture.offsets[source]) + item]
+        if item in self._vqa_cache:
+            return {"_vqa": self._vqa_cache[item]}
+        record = self.vqa_records[item]
+        processed = self.processor.process(record.conversation, [str(p) for p in record.images])
+        if self.data.cache_frames:
+            self._vqa_cache[item] = processed
+        return {"_vqa": processed}
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         robot = [s for s in samples if "_vqa" not in s]
@@ -132,13 +130,12 @@ class VLAStageTask:
         trainable = list(self.ctx.trainable) + ([HEAD_GROUP] if "all" in self.ctx.trainable else [])
         return group_parameters(self.module, classify, VL2_GROUPS + (HEAD_GROUP,), trainable, self.ctx.frozen, self.ctx.lr_mult)
 
+    def loss_weights(self, batch: dict[str, Any]) -> dict[str, float]:
+        return self.module.loss_weights(batch)
+
     def loss(self, model: nn.Module, batch: dict[str, Any]):
-        if "observation.state" not in batch:  # a micro-batch of scene conversations only
-            policy = model.module if hasattr(model, "module") else model
-            vqa = policy.vqa_loss(batch["vqa"])
-            return vqa, {"vqa_loss": float(vqa.detach()), "loss": float(vqa.detach()),
-                         "tokens": float(batch["vqa"]["attention_mask"].sum())}
-        return model(batch)
+        """Every micro-batch, conversations-only ones too, through `model` (the DDP / FSDP2 wrapper)."""
+        return model(batch, return_terms=True)
 
     def attach(self, optimizer: torch.optim.Optimizer):
         return self.module.backbone.language.attach_bias_update(optimizer)
