@@ -697,7 +697,7 @@ def checkpoint_dir(spec: str) -> str:
         spec = rest
     elif sep and prefix in ("remote", "random", "expert", "prior"):
         raise ValueError(f"vla serve needs policy=checkpoint:DIR, got {spec!r}")
-    if not spec:
+    if not spec or spec == "???":
         raise ValueError("vla serve needs policy=checkpoint:DIR")
     return spec
 
@@ -740,6 +740,9 @@ def main(cfg) -> int:
             loop.add_signal_handler(sig, server.stop)
         await server.serve(on_ready=ready)
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except OSError as error:  # address in use, no permission: one line, not a traceback
+        raise RuntimeError(f"cannot serve on {options.host}:{options.port}: {error}") from error
     print(f"vla serve: stopped ({server.batches} forward passes, {server.errors} errors)", flush=True)
     return 0
