@@ -175,6 +175,31 @@ class DSVLAPolicy(PreTrainedPolicy):
         return self.model.select_action(self._vla_batch(batch))[:, : self.config.action_dim]
 
     # ----------------------------------------------------------------------------------------------------------------
+    # PEFT (`lerobot-train --policy.path=CKPT --peft.method_type=LORA`)
+    # ----------------------------------------------------------------------------------------------------------------
+    def _get_default_peft_targets(self) -> dict[str, Any]:
+        """LoRA on the attention projections (MLA q / kv_a / kv_b / o), dense MLPs, shared experts and the vision
+        projector; the action head trains in full (`modules_to_save`) and so do the added vocabulary rows (action
+        bins, embodiment tokens) of the embedding and the LM head (`trainable_token_indices`). Vision tower, router
+        and routed experts stay frozen. See vla/lora.py."""
+        from vla.lora import default_peft_targets
+
+        return default_peft_targets(self.model, prefix="model.")
+
+    def _validate_peft_config(self, peft_config) -> None:
+        """A base checkpoint is required (lerobot's check), and every `--peft.target_modules` entry must name at
+        least one linear layer (one clear line otherwise)."""
+        super()._validate_peft_config(peft_config)
+        from vla.lora import lora_target_names
+
+        targets = peft_config.target_modules
+        if targets and targets != "all-linear":
+            entries = [targets] if isinstance(targets, str) else list(targets)
+            # names are relative to this policy ("model.backbone...."); suffixes and regular expressions work too
+            prefixed = [t[len("model."):] if isinstance(t, str) and t.startswith("model.") else t for t in entries]
+            lora_target_names(self.model, targets=prefixed)
+
+    # ----------------------------------------------------------------------------------------------------------------
     # saving / loading
     # ----------------------------------------------------------------------------------------------------------------
     def _save_pretrained(self, save_directory: Path, state_dict: dict[str, Tensor] | None = None) -> None:

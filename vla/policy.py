@@ -44,6 +44,7 @@ from backbone.vision import layout_global_view, layout_image_tokens
 from heads.action_head import ActionQueries, OffsetHead, RouterPrior, StateProjection, action_losses
 from heads.action_tokenizer import ActionTokenizer
 from heads.embodiment import Embodiment, EmbodimentRegistry
+from vla.lora import head_rows, is_adapter_checkpoint, load_adapter_policy
 from vla.stages import next_token_loss, shifted_targets
 
 TEXT, IMAGE, STATE, ACTION, PAD = 0, 1, 2, 3, -1
@@ -365,7 +366,7 @@ class VLAPolicy(nn.Module):
 
     def _bin_logits(self, hidden_ND: torch.Tensor) -> torch.Tensor:
         """Logits over the action bins only, through the LM head's action-token rows."""
-        return F.linear(hidden_ND, self.backbone.language.lm_head.weight[self.action_token_ids]).float()
+        return F.linear(hidden_ND, head_rows(self.backbone.language.lm_head, self.action_token_ids)).float()
 
     # ---------------------------------------------------------------------------------------------------------------
     # inference
@@ -497,6 +498,8 @@ class VLAPolicy(nn.Module):
         path = Path(path)
         if not (path / POLICY_CONFIG).is_file():
             raise FileNotFoundError(f"{path}: no {POLICY_CONFIG} (not a policy checkpoint)")
+        if is_adapter_checkpoint(path):  # a LoRA checkpoint: its base + the adapter
+            return load_adapter_policy(path, device)
         meta = json.loads((path / POLICY_CONFIG).read_text())
         backbone = load_deepseek_vl2(path / BACKBONE_DIR)
         tokenizer = load_tokenizer(path / BACKBONE_DIR)
