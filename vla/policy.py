@@ -116,6 +116,7 @@ class VLAPolicy(nn.Module):
         self.binners = {emb.name: ActionTokenizer({"q01": -np.ones(emb.action_dim), "q99": np.ones(emb.action_dim)},
                                                   n_bins=config.n_bins, name=emb.name) for emb in registry}
         self._text_cache: dict[str, list[int]] = {}
+        self.single_pass = False  # training: control steps and conversations in one language-model pass (FSDP2)
         self._queues: dict[int, deque] = {}
         self._ensemble: list[tuple[int, torch.Tensor]] = []
 
@@ -241,9 +242,10 @@ class VLAPolicy(nn.Module):
         `return_terms=True` returns ({term: mean}, metrics) so that the trainer can weigh each term by its units over
         the global step (the same loss with any process count or accumulation); otherwise (summed loss, metrics).
 
-        Control steps and conversations go through the language model together, in one left-padded batch: every
-        micro-batch, whatever its mix (conversations only, too), runs the decoder layers once, so FSDP2 issues the
-        same collectives on every process."""
+        Control steps and conversations run through the language model as two batches, or, with `single_pass` (set
+        for FSDP2, which needs every micro-batch to run the decoder layers once so that all processes issue the same
+        collectives), as one left-padded batch: the same numbers, but short control steps padded to the length of
+        the conversations."""
         terms: dict[str, torch.Tensor] = {}
         metrics: dict[str, float] = {}
         robot = self._robot_targets(batch) if "observation.state" in batch else None
@@ -258,22 +260,28 @@ class VLAPolicy(nn.Module):
             embeds = self.backbone.prepare_inputs_embeds(vqa["input_ids"], vqa.get("images"), vqa.get("images_seq_mask"),
                                                          vqa.get("images_spatial_crop"))
             parts.append((embeds, vqa["attention_mask"].bool(), None, torch.full(embeds.shape[:2], -1, device=self.device)))
-        x_BTD, mask_BT, block_ids, emb_index = _stack_left_padded(parts)
-        out = self.backbone.language(inputs_embeds=x_BTD, attention_mask=mask_BT, block_ids=block_ids,
-                                     router_bias=self.router_prior(emb_index) if self.router_prior is not None else None,
-                                     compute_logits=False)
-        T, B_robot = x_BTD.shape[1], 0 if seq is None else seq.inputs_embeds.shape[0]
+        hidden, aux_parts = [], []  # per part its (B, T_part, D) hidden states; per pass (aux loss, sequences)
+        for group in ([parts] if self.single_pass else [[part] for part in parts]):
+            x_BTD, mask_BT, block_ids, emb_index = _stack_left_padded(group)
+            out = self.backbone.language(inputs_embeds=x_BTD, attention_mask=mask_BT, block_ids=block_ids,
+                                         router_bias=self.router_prior(emb_index) if self.router_prior is not None else None,
+                                         compute_logits=False)
+            start = 0
+            for x, *_ in group:  # each part right-aligned in the pass's padded batch
+                hidden.append(out.hidden_states[start:start + len(x), x_BTD.shape[1] - x.shape[1]:])
+                start += len(x)
+            if out.aux_loss is not None:
+                aux_parts.append((out.aux_loss, len(x_BTD)))
         if seq is not None:
-            self._action_terms(out.hidden_states[:B_robot, T - seq.inputs_embeds.shape[1]:], seq, robot, terms, metrics)
+            self._action_terms(hidden[0], seq, robot, terms, metrics)
         if vqa is not None:
-            hidden = out.hidden_states[B_robot:, T - vqa["input_ids"].shape[1]:]
-            lm = next_token_loss(self.backbone.language.lm_head(hidden).float(), vqa)
+            lm = next_token_loss(self.backbone.language.lm_head(hidden[-1]).float(), vqa)
             terms["vqa"] = self.config.vqa_loss_weight * lm
             metrics["vqa_loss"] = float(lm.detach())
-        if out.aux_loss is not None:  # one balance term per sequence, robot and conversation alike
-            terms["aux"] = out.aux_loss
-            metrics["aux_loss"] = float(out.aux_loss.detach())
-        metrics["tokens"] = float(mask_BT.sum())
+        if aux_parts:  # one balance term per sequence (seq_aux), robot and conversation alike
+            terms["aux"] = sum(a * n for a, n in aux_parts) / sum(n for _, n in aux_parts)
+            metrics["aux_loss"] = float(terms["aux"].detach())
+        metrics["tokens"] = float(sum(m.sum() for _, m, _, _ in parts))
         if self.training:
             # Every trainable parameter outside the decoder layers gets a gradient (0 where unused: the other robots'
             # state projections, the action head on a conversations-only micro-batch): every process then reduces

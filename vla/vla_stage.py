@@ -16,6 +16,7 @@ checkpoint=DIR` and, through lerobot_policy_dsvla.save_policy_for_lerobot, lerob
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ import torch
 from torch import nn
 
 from heads.embodiment import Embodiment, EmbodimentRegistry
-from vla.policy import VLAPolicy, VLAPolicyConfig
+from vla.lora import apply_lora, load_adapter_weights, load_base_head, make_lora_config, save_adapter
+from vla.policy import BACKBONE_DIR, POLICY_CONFIG, VLAPolicy, VLAPolicyConfig
 from envs.mixture import MixtureDataset, SourceSchedule
 from vla.stages import (VL2_GROUPS, ShardedBatches, StageContext, StageTaskError, build_vl2_backbone, group_parameters,
                         register_stage_task, vl2_module_group)
@@ -69,7 +71,16 @@ class VLAStageTask:
         self.data = VLADataConfig(**ctx.data)
         if not self.data.datasets:
             raise StageTaskError("stage vla needs stage.data.datasets (LeRobotDataset roots or hub ids)")
-        backbone, tokenizer = build_vl2_backbone(ctx)
+        self.peft = dict(ctx.peft or {})
+        if self.peft.get("method") not in (None, "lora"):
+            raise StageTaskError(f"peft.method must be lora or null, got {self.peft['method']!r}")
+        if self.peft.get("method") and not ctx.init_from:
+            raise StageTaskError("peft.method=lora fine-tunes a trained model: set init_from (a policy checkpoint or "
+                                 "an official-format DeepSeek-VL2 folder)")
+        # init_from may be a policy checkpoint (a previous vla stage, a merged LoRA): its backbone/ and action head
+        policy_init = ctx.init_from and (Path(ctx.init_from) / POLICY_CONFIG).is_file()
+        backbone, tokenizer = build_vl2_backbone(
+            dataclasses.replace(ctx, init_from=str(Path(ctx.init_from) / BACKBONE_DIR)) if policy_init else ctx)
         tile = backbone.config.vision.image_size
         H_max = max(self.data.chunk_len.values()) if isinstance(self.data.chunk_len, dict) else int(self.data.chunk_len)
         self.mixture = MixtureDataset(self.data.datasets, action_horizon=H_max, action_norm=self.data.action_norm,
@@ -79,6 +90,15 @@ class VLAStageTask:
         stats = {emb: self.mixture.normalizer_for(emb).to_dict() for emb in registry.names()}
         policy_cfg = VLAPolicyConfig(**dict(ctx.options.get("policy", {})))
         self.module = VLAPolicy(policy_cfg, backbone, tokenizer, registry, stats)
+        if policy_init:
+            load_base_head(self.module, ctx.init_from)
+        self.lora_base = None
+        if self.peft.get("method") == "lora":
+            config = make_lora_config(self.module, r=int(self.peft.get("r") or 16), alpha=self.peft.get("alpha"),
+                                      dropout=float(self.peft.get("dropout") or 0.0),
+                                      targets=self.peft.get("target_modules"))
+            apply_lora(self.module, config)
+            self.lora_base = str(Path(ctx.init_from).resolve())
         self.vqa_records = []
         self._vqa_cache: dict[int, Any] = {}
         if self.data.vqa_path and self.data.vqa_ratio > 0:
@@ -125,6 +145,11 @@ class VLAStageTask:
 
     # ---- model -------------------------------------------------------------------------------------------------
     def parameter_groups(self):
+        if self.lora_base is not None:  # LoRA: peft decided (adapters, added token rows, the head; the rest frozen)
+            trainable = {n for n, p in self.module.named_parameters() if p.requires_grad}
+            return group_parameters(self.module, lambda n: "adapter" if n in trainable else "base",
+                                    ("adapter", "base"), ["adapter"], [], {})
+
         def classify(name: str) -> str:
             return vl2_module_group(name[len("backbone."):]) if name.startswith("backbone.") else HEAD_GROUP
         trainable = list(self.ctx.trainable) + ([HEAD_GROUP] if "all" in self.ctx.trainable else [])
@@ -144,6 +169,9 @@ class VLAStageTask:
         self.module.backbone.language.gradient_checkpointing = bool(on)
 
     def fsdp_units(self) -> list[nn.Module]:
+        """The decoder layers, each sharded on its own; every micro-batch then runs them once (`single_pass`), so
+        every process issues the same all-gathers whatever its mix of control steps and conversations."""
+        self.module.single_pass = True
         return list(self.module.backbone.language.model.layers)
 
     def describe(self) -> str:
@@ -154,9 +182,15 @@ class VLAStageTask:
 
     # ---- weights -----------------------------------------------------------------------------------------------
     def save_weights(self, directory: Path, state_dict: dict[str, torch.Tensor]) -> None:
+        if self.lora_base is not None:  # the adapter and the trained extras only (vla merge-lora makes a full one)
+            save_adapter(self.module, directory, base=self.lora_base, state_dict=state_dict)
+            return
         self.module.save(directory, state_dict=state_dict)
 
     def load_weights(self, directory: Path) -> None:
+        if self.lora_base is not None:
+            load_adapter_weights(self.module, directory)
+            return
         loaded = VLAPolicy.load(directory)
         self.module.load_state_dict(loaded.state_dict())
 
