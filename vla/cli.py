@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
     "collect": ("vla.collect", None, "run a scripted expert and write a LeRobotDataset v3"),
     "eval": ("vla.evaluate", None, "roll a policy out in gymnasium vector envs; JSON summary, markdown table, videos"),
     "train": ("vla.train", None, "train a stage: align, pretrain, sft, vla"),
+    "merge-lora": ("vla.merge_lora", "checkpoint", "fold a LoRA checkpoint into its base: a full policy folder"),
     "serve": ("vla.serve", None, "serve a policy checkpoint over websockets (openpi's protocol; openpi-client works)"),
 }
 

@@ -236,6 +236,16 @@ def load_adapter_policy(path: str | Path, device: str | torch.device = "cpu", ba
     return policy.to(device).eval()
 
 
+def load_adapter_weights(policy, path: str | Path) -> None:
+    """The adapter weights of checkpoint `path` into `policy`, which already carries the same adapters (resume)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    result = set_peft_model_state_dict(policy, load_file(str(Path(path) / ADAPTER_WEIGHTS)), adapter_name="default")
+    if getattr(result, "unexpected_keys", []):
+        raise LoraError(f"{path}: adapter weights do not fit this policy: {result.unexpected_keys[:3]}")
+
+
 def merge_lora(policy):
     """Fold the adapters, the trained token rows and the head copies into plain modules (in place); returns the
     plain VLAPolicy."""

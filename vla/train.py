@@ -43,7 +43,8 @@ def configs_from(cfg: DictConfig, dist) -> tuple[StageContext, TrainerConfig]:
         tokenizer=c.get("tokenizer"), tokenizer_vocab=int(c.get("tokenizer_vocab", 512)),
         trainable=list(stage.get("trainable") or ["all"]), frozen=list(stage.get("frozen") or []),
         lr_mult=dict(stage.get("lr_mult") or {}), data=dict(stage.get("data") or {}),
-        options=dict(stage.get("options") or {}), rank=dist.rank, world=dist.world, barrier=dist.barrier,
+        options=dict(stage.get("options") or {}), peft=dict(c.get("peft") or {}), rank=dist.rank, world=dist.world,
+        barrier=dist.barrier,
     )
     optim = dict(stage.get("optim") or {})
     optim["betas"] = tuple(optim.get("betas", (0.9, 0.95)))
