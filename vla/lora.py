@@ -108,6 +108,8 @@ def base_fingerprint(policy) -> str:
     for name, layer in policy.named_modules():
         if isinstance(layer, LoraLayer):
             weight = layer.get_base_layer().weight
+            if weight.is_meta:  # sizing on the meta device: no values to digest
+                return "meta"
             h.update(f"{name}:{tuple(weight.shape)}:{float(weight.detach().double().sum()):.6e};".encode())
     return h.hexdigest()[:16]
 
