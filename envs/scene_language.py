@@ -125,6 +125,51 @@ def caption(truth: dict[str, Any]) -> str:
     return sentence
 
 
+def record_truth(meta: dict[str, Any]) -> dict[str, Any]:
+    """The scene ground truth `caption` reads, from a generated record's meta."""
+    robot = {"vla/ArmReach-v0": "arm3"}.get(meta.get("env", ""), "")
+    return {"image_size": meta["image_size"], "objects": meta["objects"], "extras": meta.get("extras", []),
+            "embodiment": robot}
+
+
+def hard_negative_captions(truth: dict[str, Any], rng: np.random.Generator, count: int) -> list[str]:
+    """`count` captions of scenes that differ from `truth` only in what goes with what: two objects' colours or
+    shapes swapped (the words of the true caption, bound the other way), or one object recoloured / reshaped to one
+    the scene lacks. Against them, a caption is matched only by an image feature that binds colour, shape and place
+    per object (the contrastive vision stage's hard negatives)."""
+    positive = caption(truth)
+    objects = truth["objects"]
+
+    def edited(changes: dict[int, dict[str, str]]) -> str:
+        new = []
+        for i, o in enumerate(objects):
+            o = dict(o) | changes.get(i, {})
+            new.append(o | {"name": f"{o['colour']} {o['shape']}"})
+        return caption(truth | {"objects": new})
+
+    out: list[str] = []
+    for _ in range(50 * count):
+        if len(out) == count:
+            break
+        kind = int(rng.integers(4))
+        i, j = (int(k) for k in rng.choice(len(objects), size=2, replace=False)) if len(objects) >= 2 else (0, 0)
+        if kind == 0 and i != j:  # swap colours
+            text = edited({i: {"colour": objects[j]["colour"]}, j: {"colour": objects[i]["colour"]}})
+        elif kind == 1 and i != j and objects[i]["shape"] != objects[j]["shape"]:  # swap shapes
+            text = edited({i: {"shape": objects[j]["shape"]}, j: {"shape": objects[i]["shape"]}})
+        elif kind == 2:  # a colour the scene does not have
+            free = [c for c in COLOURS if c not in {o["colour"] for o in objects}]
+            text = edited({i: {"colour": free[int(rng.integers(len(free)))]}}) if free else positive
+        else:  # another shape
+            others = [sh for sh in SHAPES if sh != objects[i]["shape"]]
+            text = edited({i: {"shape": others[int(rng.integers(len(others)))]}})
+        if text != positive and text not in out:
+            out.append(text)
+    while len(out) < count:  # a scene too plain for `count` distinct edits: repeat the ones there are
+        out.append(out[len(out) % max(len(out), 1)] if out else positive)
+    return out
+
+
 @dataclass
 class Turn:
     """One question/answer pair; `meta` is the ground truth stored for scoring."""

@@ -111,7 +111,7 @@ class StageTaskError(RuntimeError):
 
 _FACTORIES: dict[str, Callable[[StageContext], Any]] = {}
 # Modules imported on demand to find a factory that is not registered yet.
-_PROVIDERS: dict[str, str] = {"vla": "vla.vla_stage"}
+_PROVIDERS: dict[str, str] = {"vla": "vla.vla_stage", "vision": "vla.vision_stage"}
 
 
 def register_stage_task(name: str, factory: Callable[[StageContext], Any]) -> None:

@@ -1,0 +1,86 @@
+"""Stage vision (vla/vision_stage.py): SigLIP's sigmoid contrastive loss on scene captions with hard negatives; its
+checkpoint is an official-format DeepSeek-VL2 folder that the next stage starts from, and it resumes exactly."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from vla.config import load_config
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_hard_negatives_change_only_what_goes_with_what(tmp_path):
+    from envs.scene import COLOURS, SHAPES
+    from envs.scene_language import (caption, generate_scene_language, hard_negative_captions, load_conversations,
+                                     record_truth)
+
+    words = set(COLOURS) | set(SHAPES)
+    path = generate_scene_language(tmp_path, "align", 12, seed=1, image_size=64, env_kwargs={"num_objects": [2, 4]})
+    for record in load_conversations(path):
+        truth = record_truth(record.meta)
+        positive = caption(truth)
+        assert positive == record.answers[0]  # the record's own caption, rebuilt from its meta
+        negatives = hard_negative_captions(truth, np.random.default_rng(0), 3)
+        assert len(set(negatives)) == 3 and positive not in negatives
+        skeleton = lambda text: re.sub("|".join(sorted(words)), "_", text)  # noqa: E731
+        for negative in negatives:
+            assert skeleton(negative) == skeleton(positive)  # same count, positions, robot: only colours / shapes
+            changed = [(a, b) for a, b in zip(positive.split(), negative.split()) if a != b]
+            assert 1 <= len(changed) <= 2 and all(a.strip(",.") in words for a, _ in changed)
+
+
+def _vision(out, steps, *extra):
+    from vla.train import run
+
+    return run(load_config("train", ["stage=vision", f"out={out}", f"stage.steps={steps}", "stage.data.generate=24",
+                                     "micro_batch=6", "checkpoint.every=2", "log.progress=false", "log.tensorboard=false",
+                                     "log.plot=false", "stage.optim.lr=3e-3", "stage.schedule.warmup_steps=0",
+                                     "stage.data.text_width=32", "stage.data.embed_dim=32", *extra]))
+
+
+def test_vision_stage_trains_the_tower_and_align_starts_from_it(tmp_path):
+    from backbone.deepseek_vl2 import load_deepseek_vl2
+    from vla.train import run
+
+    summary = _vision(tmp_path / "vision", 4)
+    losses = summary["losses"]
+    assert all(np.isfinite(v) for v in losses.values()) and losses[4] < losses[1]
+    header = (tmp_path / "vision" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"binding_acc", "retrieval_acc"} <= set(header)
+    trained = load_deepseek_vl2(summary["checkpoint"])
+    init = load_deepseek_vl2(summary["checkpoint"])  # the same folder read twice is the same model ...
+    tower = lambda m: torch.cat([p.flatten() for p in m.vision_encoder.vision.parameters()])  # noqa: E731
+    assert torch.equal(tower(trained), tower(init))
+    from vla.stages import StageContext, build_vl2_backbone  # ... and differs from a fresh random init
+    fresh, _ = build_vl2_backbone(StageContext(name="vision", out_dir=tmp_path, seed=0))
+    assert not torch.allclose(tower(trained), tower(fresh))
+    align = run(load_config("train", ["stage=align", f"out={tmp_path / 'align'}", f"init_from={summary['checkpoint']}",
+                                      "stage.steps=1", "stage.data.generate=4", "micro_batch=2", "checkpoint.every=0",
+                                      "log.progress=false", "log.tensorboard=false", "log.plot=false"]))
+    assert np.isfinite(align["final_loss"])
+
+
+def test_vision_stage_resumes_on_the_same_trajectory(tmp_path):
+    """A run that "died" after its step-2 checkpoint (a copy without the later ones) resumes on the same losses."""
+    import shutil
+
+    from test_train import _drop_after
+
+    full = _vision(tmp_path / "full", 4)["losses"]
+    shutil.copytree(tmp_path / "full", tmp_path / "part")
+    _drop_after(tmp_path / "part", 2)
+    resumed = _vision(tmp_path / "part", 4, "resume=true")["losses"]
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(full[step], abs=1e-5)

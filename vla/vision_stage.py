@@ -1,0 +1,216 @@
+"""Stage 0, `vla train stage=vision`: pretrain the SigLIP tower the way SigLIP was made, with a sigmoid image-text
+contrastive loss, on scene captions, before `align -> pretrain -> sft`.
+
+    vla train stage=vision out=runs/vision model.vision='{width: 64, layers: 4, heads: 4, mlp_dim: 128}'
+    vla train stage=align init_from=runs/vision/checkpoints/step-00002000 ...
+
+DeepSeek-VL2's tower is SigLIP-SO400M, trained contrastively on image-text pairs (an image tower with a multi-head
+attention pooling head, a text tower, the pairwise sigmoid loss of Zhai et al. 2023) before DeepSeek-VL2 ever saw
+it. This stage does the same at laptop scale: the backbone's tower (transformers' SiglipVisionModel) gets SigLIP's
+pooling head, a small SigLIP text tower reads the captions, and each image is scored against every caption of the
+batch plus `hard_negatives` captions of its own scene with two objects' colours or shapes swapped, or one object
+recoloured / reshaped (envs.scene_language.hard_negative_captions). A random caption is told apart by counting or
+by colour alone; a swapped one only by features that bind colour, shape and place per object, which is what
+scene questions ("What colour is the triangle?") need from the image tokens.
+
+Loss (sigmoid, SigLIP): logits_ij = exp(t) <img_i, txt_j> + b over the B images and the B (1 + K) captions, label
++1 for an image's own caption and -1 otherwise, loss = -sum_ij log sigmoid(label_ij logits_ij) / B. Metrics: the
+share of images whose own caption outscores all of its hard negatives (`binding_acc`), and of the whole batch's
+captions (`retrieval_acc`).
+
+A checkpoint is an official-format DeepSeek-VL2 folder (the trained tower, the rest as initialised, the tokenizer)
+that `align` starts from, plus `contrastive_heads.safetensors` (pooling head, text tower, t and b) for resuming.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import SiglipTextConfig, SiglipTextModel
+from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
+
+from envs.mixture import SourceSchedule
+from vla.stages import (ShardedBatches, StageContext, StageTaskError, build_vl2_backbone, group_parameters,
+                        register_stage_task)
+
+HEADS_FILE = "contrastive_heads.safetensors"
+GROUPS = ("vision_tower", "contrastive_heads")
+
+
+@dataclass
+class VisionDataConfig:
+    path: str | None = None  # generated-format JSONL with scene meta (objects, env); None = generate
+    generate: int = 2048  # records generated into <out>/data when path is None
+    image_size: int = 64
+    num_objects: tuple[int, int] = (2, 4)  # objects per generated scene
+    hard_negatives: int = 3  # per image: captions of its scene with what-goes-with-what changed
+    max_caption_tokens: int = 64
+    text_width: int = 128  # the text tower (SigLIP's, small): width, layers, heads
+    text_layers: int = 2
+    text_heads: int = 4
+    embed_dim: int = 128  # the joint embedding both towers project to
+
+
+class ContrastiveTowers(nn.Module):
+    """The backbone's SigLIP vision model (shared, not copied) + SigLIP's attention-pooling head + a SigLIP text
+    tower + the learned temperature t and bias b (initialised as in SigLIP: t = log 10, b = -10)."""
+
+    def __init__(self, vision: nn.Module, vocab_size: int, pad_id: int, data: VisionDataConfig):
+        super().__init__()
+        self.vision = vision
+        vision_config = vision.config
+        self.pool = SiglipMultiheadAttentionPoolingHead(vision_config)
+        self.image_proj = nn.Linear(vision_config.hidden_size, data.embed_dim)
+        self.text = SiglipTextModel(SiglipTextConfig(
+            vocab_size=vocab_size, hidden_size=data.text_width, intermediate_size=4 * data.text_width,
+            num_hidden_layers=data.text_layers, num_attention_heads=data.text_heads,
+            max_position_embeddings=data.max_caption_tokens, projection_size=data.embed_dim,
+            pad_token_id=pad_id, attention_dropout=0.0))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+
+    def embed_images(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
+        patches_BLC = self.vision(pixel_values=pixels_BCHW).last_hidden_state
+        return F.normalize(self.image_proj(self.pool(patches_BLC)), dim=-1)
+
+    def embed_texts(self, ids_NT: torch.Tensor) -> torch.Tensor:
+        # SigLIP's text tower pools the last position: captions are padded to a fixed length on the right
+        return F.normalize(self.text(input_ids=ids_NT).pooler_output, dim=-1)
+
+    def forward(self, pixels_BCHW: torch.Tensor, captions_NT: torch.Tensor, hard_negatives: int):
+        """Sigmoid loss of B images against N = B (1 + K) captions (own captions first, then each image's K hard
+        negatives, image by image); returns (loss, metrics)."""
+        img_BE, txt_NE = self.embed_images(pixels_BCHW), self.embed_texts(captions_NT)
+        logits_BN = img_BE @ txt_NE.T * self.logit_scale.exp() + self.logit_bias
+        B = img_BE.shape[0]
+        labels_BN = -torch.ones_like(logits_BN)
+        labels_BN[:, :B] += 2 * torch.eye(B, device=logits_BN.device)
+        loss = -F.logsigmoid(labels_BN * logits_BN).sum() / B
+        with torch.no_grad():
+            own = logits_BN[:, :B].diagonal()
+            negatives_BK = logits_BN[:, B:].reshape(B, B, hard_negatives)[torch.arange(B), torch.arange(B)] \
+                if hard_negatives else own[:, None] - 1
+            metrics = {"binding_acc": float((own[:, None] > negatives_BK).all(-1).float().mean()),
+                       "retrieval_acc": float((logits_BN[:, :B].argmax(-1) == torch.arange(B, device=own.device)).float().mean()),
+                       "logit_scale": float(self.logit_scale.exp())}
+        return loss, metrics
+
+
+class VisionStageTask:
+    """Contrastive pretraining of the backbone's vision tower on scene captions (see the module docstring)."""
+
+    def __init__(self, ctx: StageContext):
+        from envs.scene_language import load_conversations
+
+        self.name, self.ctx = ctx.name, ctx
+        data = dict(ctx.data)
+        if "num_objects" in data:
+            data["num_objects"] = tuple(data["num_objects"])
+        self.data = VisionDataConfig(**data)
+        self.backbone, self.tokenizer = build_vl2_backbone(ctx)
+        self.tile = self.backbone.config.vision.image_size
+        self.records = [r for r in load_conversations(self._data_path()) if r.meta.get("objects")]
+        if not self.records:
+            raise StageTaskError(f"stage vision: no records with scene meta (objects) in {self._data_path()}")
+        self.module = ContrastiveTowers(self.backbone.vision_encoder.vision, len(self.tokenizer), self.tokenizer.pad_id,
+                                        self.data)
+        self._schedule = SourceSchedule([len(self.records)], [1.0], ctx.seed, salts=[5], names=["scene captions"])
+        self.ddp_find_unused_parameters = False
+
+    # ---- data --------------------------------------------------------------------------------------------------
+    def _data_path(self) -> Path:
+        if self.data.path:
+            return Path(self.data.path)
+        from envs.scene_language import generate_scene_language
+
+        out = self.ctx.out_dir / "data"
+        path, marker = out / "vision.jsonl", out / "vision.done.json"
+        spec = {"count": self.data.generate, "seed": self.ctx.seed, "image_size": self.data.image_size,
+                "num_objects": list(self.data.num_objects)}
+        if self.ctx.rank == 0 and not (marker.is_file() and json.loads(marker.read_text()) == spec):
+            generated = generate_scene_language(out, "align", self.data.generate, seed=self.ctx.seed,
+                                                image_size=self.data.image_size,
+                                                env_kwargs={"num_objects": list(self.data.num_objects)})
+            generated.rename(path)
+            marker.write_text(json.dumps(spec))
+        self.ctx.barrier()
+        return path
+
+    def _encode_caption(self, text: str) -> torch.Tensor:
+        ids = self.tokenizer.encode(text)[: self.data.max_caption_tokens - 1] + [self.tokenizer.eos_id]
+        return torch.tensor(ids + [self.tokenizer.pad_id] * (self.data.max_caption_tokens - len(ids)))
+
+    def sample(self, index: int) -> dict[str, Any]:
+        """The image (one tile, [-1, 1]), its caption and its hard negatives (token ids, right padded)."""
+        from PIL import Image
+
+        from envs.scene_language import caption, hard_negative_captions, record_truth
+
+        record = self.records[self._schedule(index)[1]]
+        image = torch.from_numpy(np.array(Image.open(record.images[0]).convert("RGB"))).permute(2, 0, 1).float() / 255
+        if image.shape[-2:] != (self.tile, self.tile):
+            image = F.interpolate(image[None], size=(self.tile, self.tile), mode="bilinear", antialias=True)[0]
+        truth = record_truth(record.meta)
+        rng = np.random.default_rng([self.ctx.seed, 31337, index])
+        texts = [caption(truth)] + hard_negative_captions(truth, rng, self.data.hard_negatives)
+        return {"pixels": image * 2 - 1, "captions": torch.stack([self._encode_caption(t) for t in texts])}
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        captions = torch.stack([s["captions"] for s in samples])  # (B, 1 + K, T)
+        return {"pixels": torch.stack([s["pixels"] for s in samples]),
+                "captions": torch.cat([captions[:, 0], captions[:, 1:].reshape(-1, captions.shape[-1])])}
+
+    def batches(self, rank: int, world: int, micro_batch: int) -> ShardedBatches:
+        return ShardedBatches(self.sample, self.collate, rank, world, micro_batch)
+
+    # ---- model -------------------------------------------------------------------------------------------------
+    def parameter_groups(self):
+        classify = lambda name: "vision_tower" if name.startswith("vision.") else "contrastive_heads"  # noqa: E731
+        trainable = ["vision_tower", "contrastive_heads"] if "all" in self.ctx.trainable else list(self.ctx.trainable)
+        return group_parameters(self.module, classify, GROUPS, trainable, self.ctx.frozen, self.ctx.lr_mult)
+
+    def loss_weights(self, batch: dict[str, Any]) -> dict[str, float]:
+        return {"loss": float(len(batch["pixels"]))}
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]):
+        return model(batch["pixels"], batch["captions"], self.data.hard_negatives)
+
+    def describe(self) -> str:
+        return (f"stage vision: {len(self.records)} scenes ({self.data.num_objects[0]}-{self.data.num_objects[1]} "
+                f"objects), each against its caption, the batch's and {self.data.hard_negatives} hard negatives")
+
+    # ---- weights -----------------------------------------------------------------------------------------------
+    def save_weights(self, directory: Path, state_dict: dict[str, torch.Tensor]) -> None:
+        """The backbone with this tower, as an official-format folder + tokenizer; the heads beside it."""
+        from backbone.checkpoint import write_checkpoint
+        from backbone.convert import deepseek_vl2_to_official
+
+        backbone = {k: v for k, v in self.backbone.state_dict().items()}
+        backbone |= {f"vision_encoder.vision.{k[len('vision.'):]}": v for k, v in state_dict.items() if k.startswith("vision.")}
+        write_checkpoint(directory, self.backbone.config.to_official(), deepseek_vl2_to_official(backbone))
+        self.tokenizer.save(directory)
+        heads = {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if not k.startswith("vision.")}
+        save_file(heads, str(Path(directory) / HEADS_FILE))
+
+    def load_weights(self, directory: Path) -> None:
+        from backbone.checkpoint import load_into, read_safetensors
+        from backbone.convert import deepseek_vl2_from_official
+
+        state = deepseek_vl2_from_official(read_safetensors(directory), self.backbone.config.language.n_routed_experts)
+        load_into(self.backbone, state, str(directory))
+        self.backbone.vision_encoder.reset_buffers()
+        missing, unexpected = self.module.load_state_dict(load_file(str(Path(directory) / HEADS_FILE)), strict=False)
+        if unexpected or [k for k in missing if not k.startswith("vision.")]:
+            raise StageTaskError(f"{directory / HEADS_FILE}: missing {missing}, unexpected {unexpected}")
+
+
+register_stage_task("vision", VisionStageTask)
