@@ -15,6 +15,7 @@ configs/stage/<stage>.yaml (the `stage.*` keys).
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ def configs_from(cfg: DictConfig, dist) -> tuple[StageContext, TrainerConfig]:
         trainable=list(stage.get("trainable") or ["all"]), frozen=list(stage.get("frozen") or []),
         lr_mult=dict(stage.get("lr_mult") or {}), data=dict(stage.get("data") or {}),
         options=dict(stage.get("options") or {}), peft=dict(c.get("peft") or {}), rank=dist.rank, world=dist.world,
-        barrier=dist.barrier,
+        barrier=dist.barrier, meta_init=dist.enabled and c["distributed"] == "fsdp",
     )
     optim = dict(stage.get("optim") or {})
     optim["betas"] = tuple(optim.get("betas", (0.9, 0.95)))
@@ -67,6 +68,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.threads))
     for module in cfg.get("import_modules") or []:
         importlib.import_module(module)  # may register stage tasks
+    if str(cfg.get("distributed")) == "fsdp" and "WORLD_SIZE" not in os.environ:
+        raise ValueError("distributed=fsdp shards the model over processes started by torchrun: run "
+                         "`torchrun --nproc-per-node N -m vla.train ... distributed=fsdp` (one process: drop it)")
     dist = init_distributed(str(cfg.device))
     ctx, trainer_config = configs_from(cfg, dist)
     trainer_config.out_dir.mkdir(parents=True, exist_ok=True)

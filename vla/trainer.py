@@ -262,6 +262,14 @@ class Trainer:
         for unit in units:
             fully_shard(unit)
         fully_shard(module)
+        init = getattr(self.task, "meta_init", None)
+        if init is not None:  # built on meta: allocate this process's shards and read them from the files
+            from vla.fsdp_load import load_sharded
+
+            load_sharded(module, init, self.dist.device)
+            self.task.meta_init = None
+            self.say(f"FSDP2 from the meta device: each process read its own shards from "
+                     f"{', '.join(str(f) for _, f in init.folders)}")
         return module
 
     def _sync_context(self, model: nn.Module, last_micro: bool):
@@ -328,10 +336,15 @@ class Trainer:
         self.say(f"freezing plan ({task.name}):\n{format_freezing_plan(groups)}")
 
         resume_from = self._find_resume() if cfg.resume else None
+        on_meta = getattr(task, "meta_init", None) is not None  # FSDP2 from the meta device: _wrap loads the shards
         if resume_from is not None:
-            task.load_weights(resume_from)  # into the plain module, before wrapping / sharding
+            if on_meta:
+                task.meta_init = task.meta_source(resume_from)
+            else:
+                task.load_weights(resume_from)  # into the plain module, before wrapping / sharding
             self.say(f"resuming from {resume_from}")
-        task.module.to(dist.device)
+        if not on_meta:
+            task.module.to(dist.device)
         task.module.train()
         if hasattr(task, "set_activation_checkpointing"):
             task.set_activation_checkpointing(cfg.activation_checkpointing)

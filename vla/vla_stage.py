@@ -26,7 +26,7 @@ from torch import nn
 
 from heads.embodiment import Embodiment, EmbodimentRegistry
 from vla.lora import apply_lora, load_adapter_weights, load_base_head, make_lora_config, save_adapter
-from vla.policy import BACKBONE_DIR, POLICY_CONFIG, VLAPolicy, VLAPolicyConfig
+from vla.policy import BACKBONE_DIR, POLICY_CONFIG, POLICY_WEIGHTS, VLAPolicy, VLAPolicyConfig
 from envs.mixture import MixtureDataset, SourceSchedule
 from vla.stages import (VL2_GROUPS, ShardedBatches, StageContext, StageTaskError, build_vl2_backbone, group_parameters,
                         register_stage_task, vl2_module_group)
@@ -61,6 +61,14 @@ def registry_from_mixture(mixture, chunk_len: int | dict[str, int], norm_mode: s
     return registry
 
 
+def _has_token(tokenizer, token: str) -> bool:
+    try:
+        tokenizer.token_id(token)
+        return True
+    except KeyError:
+        return False
+
+
 class VLAStageTask:
     """The policy as the trainer's module; robot samples (and VQA samples) in one deterministic stream."""
 
@@ -79,8 +87,12 @@ class VLAStageTask:
                                  "an official-format DeepSeek-VL2 folder)")
         # init_from may be a policy checkpoint (a previous vla stage, a merged LoRA): its backbone/ and action head
         policy_init = ctx.init_from and (Path(ctx.init_from) / POLICY_CONFIG).is_file()
-        backbone, tokenizer = build_vl2_backbone(
-            dataclasses.replace(ctx, init_from=str(Path(ctx.init_from) / BACKBONE_DIR)) if policy_init else ctx)
+        # FSDP2 from the meta device: from a policy checkpoint whose vocabulary already holds the action tokens (no
+        # new rows to initialize from the full embedding) and without LoRA; otherwise each process builds it all
+        meta = bool(ctx.meta_init and policy_init and not self.peft.get("method"))
+        backbone_ctx = dataclasses.replace(ctx, meta_init=meta, init_from=str(Path(ctx.init_from) / BACKBONE_DIR)) \
+            if policy_init else dataclasses.replace(ctx, meta_init=False)
+        backbone, tokenizer = build_vl2_backbone(backbone_ctx)
         tile = backbone.config.vision.image_size
         H_max = max(self.data.chunk_len.values()) if isinstance(self.data.chunk_len, dict) else int(self.data.chunk_len)
         self.mixture = MixtureDataset(self.data.datasets, action_horizon=H_max, action_norm=self.data.action_norm,
@@ -89,8 +101,17 @@ class VLAStageTask:
         registry = registry_from_mixture(self.mixture, self.data.chunk_len, self.data.action_norm)
         stats = {emb: self.mixture.normalizer_for(emb).to_dict() for emb in registry.names()}
         policy_cfg = VLAPolicyConfig(**dict(ctx.options.get("policy", {})))
+        if meta and not all(_has_token(tokenizer, t) for t in registry.special_tokens(policy_cfg.n_bins)):
+            meta = False  # new vocabulary rows (initialized from the full embedding): the full model on every process
+            backbone, tokenizer = build_vl2_backbone(dataclasses.replace(backbone_ctx, meta_init=False))
         self.module = VLAPolicy(policy_cfg, backbone, tokenizer, registry, stats)
-        if policy_init:
+        self.meta_init = None
+        if meta:  # the head as built here (its file overrides where it fits), the backbone from the checkpoint
+            from vla.fsdp_load import snapshot_to_meta
+
+            self._extras = snapshot_to_meta(self.module, skip_prefix="backbone.")
+            self.meta_init = self.meta_source(Path(ctx.init_from))
+        elif policy_init:
             load_base_head(self.module, ctx.init_from)
         self.lora_base = None
         if self.peft.get("method") == "lora":
@@ -186,6 +207,14 @@ class VLAStageTask:
             save_adapter(self.module, directory, base=self.lora_base, state_dict=state_dict)
             return
         self.module.save(directory, state_dict=state_dict)
+
+    def meta_source(self, directory: Path):
+        """FSDP2 from the meta device: a policy checkpoint's backbone/ (official format) and head file."""
+        from vla.fsdp_load import MetaInit
+
+        return MetaInit(folders=[("backbone.", Path(directory) / BACKBONE_DIR)],
+                        files=[("", Path(directory) / POLICY_WEIGHTS)], extras=dict(getattr(self, "_extras", {})),
+                        num_experts=self.module.backbone.config.language.n_routed_experts)
 
     def load_weights(self, directory: Path) -> None:
         if self.lora_base is not None:

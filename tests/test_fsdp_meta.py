@@ -1,0 +1,95 @@
+"""FSDP2 from the meta device (vla/fsdp_load.py): under 2 gloo processes each rank builds the model on meta, shards it
+and reads only its own shards; the gathered model equals the single-process load exactly, and training from an
+official-format folder / a policy checkpoint gives the losses of one process. `distributed=fsdp` without torchrun
+fails with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET = ["log.progress=false", "log.tensorboard=false", "log.plot=false"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_meta_load_under_two_processes_equals_the_single_process_model(tmp_path):
+    from backbone.deepseek_vl2 import load_deepseek_vl2
+    from benchmarks.fsdp import run_workers, write_model
+
+    torch.manual_seed(0)
+    write_model(tmp_path / "model", {"vocab_size": 300, "num_hidden_layers": 3})
+    (tmp_path / "out").mkdir()
+    reports = run_workers(tmp_path / "model", tmp_path / "out", gather=True, timeout=300)
+    assert [r["rank"] for r in reports] == [0, 1]
+    assert reports[0]["shard_bytes"] < sum(r["shard_bytes"] for r in reports)  # each holds a part
+    gathered = torch.load(tmp_path / "out" / "full.pt")
+    reference = load_deepseek_vl2(tmp_path / "model").state_dict()
+    assert set(gathered) == set(reference)
+    for key, value in reference.items():
+        assert torch.equal(gathered[key], value), key
+
+
+def _torchrun(out: Path, *args: str) -> tuple[dict[int, float], str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "vla.train",
+           f"out={out}", *args]
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    losses = {int(k): v for k, v in json.loads((out / "summary.json").read_text())["losses"].items()}
+    return losses, result.stdout
+
+
+def test_fsdp_from_an_official_folder_matches_one_process(tmp_path):
+    from vla.config import load_config
+    from vla.train import run
+
+    common = ["stage=pretrain", "stage.data.generate=16", "checkpoint.every=0", *QUIET, "stage.optim.lr=3e-3",
+              "stage.schedule.kind=constant", "stage.schedule.warmup_steps=0"]
+    base = run(load_config("train", [*common, f"out={tmp_path / 'base'}", "stage.steps=1", "micro_batch=4"]))["checkpoint"]
+    common += [f"init_from={base}", "stage.steps=3"]
+    two, stdout = _torchrun(tmp_path / "two", *common, "micro_batch=2", "distributed=fsdp")
+    assert "FSDP2 from the meta device" in stdout
+    one = run(load_config("train", [*common, f"out={tmp_path / 'one'}", "micro_batch=4"]))["losses"]
+    for step in (1, 2, 3):
+        assert abs(two[step] - one[step]) < 1e-5, (step, two[step], one[step])
+
+
+def test_fsdp_vla_stage_from_a_policy_checkpoint_matches_one_process(tmp_path):
+    from envs.collect import collect_dataset
+    from vla.config import load_config
+    from vla.train import run
+
+    collect_dataset("vla/PointNav-v0", tmp_path / "nav", 2, image_size=32, progress=False)
+    common = ["stage=vla", "checkpoint.every=0", *QUIET, "stage.optim.lr=3e-3", "stage.schedule.kind=constant",
+              "stage.schedule.warmup_steps=0", "model.language={hidden_size: 64, num_hidden_layers: 2}",
+              f"stage.data={{datasets: [{{root: '{tmp_path / 'nav'}'}}], chunk_len: 4}}"]
+    base = run(load_config("train", [*common, f"out={tmp_path / 'base'}", "stage.steps=1", "micro_batch=4"]))["checkpoint"]
+    common += [f"init_from={base}", "stage.steps=2"]
+    two, stdout = _torchrun(tmp_path / "two", *common, "micro_batch=2", "distributed=fsdp")
+    assert "FSDP2 from the meta device" in stdout
+    one = run(load_config("train", [*common, f"out={tmp_path / 'one'}", "micro_batch=4"]))["losses"]
+    for step in (1, 2):
+        assert abs(two[step] - one[step]) < 1e-5, (step, two[step], one[step])
+
+
+def test_fsdp_without_torchrun_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    from vla.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["train", "stage=pretrain", f"out={tmp_path}", "distributed=fsdp", "stage.steps=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "torchrun" in err and "distributed=fsdp" in err

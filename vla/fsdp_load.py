@@ -1,0 +1,252 @@
+"""FSDP2 from the meta device: every process builds the model on `meta` (no memory), shards it with `fully_shard`,
+allocates only its own shards (`to_empty`) and fills them from the checkpoint files, one group of tensors at a
+time (a decoder layer, a vision block, or one tensor), so that no process - rank 0 included - ever holds the full
+model.
+
+Sources: official-format DeepSeek-VL2 folders (single or sharded safetensors; a trainer checkpoint of a VL stage, or
+a policy checkpoint's `backbone/`), converted group by group with `backbone.convert.deepseek_vl2_from_official`
+(the only key surgery), plus safetensors files already in the module's naming (a policy's
+`policy_head.safetensors`) and `extras` (values built in memory, e.g. a fresh action head).
+
+Each safetensors file is opened (memory-mapped) per group and closed after it, so the pages read do not accumulate
+in the process's resident memory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+
+@dataclass
+class MetaInit:
+    """Where the weights of a module built on `meta` come from (applied in order: extras, files, folders)."""
+
+    folders: list[tuple[str, Path]] = field(default_factory=list)  # (key prefix in the module, official folder)
+    files: list[tuple[str, Path]] = field(default_factory=list)  # (key prefix, safetensors in the module's naming)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # full name -> value (CPU)
+    num_experts: int | None = None
+
+
+def snapshot_to_meta(module: nn.Module, skip_prefix: str) -> dict[str, torch.Tensor]:
+    """Values of every parameter and buffer not on `meta` and not under `skip_prefix` (copied to CPU); the module
+    then moves to `meta` entirely (so that FSDP2 shards one kind of tensor)."""
+    extras = {}
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if not tensor.is_meta and not name.startswith(skip_prefix):
+            extras[name] = tensor.detach().cpu().clone()
+    module.to("meta")
+    return extras
+
+
+def _official_keys(folder: Path) -> dict[str, Path]:
+    """tensor name -> file, for a single-file or sharded official folder."""
+    from safetensors import safe_open
+
+    from backbone.checkpoint import INDEX_NAME, SINGLE_NAME, CheckpointError
+
+    index = folder / INDEX_NAME
+    if index.is_file():
+        return {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+    files = [folder / SINGLE_NAME] if (folder / SINGLE_NAME).is_file() else sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no safetensors files found")
+    keys = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            keys.update({k: file for k in f.keys()})
+    return keys
+
+
+def _read(keys: list[str], where: dict[str, Path]) -> dict[str, torch.Tensor]:
+    """The tensors `keys` (full copies), each file opened for this group only."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for key in keys:
+        by_file.setdefault(where[key], []).append(key)
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt") as f:
+            for name in names:
+                out[name] = f.get_tensor(name)  # a copy (the file is unmapped when the group is done)
+    return out
+
+
+_EXPERT_KEY = re.compile(r"^((?:language\.)?model\.layers\.\d+\.mlp\.experts)\.(\d+)\.")
+
+
+def _renumber(key: str, shift: int) -> str:
+    m = _EXPERT_KEY.match(key)
+    return f"{m.group(1)}.{int(m.group(2)) + shift}.{key[m.end():]}"
+
+
+def _own_experts(group: list[str], prefix: str, targets: dict, num_experts: int | None):
+    """For a MoE layer's group whose stacked expert tensors FSDP2 shards by expert (dim 0): (our stacked names,
+    first expert, count, the official keys of those experts); None when the group holds no experts or they are not
+    sharded that way (then the whole group converts as usual)."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    expert_keys = [k for k in group if _EXPERT_KEY.match(k)]
+    if not expert_keys or not num_experts:
+        return None
+    base = _EXPERT_KEY.match(expert_keys[0]).group(1)  # e.g. language.model.layers.3.mlp.experts
+    names = [f"{base}.gate_up_proj", f"{base}.down_proj"]
+    spans = set()
+    for name in names:
+        target = targets.get(prefix + name)
+        if not isinstance(target, DTensor) or target.shape[0] != num_experts:
+            return None
+        shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh, target.placements)
+        if tuple(shape[1:]) != tuple(target.shape[1:]):
+            return None  # not a dim-0 shard
+        spans.add((offset[0], shape[0]))
+    if len(spans) != 1:
+        return None
+    first, count = spans.pop()
+    own = [k for k in expert_keys if first <= int(_EXPERT_KEY.match(k).group(2)) < first + count]
+    return names, first, count, own
+
+
+def _load_single(key: str, file: Path, prefix: str, targets: dict, convert, put, loaded: set) -> None:
+    """One official tensor: a plain rename into a dim-0-sharded parameter reads only this process's rows (the
+    converter is run on a meta tensor to learn the name); anything else is read whole and converted."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    with safe_open(str(file), framework="pt") as f:
+        piece = f.get_slice(key)
+        shape = tuple(piece.get_shape())
+        names = convert({key: torch.empty(shape, device="meta")}, None)
+        if not names:
+            return  # ignored by the converter (e.g. rotary buffers, vision.attn_pool)
+        if len(names) == 1:
+            name, meta = next(iter(names.items()))
+            target = targets.get(prefix + name)
+            if isinstance(target, DTensor) and tuple(meta.shape) == shape == tuple(target.shape):
+                local, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh,
+                                                                      target.placements)
+                if tuple(local[1:]) == shape[1:]:
+                    if local[0]:
+                        with torch.no_grad():
+                            target.to_local().copy_(piece[offset[0]:offset[0] + local[0]])
+                    loaded.add(prefix + name)
+                    return
+        value = f.get_tensor(key)
+    for name, converted in convert({key: value}, None).items():
+        put(prefix + name, converted, str(file))
+
+
+def _targets(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers by name (DTensors where FSDP2 sharded them)."""
+    return dict(module.state_dict(keep_vars=True))
+
+
+def copy_into(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Write this process's part of `full` into `target` (a DTensor shard of FSDP2 or a plain tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        if isinstance(target, DTensor):
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+            shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh, target.placements)
+            index = tuple(slice(o, o + s) for o, s in zip(offset, shape))
+            target.to_local().copy_(full[index])
+        else:
+            target.copy_(full)
+
+
+def load_sharded(module: nn.Module, init: MetaInit, device: torch.device) -> None:
+    """Allocate this process's shards of `module` (built on meta, already sharded) on `device` and fill them from
+    `init`; every parameter and persistent buffer must be covered (CheckpointError otherwise)."""
+    from backbone.checkpoint import KEEP_MODULE_DTYPE, CheckpointError
+    from backbone.convert import deepseek_vl2_from_official
+
+    module.to_empty(device=device)
+    targets = _targets(module)
+    loaded: set[str] = set()
+
+    def put(name: str, value: torch.Tensor, where: str, strict: bool = True) -> None:
+        target = targets.get(name)
+        if target is None:
+            if strict:
+                raise CheckpointError(f"{where}: unexpected tensor {name}")
+            return
+        if tuple(value.shape) != tuple(target.shape):
+            if strict:
+                raise CheckpointError(f"{where}: tensor {name} has shape {tuple(value.shape)}, the model expects "
+                                      f"{tuple(target.shape)}")
+            return
+        if name.endswith(KEEP_MODULE_DTYPE):
+            value = value.to(target.dtype)
+        copy_into(target, value)
+        loaded.add(name)
+
+    for name, value in init.extras.items():
+        if name in targets:
+            put(name, value, "extras")
+    for prefix, file in init.files:
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                put(prefix + key, f.get_tensor(key), str(file), strict=False)  # a head may have grown (new robots)
+    for prefix, folder in init.folders:
+        folder = Path(folder)
+        where = _official_keys(folder)
+        experts: dict[str, list[str]] = {}  # a MoE layer's routed experts convert together (they are stacked)
+        singles = []  # everything else converts one tensor at a time
+        for key in sorted(where):
+            m = _EXPERT_KEY.match(key)
+            (experts.setdefault(m.group(1), []) if m else singles).append(key)
+
+        def convert(state: dict[str, torch.Tensor], num_experts: int | None) -> dict[str, torch.Tensor]:
+            try:
+                return deepseek_vl2_from_official(state, num_experts)
+            except KeyError as e:
+                raise CheckpointError(f"{folder}: {e.args[0]}") from e
+
+        for group in experts.values():
+            own = _own_experts(group, prefix, targets, init.num_experts)
+            if own is None:  # not sharded by expert: the whole layer's experts, then this process's part
+                for key, value in convert(_read(group, where), init.num_experts).items():
+                    put(prefix + key, value, str(folder))
+                continue
+            stacked, first, count, own_keys = own
+            if count:  # read and stack only the experts of this process's shard
+                state = {_renumber(k, -first): v for k, v in _read(own_keys, where).items()}
+                for key, value in convert(state, count).items():
+                    with torch.no_grad():
+                        targets[prefix + key].to_local().copy_(value)
+                    loaded.add(prefix + key)
+                del state
+            else:
+                loaded.update(prefix + name for name in stacked)
+        for key in singles:
+            _load_single(key, where[key], prefix, targets, convert, put, loaded)
+    persistent = set(targets)
+    missing = sorted(persistent - loaded)
+    if missing:
+        raise CheckpointError(f"meta-device load: no value for {len(missing)} tensors: {missing[:6]}")
+    # non-persistent buffers: from extras where given, else zeros; then modules recompute theirs (position ids)
+    persistent_buffers = set(targets)
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            if name in persistent_buffers:
+                continue
+            if name in init.extras:
+                buf.copy_(init.extras[name])
+            else:
+                buf.zero_()
+    for sub in module.modules():
+        if hasattr(sub, "reset_buffers") and callable(sub.reset_buffers):
+            sub.reset_buffers()
