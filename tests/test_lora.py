@@ -186,3 +186,20 @@ def test_vla_train_lora_errors_are_one_line(nav_data, tmp_path):
 
         run(load_config("train", ["stage=sft", f"out={tmp_path / 'b'}", "stage.steps=1", "stage.data.generate=4",
                                   "peft.method=lora", "log.progress=false"]))
+
+
+@pytest.mark.parametrize("mode", ["fsdp"])
+def test_vla_train_lora_two_processes_match_one(nav_data, tmp_path, mode):
+    """LoRA under torchrun (gloo, FSDP2): the same losses as one process."""
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).parent))
+    from test_train import two_processes_match_one
+
+    base = _train(nav_data, tmp_path / "full", 1)["checkpoint"]
+    common = ["stage=vla", "stage.steps=3", "checkpoint.every=0", "log.progress=false", "log.tensorboard=false",
+              "log.plot=false", "stage.optim.lr=3e-3", "stage.schedule.kind=constant", "stage.schedule.warmup_steps=0",
+              "model.language={hidden_size: 64, num_hidden_layers: 2}",
+              f"stage.data={{datasets: [{{root: '{nav_data}'}}], chunk_len: 4}}",
+              "peft.method=lora", "peft.r=4", f"init_from={base}"]
+    two_processes_match_one(tmp_path, common, mode)
