@@ -51,10 +51,10 @@ def _observation(seed: int = 0) -> dict:
 class _Server:
     """`vla serve` in a subprocess on a free loopback port."""
 
-    def __init__(self, checkpoint: Path, max_batch: int, log: Path, timeout_s: float = 180.0):
+    def __init__(self, checkpoint: Path, max_batch: int, log: Path, threads: int = 0, timeout_s: float = 180.0):
         self.log = open(log, "w")
         command = [sys.executable, "-m", "vla.cli", "serve", f"policy=checkpoint:{checkpoint}", "host=127.0.0.1",
-                   "port=0", "device=cpu", f"max_batch={max_batch}"]
+                   "port=0", "device=cpu", f"max_batch={max_batch}", f"threads={threads}"]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                         env=os.environ | {"HF_HUB_OFFLINE": "1"})
         deadline = time.monotonic() + timeout_s
@@ -156,6 +156,7 @@ def run(cfg) -> dict:
     from vla.env_policy import EnvPolicy
 
     setup(cfg)
+    load_before = os.getloadavg()[0]
     requests, rounds = (8, 1) if cfg.quick else (20, 3)
     settings = [("batching", 1), ("batching", 4), ("batching", 16), ("no batching", 16)]
     with tempfile.TemporaryDirectory(prefix="vla-bench-serve-") as tmp:
@@ -164,7 +165,8 @@ def run(cfg) -> dict:
         servers = {}
         try:
             for label, max_batch in (("batching", 16), ("no batching", 1)):
-                servers[label] = _Server(checkpoint, max_batch, Path(tmp) / f"server-{max_batch}.log")
+                servers[label] = _Server(checkpoint, max_batch, Path(tmp) / f"server-{max_batch}.log",
+                                         int(cfg.get("threads", 0) or 0))
             overhead = asyncio.run(_overhead(servers["batching"].url, env_policy, 60 if cfg.quick else 200))
             runs: dict[tuple, list[dict]] = {s: [] for s in settings}
             for _ in range(rounds):  # the settings take turns, so that a noisy neighbour hits each alike
@@ -181,7 +183,7 @@ def run(cfg) -> dict:
         stats[(label, clients)] = s
         rows.append([label, clients, requests * rounds, s["p50"], s["p99"], s["rps"], s["batch"]])
     print(f"vla serve on 127.0.0.1, demo-size policy (chunk {CHUNK} x 2, one {IMAGE}-px camera), mode=chunk, "
-          f"{torch.get_num_threads()} torch threads; clients are asyncio websockets in this process; "
+          f"{torch.get_num_threads()} torch threads in each process (threads=N sets both); clients are asyncio websockets in this process; "
           f"{rounds} round(s), requests/s = median over rounds")
     print_table(["server", "clients", "requests each", "p50 ms", "p99 ms", "requests/s", "mean batch"], rows)
     o = overhead
@@ -194,7 +196,10 @@ def run(cfg) -> dict:
     speedup = b16["rps"] / n16["rps"]
     print(f"\ntargets: overhead <= 2 ms p50: {o['overhead_p50']:.2f} ms ({'met' if o['overhead_p50'] <= 2 else 'MISSED'}); "
           f"16 clients with batching >= 3x without: {speedup:.2f}x ({'met' if speedup >= 3 else 'MISSED'})")
-    result: dict = {"bench": "serve", "requests_per_client": requests * rounds}
+    load = (round(load_before, 2), round(os.getloadavg()[0], 2))
+    print(f"1-minute load average before / after: {load[0]} / {load[1]} (other processes share the CPU when > 0)")
+    result: dict = {"bench": "serve", "requests_per_client": requests * rounds, "threads": torch.get_num_threads(),
+                    "load_average": list(load)}
     for clients in (1, 4, 16):
         s = stats[("batching", clients)]
         result |= {f"p50_ms_{clients}": round(s["p50"], 2), f"p99_ms_{clients}": round(s["p99"], 2),

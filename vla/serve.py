@@ -501,33 +501,45 @@ class PolicyServer:
         cache = getattr(self.policy, "_text_cache", None)
         if cache is not None and len(cache) > TEXT_CACHE_LIMIT:  # the policy caches every prompt it tokenized;
             cache.clear()  # clients sending ever new prompts must not grow a long-running server without bound
-        chunk = self.policy.predict_action_chunk(self.policy_batch(requests)).cpu()
+        rank = {name: i for i, name in enumerate(self.robots)}
+        order = sorted(range(len(requests)), key=lambda i: rank[requests[i].embodiment])  # each robot's requests together
+        chunk = self.policy.predict_action_chunk(self.policy_batch([requests[i] for i in order])).cpu()
         ms = (time.perf_counter() - start) * 1e3
-        embs = [self.robots[r.embodiment].embodiment for r in requests]
-        return [chunk[b, : e.chunk_len, : e.action_dim] for b, e in enumerate(embs)], ms
+        chunks: list[Any] = [None] * len(requests)
+        for row, i in enumerate(order):
+            emb = self.robots[requests[i].embodiment].embodiment
+            chunks[i] = chunk[row, : emb.chunk_len, : emb.action_dim]
+        return chunks, ms
 
     def policy_batch(self, requests: list[Request]) -> dict[str, Any]:
-        """The policy's batch for several requests: each through its robot's EnvPolicy.observation_batch (frames to
-        [0, 1], state normalized with the checkpoint's stats), then stacked; cameras a robot lacks are zeros and
-        states are zero-padded to the widest robot, as the policy expects for mixed batches."""
+        """The policy's batch for several requests: each run of one robot's requests goes through that robot's
+        EnvPolicy.observation_batch (frames to [0, 1], state normalized with the checkpoint's stats) as one stacked
+        batch, as `vla eval policy=checkpoint:DIR` does; for mixed robots the runs are concatenated, cameras a robot
+        lacks are zeros and states are zero-padded to the widest robot, as the policy expects."""
+        import itertools
+
         import torch
         import torch.nn.functional as F
 
         parts = []
-        for r in requests:
-            names = {key: key.removeprefix(IMAGES) for key in r.frames}
-            part = self.robots[r.embodiment].observation_batch(
-                {"pixels": {names[k]: f[None] for k, f in r.frames.items()}, "agent_pos": r.state[None], "task": [r.prompt]})
+        for name, run in itertools.groupby(requests, key=lambda r: r.embodiment):
+            run = list(run)
+            names = {key: key.removeprefix(IMAGES) for key in run[0].frames}
+            part = self.robots[name].observation_batch({
+                "pixels": {camera: np.stack([r.frames[key] for r in run]) for key, camera in names.items()},
+                "agent_pos": np.stack([r.state for r in run]), "task": [r.prompt for r in run]})
             for key, camera in names.items():
                 part[key] = part.pop(f"{IMAGES}{camera}")
+            part["embodiment"] = [name] * len(run)
             parts.append(part)
         if len(parts) == 1:
-            parts[0]["embodiment"] = [requests[0].embodiment]
             return parts[0]
-        batch: dict[str, Any] = {"embodiment": [r.embodiment for r in requests], "task": [p["task"][0] for p in parts]}
+        batch: dict[str, Any] = {"embodiment": [n for p in parts for n in p["embodiment"]],
+                                 "task": [t for p in parts for t in p["task"]]}
         for key in dict.fromkeys(k for r in requests for k in r.frames):
             like = next(p[key] for p in parts if key in p)
-            batch[key] = torch.cat([p[key] if key in p else torch.zeros_like(like) for p in parts])
+            batch[key] = torch.cat([p[key] if key in p else like.new_zeros((len(p["task"]), *like.shape[1:]))
+                                    for p in parts])
         width = max(p[STATE].shape[-1] for p in parts)
         batch[STATE] = torch.cat([F.pad(p[STATE], (0, width - p[STATE].shape[-1])) for p in parts])
         return batch
@@ -712,6 +724,8 @@ def main(cfg) -> int:
 
     config = OmegaConf.to_container(cfg, resolve=True)
     path = checkpoint_dir(config["policy"])
+    if int(config["threads"]) > 0:
+        torch.set_num_threads(int(config["threads"]))
     device = config["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -730,7 +744,8 @@ def main(cfg) -> int:
 
     def ready(port: int) -> None:
         robots = ", ".join(f"{n} ({', '.join(e['cameras'])})" for n, e in server.metadata["embodiments"].items())
-        print(f"vla serve: {path} on ws://{options.host}:{port} ({device}; {robots}); GET /healthz; "
+        where = f"{device}, {torch.get_num_threads()} threads" if device == "cpu" else device
+        print(f"vla serve: {path} on ws://{options.host}:{port} ({where}; {robots}); GET /healthz; "
               f"batching {options.max_batch} requests / {options.batch_window_ms:g} ms"
               f"{'; API key required' if options.api_key else ''}", flush=True)
 
