@@ -159,7 +159,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000  # 0 = any free port (PolicyServer.port after start)
     api_key: str | None = None
-    batch_window_ms: float = 2.0
+    batch_window_ms: float = 5.0
     max_batch: int = 16
     max_frame_bytes: int = 8 * 2**20
     image_size: int | None = None  # None = any (H, W, 3); the policy resizes frames to its vision tile
