@@ -137,20 +137,30 @@ def _blind_accuracy(train, test) -> float:
 
 def _train_and_score(train, test, texts: list[str], demo: dict, steps: int, seed: int,
                      oracle_objects: dict[str, list[dict]] | None = None,
-                     question_first: bool = False) -> tuple[float, float, float]:
+                     question_first: bool = False, tower: str | None = None,
+                     freeze_tower: bool = False) -> tuple[float, float, float]:
     """(held-out accuracy, final training loss, seconds) of a fresh demo-size model trained on `train`; with
-    `oracle_objects` (image path -> ground-truth objects) the tower is replaced by `OracleImageTokens`."""
+    `oracle_objects` (image path -> ground-truth objects) the tower is replaced by `OracleImageTokens`; with `tower`
+    (a DeepSeek-VL2 folder, e.g. a `vla train stage=vision` checkpoint) the model starts from that folder's SigLIP
+    tower (its size replaces the demo's), frozen with `freeze_tower`."""
+    import dataclasses
+
     import torch.nn.functional as F
 
-    from backbone.deepseek_vl2 import build_deepseek_vl2, deepseek_vl2_preset, replace_language
+    from backbone.deepseek_vl2 import build_deepseek_vl2, deepseek_vl2_preset, load_deepseek_vl2, replace_language
     from backbone.processor import DeepseekVL2Processor
     from backbone.tokenizer import build_bpe_tokenizer
     from vla.stages import shifted_targets
 
     torch.manual_seed(seed)
     tokenizer = build_bpe_tokenizer(texts, vocab_size=int(demo["tokenizer_vocab"]))
-    config = deepseek_vl2_preset("test", vision=demo.get("vision") or {}, **demo["model"])
+    pretrained = load_deepseek_vl2(tower) if tower else None
+    vision = dataclasses.asdict(pretrained.config.vision) if pretrained else demo.get("vision") or {}
+    config = deepseek_vl2_preset("test", vision=vision, **demo["model"])
     model = build_deepseek_vl2(replace_language(config, vocab_size=len(tokenizer)))
+    if pretrained is not None:
+        model.vision_encoder.vision.load_state_dict(pretrained.vision_encoder.vision.state_dict())
+        model.vision_encoder.vision.requires_grad_(not freeze_tower)
     processor = DeepseekVL2Processor(tokenizer, config.processor_config(mask_prompt=True))
     if oracle_objects is not None:
         encoder = model.vision_encoder
@@ -181,7 +191,7 @@ def _train_and_score(train, test, texts: list[str], demo: dict, steps: int, seed
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         return (loss + out.aux_loss if out.aux_loss is not None else loss), logits, labels
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, steps // 10)))
     order = np.random.default_rng(seed).permutation(len(train))
     start, micro_batch = time.perf_counter(), 16
@@ -191,7 +201,7 @@ def _train_and_score(train, test, texts: list[str], demo: dict, steps: int, seed
         loss, _, _ = next_token_loss(processor.collate([sample(train, i) for i in picks]))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         schedule.step()
     seconds = time.perf_counter() - start
@@ -222,6 +232,10 @@ def run(cfg) -> dict:
     if unknown:
         raise SystemExit(f"vla bench vqa: unknown rows {unknown}; known: {[s.label for s in SETTINGS]}")
     settings = [s for s in SETTINGS if not wanted or s.label in wanted]
+    tower, freeze_tower = cfg.get("tower"), bool(cfg.get("freeze_tower", False))
+    if tower:  # the oracle rows have no tower to replace
+        settings = [s for s in settings if not s.oracle_tokens]
+        print(f"tower: {tower}{' (frozen)' if freeze_tower else ''}")
     rows = []
     print(f"{'setting':<28} {'steps':>6} {'questions':>10} {'blind':>7} {'trained':>8} {'loss':>7} {'train s':>8}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -247,7 +261,8 @@ def run(cfg) -> dict:
             oracle = ({str(r.images[0]): r.meta["objects"] for r in train_records + test_records}
                       if setting.oracle_tokens else None)
             accuracy, loss, seconds = _train_and_score(train, test, texts, demo, steps, seed, oracle,
-                                                       question_first=setting.question_first)
+                                                       question_first=setting.question_first, tower=tower,
+                                                       freeze_tower=freeze_tower)
             blind = _blind_accuracy(train, test)
             rows.append({"setting": label, "kinds": list(kinds), "oracle_tokens": setting.oracle_tokens,
                          "question_first": setting.question_first, "steps": steps,
@@ -255,4 +270,5 @@ def run(cfg) -> dict:
                          "final_loss": round(loss, 3), "train_s": round(seconds, 1)})
             print(f"{label:<28} {steps:>6} {len(test):>10} {blind:>7.2f} {accuracy:>8.2f} {loss:>7.3f} {seconds:>8.1f}",
                   flush=True)
-    return {"benchmark": "vqa", "quick": quick, "steps": steps, "results": rows}
+    return {"benchmark": "vqa", "quick": quick, "steps": steps, "tower": tower, "freeze_tower": freeze_tower,
+            "results": rows}

@@ -43,3 +43,52 @@ def test_rows_filter_runs_only_the_named_settings_and_rejects_unknown_ones():
         assert n > 0
         for key in ("accuracy", "blind_accuracy"):  # a share of the n test questions (rounded to 3 decimals)
             assert 0.0 <= row[key] <= 1.0 and row[key] == pytest.approx(round(row[key] * n) / n, abs=5e-4), key
+
+
+def test_tower_option_starts_from_a_stage_vision_tower(tmp_path):
+    """`tower=CKPT` builds the row's model with that checkpoint's SigLIP tower (its size), frozen with freeze_tower;
+    the oracle rows, which have no tower, are left out."""
+    import torch
+
+    import benchmarks.vqa as bench
+    from backbone.deepseek_vl2 import load_deepseek_vl2
+    from vla.config import load_config
+    from vla.train import run as train
+
+    vision = train(load_config("train", ["stage=vision", f"out={tmp_path / 'vision'}", "stage.steps=1",
+                                         "stage.data.generate=8", "micro_batch=4", "checkpoint.every=0",
+                                         "log.progress=false", "log.tensorboard=false", "log.plot=false",
+                                         "model.vision={width: 48, heads: 2, mlp_dim: 96}",
+                                         "stage.data.text_width=32", "stage.data.embed_dim=32"]))
+    pretrained = load_deepseek_vl2(vision["checkpoint"]).vision_encoder.vision.state_dict()
+    seen = []
+    real = bench._train_and_score
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["tower"], kwargs["freeze_tower"]))
+        return real(*args, **kwargs)
+
+    built = []
+    import backbone.deepseek_vl2 as bdv
+
+    original = bdv.build_deepseek_vl2
+
+    def capture(config, *a, **k):
+        model = original(config, *a, **k)
+        built.append(model)
+        return model
+
+    bench._train_and_score = spy
+    bdv.build_deepseek_vl2 = capture
+    try:
+        result = bench.run(OmegaConf.create({"quick": True, "steps": 2, "tower": vision["checkpoint"],
+                                             "freeze_tower": True,
+                                             "rows": ["2-4 objects: binding", "binding, oracle tokens"]}))
+    finally:
+        bench._train_and_score, bdv.build_deepseek_vl2 = real, original
+    assert [r["setting"] for r in result["results"]] == ["2-4 objects: binding"] and result["freeze_tower"]
+    assert seen == [(vision["checkpoint"], True)]
+    tower = built[-1].vision_encoder.vision
+    assert tower.config.hidden_size == 48
+    for name, value in tower.state_dict().items():  # frozen: still the pretrained weights after training
+        assert torch.equal(value, pretrained[name]), name
