@@ -12,12 +12,7 @@ import benchmarks.moe as moe
 from vla.cli import main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_identical_weights_agree_within_the_tolerance():

@@ -8,12 +8,7 @@ import torch
 from benchmarks.policy import DEMO_BACKBONE, _measure, _policy, count_forward_passes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_forward_passes_are_counted():

@@ -18,12 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 QUIET = ["log.progress=false", "log.tensorboard=false", "log.plot=false"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_meta_load_under_two_processes_equals_the_single_process_model(tmp_path):

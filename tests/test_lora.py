@@ -163,7 +163,7 @@ def test_vla_train_lora_saves_the_adapter_resumes_and_merges(nav_data, tmp_path,
     assert main(["merge-lora", str(ckpt), f"out={out}"]) == 0
     assert "vla merge-lora" in capsys.readouterr().out
     assert load_deepseek_vl2(out / BACKBONE_DIR) is not None
-    from envs.collect import collect_dataset  # noqa: F401  (data fixture already made; a frame from the env)
+    import envs  # noqa: F401  (registers the built-in envs)
     import gymnasium as gym
 
     env = gym.make("vla/PointNav-v0", image_size=32)

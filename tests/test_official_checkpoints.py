@@ -22,13 +22,7 @@ from backbone.deepseek_vl2 import (DeepseekVL2Config, build_deepseek_vl2, deepse
 FIXTURES = Path(__file__).parent / "fixtures" / "official_configs"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine OpenMP spin-waits make multi-threaded steps much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fields(obj, prefix=""):

@@ -98,15 +98,6 @@ def test_parallel_and_autoregressive_policies_each_memorise_the_same_bins():
     assert torch.equal(chunks["parallel"], chunks["autoregressive"])
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread: on a shared 2-core machine OpenMP spin-waits make multi-threaded steps much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("use_mla", [True, False], ids=["mla", "mha"])
 @pytest.mark.parametrize("router_prior", [False, True], ids=["no_prior", "router_prior"])
 def test_cached_autoregressive_decoding_equals_teacher_forced_argmax(one_thread, use_mla, router_prior):

@@ -26,13 +26,7 @@ from vla.trainer import ScheduleConfig, lr_factor
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine OpenMP spin-waits make multi-threaded steps 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_cfg(out: Path, stage: str = "sft", *extra: str):

@@ -16,13 +16,7 @@ from vla.train import run
 LR = 1e-3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine OpenMP spin-waits make multi-threaded steps 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pretrain_cfg(out: Path, *extra: str):

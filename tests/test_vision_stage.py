@@ -12,12 +12,7 @@ import torch
 from vla.config import load_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_hard_negatives_change_only_what_goes_with_what(tmp_path):
