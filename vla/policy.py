@@ -356,12 +356,6 @@ class VLAPolicy(nn.Module):
         return [p for name, p in self.named_parameters()
                 if p.requires_grad and not name.startswith("backbone.language.model.layers.")]
 
-    def vqa_loss(self, vqa_batch: dict[str, Any]) -> torch.Tensor:
-        """Next-token loss on the labelled (answer) tokens of a processor batch: co-training keeps the backbone able
-        to answer questions about scenes."""
-        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in vqa_batch.items()}
-        return next_token_loss(self.backbone(**batch).logits, batch)
-
     def _router_bias(self, seq: SequenceBatch) -> dict[int, torch.Tensor] | None:
         return self.router_prior(seq.embodiment_index) if self.router_prior is not None else None
 
