@@ -194,7 +194,7 @@ class VisionStageTask:
         from backbone.checkpoint import write_checkpoint
         from backbone.convert import deepseek_vl2_to_official
 
-        backbone = {k: v for k, v in self.backbone.state_dict().items()}
+        backbone = dict(self.backbone.state_dict())
         backbone |= {f"vision_encoder.vision.{k[len('vision.'):]}": v for k, v in state_dict.items() if k.startswith("vision.")}
         write_checkpoint(directory, self.backbone.config.to_official(), deepseek_vl2_to_official(backbone))
         self.tokenizer.save(directory)

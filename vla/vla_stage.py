@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from envs.mixture import MixtureDataset, SourceSchedule
 from heads.embodiment import Embodiment, EmbodimentRegistry
 from vla.lora import apply_lora, load_adapter_weights, load_base_head, make_lora_config, save_adapter
 from vla.policy import BACKBONE_DIR, POLICY_CONFIG, POLICY_WEIGHTS, VLAPolicy, VLAPolicyConfig
-from envs.mixture import MixtureDataset, SourceSchedule
 from vla.stages import (VL2_GROUPS, ShardedBatches, StageContext, StageTaskError, build_vl2_backbone, group_parameters,
                         register_stage_task, vl2_module_group)
 
