@@ -30,6 +30,20 @@ class LMOutput:
     router: list[RouterOutput | None] = field(default_factory=list)  # per layer; None for dense layers
 
 
+def grow_rows(weight_VD: torch.Tensor, vocab_size: int, fresh: list[int], noise_FD: torch.Tensor | None) -> torch.Tensor:
+    """`weight_VD` grown to `vocab_size` rows: rows `fresh` (ids beyond V are always fresh) become the mean of the
+    kept rows + 0.1 x their mean std x `noise_FD` (one row of noise per fresh id, drawn by the caller)."""
+    V, D = weight_VD.shape
+    grown = torch.empty(vocab_size, D, dtype=weight_VD.dtype, device=weight_VD.device)
+    grown[:V] = weight_VD
+    if fresh:
+        keep = torch.ones(V, dtype=torch.bool)
+        keep[[i for i in fresh if i < V]] = False
+        kept = weight_VD[keep.to(weight_VD.device)]
+        grown[fresh] = kept.mean(0) + 0.1 * kept.std(0).mean() * noise_FD.to(weight_VD.device)
+    return grown
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: LanguageModelConfig, layer_idx: int):
         super().__init__()
@@ -67,6 +81,7 @@ class DeepseekV2LM(nn.Module):
         self.model = DeepseekV2Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        self.pending_rows: dict[str, tuple[list[int], torch.Tensor | None]] = {}  # resize_vocabulary on meta
         if self.lm_head.weight.device.type != "meta":
             self.reset_parameters()
 
@@ -152,22 +167,22 @@ class DeepseekV2LM(nn.Module):
     @torch.no_grad()
     def resize_vocabulary(self, vocab_size: int, init_ids: list[int] | None = None) -> None:
         """Grow the vocabulary to `vocab_size` rows (embedding and LM head); rows in `init_ids` (and all new rows) are
-        set to the mean of the existing rows plus small noise, a common choice that keeps new logits on scale."""
+        set to the mean of the existing rows plus small noise (`grow_rows`), a common choice that keeps new logits on
+        scale. The noise is drawn on the CPU generator whatever the device; on `meta` (FSDP2 from the meta device)
+        the rule waits in `pending_rows` (parameter name -> (fresh rows, noise)) until the loader has the real rows."""
         old = self.config.vocab_size
         if vocab_size < old:
             raise ValueError(f"cannot shrink the vocabulary from {old} to {vocab_size}")
         fresh = sorted(set(range(old, vocab_size)) | set(init_ids or []))
-        for module, attr in ((self.model.embed_tokens, "weight"), (self.lm_head, "weight")):
-            weight = getattr(module, attr)
-            grown = torch.empty(vocab_size, weight.shape[1], dtype=weight.dtype, device=weight.device)
-            grown[:old] = weight
-            keep = torch.ones(vocab_size, dtype=torch.bool)
-            keep[fresh] = False
-            keep[old:] = False
-            mean, std = grown[:old][keep[:old]].mean(0), grown[:old][keep[:old]].std(0).mean()
-            if fresh:
-                grown[fresh] = mean + 0.1 * std * torch.randn(len(fresh), weight.shape[1], dtype=weight.dtype, device=weight.device)
-            setattr(module, attr, nn.Parameter(grown, requires_grad=weight.requires_grad))
+        for name, module in (("model.embed_tokens.weight", self.model.embed_tokens), ("lm_head.weight", self.lm_head)):
+            weight = module.weight
+            noise = torch.randn(len(fresh), weight.shape[1], dtype=weight.dtype) if fresh else None
+            if weight.is_meta:
+                grown = torch.empty(vocab_size, weight.shape[1], dtype=weight.dtype, device="meta")
+                self.pending_rows[name] = (fresh, noise)
+            else:
+                grown = grow_rows(weight.detach(), vocab_size, fresh, noise)
+            module.weight = nn.Parameter(grown, requires_grad=weight.requires_grad)
         self.model.embed_tokens.num_embeddings = vocab_size
         self.lm_head.out_features = vocab_size
         self.config.vocab_size = vocab_size

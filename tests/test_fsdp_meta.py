@@ -81,6 +81,27 @@ def test_fsdp_vla_stage_from_a_policy_checkpoint_matches_one_process(tmp_path):
         assert abs(two[step] - one[step]) < 1e-5, (step, two[step], one[step])
 
 
+def test_fsdp_vla_stage_from_an_official_folder_matches_one_process(tmp_path):
+    """The main user path (VL2 weights -> robot fine-tuning): the vla stage adds action and embodiment rows to the
+    vocabulary; on meta they grow from the folder's rows when each process reads its shards (same noise)."""
+    from envs.collect import collect_dataset
+    from vla.config import load_config
+    from vla.train import run
+
+    collect_dataset("vla/PointNav-v0", tmp_path / "nav", 2, image_size=32, progress=False)
+    model = ["model.language={hidden_size: 64, num_hidden_layers: 2}", "checkpoint.every=0", *QUIET]
+    base = run(load_config("train", ["stage=pretrain", "stage.data.generate=8", "stage.steps=1", "micro_batch=4",
+                                     f"out={tmp_path / 'base'}", *model]))["checkpoint"]
+    common = ["stage=vla", *model, "stage.optim.lr=3e-3", "stage.schedule.kind=constant",
+              "stage.schedule.warmup_steps=0", f"init_from={base}", "stage.steps=2",
+              f"stage.data={{datasets: [{{root: '{tmp_path / 'nav'}'}}], chunk_len: 4}}"]
+    two, stdout = _torchrun(tmp_path / "two", *common, "micro_batch=2", "distributed=fsdp")
+    assert "FSDP2 from the meta device" in stdout
+    one = run(load_config("train", [*common, f"out={tmp_path / 'one'}", "micro_batch=4"]))["losses"]
+    for step in (1, 2):
+        assert abs(two[step] - one[step]) < 1e-5, (step, two[step], one[step])
+
+
 def test_fsdp_without_torchrun_is_one_clear_line(tmp_path, capsys, monkeypatch):
     from vla.cli import main
 

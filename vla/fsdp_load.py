@@ -32,6 +32,9 @@ class MetaInit:
     files: list[tuple[str, Path]] = field(default_factory=list)  # (key prefix, safetensors in the module's naming)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # full name -> value (CPU)
     num_experts: int | None = None
+    # vocabulary rows added on meta (`DeepseekV2LM.pending_rows`, keyed by full name): a source tensor with fewer
+    # rows than its target grows by `grow_rows` (fresh rows, noise) when it is read
+    grow: dict[str, tuple[list[int], torch.Tensor | None]] = field(default_factory=dict)
 
 
 def snapshot_to_meta(module: nn.Module, skip_prefix: str) -> dict[str, torch.Tensor]:
@@ -181,6 +184,10 @@ def load_sharded(module: nn.Module, init: MetaInit, device: torch.device) -> Non
             if strict:
                 raise CheckpointError(f"{where}: unexpected tensor {name}")
             return
+        if name in init.grow and value.shape[0] < target.shape[0] and value.shape[1:] == target.shape[1:]:
+            from backbone.language_model import grow_rows
+
+            value = grow_rows(value, target.shape[0], *init.grow[name])
         if tuple(value.shape) != tuple(target.shape):
             if strict:
                 raise CheckpointError(f"{where}: tensor {name} has shape {tuple(value.shape)}, the model expects "

@@ -61,14 +61,6 @@ def registry_from_mixture(mixture, chunk_len: int | dict[str, int], norm_mode: s
     return registry
 
 
-def _has_token(tokenizer, token: str) -> bool:
-    try:
-        tokenizer.token_id(token)
-        return True
-    except KeyError:
-        return False
-
-
 class VLAStageTask:
     """The policy as the trainer's module; robot samples (and VQA samples) in one deterministic stream."""
 
@@ -87,11 +79,12 @@ class VLAStageTask:
                                  "an official-format DeepSeek-VL2 folder)")
         # init_from may be a policy checkpoint (a previous vla stage, a merged LoRA): its backbone/ and action head
         policy_init = ctx.init_from and (Path(ctx.init_from) / POLICY_CONFIG).is_file()
-        # FSDP2 from the meta device: from a policy checkpoint whose vocabulary already holds the action tokens (no
-        # new rows to initialize from the full embedding) and without LoRA; otherwise each process builds it all
-        meta = bool(ctx.meta_init and policy_init and not self.peft.get("method"))
+        # FSDP2 from the meta device (init_from: an official-format folder or a policy checkpoint): the backbone is
+        # built on meta, new vocabulary rows wait for their source rows (`pending_rows`), the trainer reads each
+        # process's shards (vla.fsdp_load). LoRA builds the whole model on every process.
+        meta = bool(ctx.meta_init and ctx.init_from and not self.peft.get("method"))
         backbone_ctx = dataclasses.replace(ctx, meta_init=meta, init_from=str(Path(ctx.init_from) / BACKBONE_DIR)) \
-            if policy_init else dataclasses.replace(ctx, meta_init=False)
+            if policy_init else dataclasses.replace(ctx, meta_init=meta)
         backbone, tokenizer = build_vl2_backbone(backbone_ctx)
         tile = backbone.config.vision.image_size
         H_max = max(self.data.chunk_len.values()) if isinstance(self.data.chunk_len, dict) else int(self.data.chunk_len)
@@ -101,9 +94,6 @@ class VLAStageTask:
         registry = registry_from_mixture(self.mixture, self.data.chunk_len, self.data.action_norm)
         stats = {emb: self.mixture.normalizer_for(emb).to_dict() for emb in registry.names()}
         policy_cfg = VLAPolicyConfig(**dict(ctx.options.get("policy", {})))
-        if meta and not all(_has_token(tokenizer, t) for t in registry.special_tokens(policy_cfg.n_bins)):
-            meta = False  # new vocabulary rows (initialized from the full embedding): the full model on every process
-            backbone, tokenizer = build_vl2_backbone(dataclasses.replace(backbone_ctx, meta_init=False))
         self.module = VLAPolicy(policy_cfg, backbone, tokenizer, registry, stats)
         self.meta_init = None
         if meta:  # the head as built here (its file overrides where it fits), the backbone from the checkpoint
@@ -209,12 +199,19 @@ class VLAStageTask:
         self.module.save(directory, state_dict=state_dict)
 
     def meta_source(self, directory: Path):
-        """FSDP2 from the meta device: a policy checkpoint's backbone/ (official format) and head file."""
+        """FSDP2 from the meta device: a policy checkpoint's backbone/ (official format) and head file, or an
+        official-format folder (the head as built, the added vocabulary rows grown from the folder's rows)."""
         from vla.fsdp_load import MetaInit
 
-        return MetaInit(folders=[("backbone.", Path(directory) / BACKBONE_DIR)],
-                        files=[("", Path(directory) / POLICY_WEIGHTS)], extras=dict(getattr(self, "_extras", {})),
-                        num_experts=self.module.backbone.config.language.n_routed_experts)
+        directory = Path(directory)
+        language = self.module.backbone.language
+        grow = {f"backbone.language.{name}": rows for name, rows in language.pending_rows.items()}
+        if (directory / POLICY_CONFIG).is_file():
+            folders, files = [("backbone.", directory / BACKBONE_DIR)], [("", directory / POLICY_WEIGHTS)]
+        else:
+            folders, files = [("backbone.", directory)], []
+        return MetaInit(folders=folders, files=files, extras=dict(getattr(self, "_extras", {})),
+                        num_experts=language.config.n_routed_experts, grow=grow)
 
     def load_weights(self, directory: Path) -> None:
         if self.lora_base is not None:
