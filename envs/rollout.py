@@ -23,8 +23,8 @@ Policy specs (`make_policy`)
 `random`, `expert`, `prior` (the "no vision" action prior of a dataset; needs the `dataset` option or `prior:ROOT`)
 are built in. Extension point: `register_policy_factory(prefix, factory)` makes `prefix` and `prefix:ARG` resolve to
 `factory(ARG, context)`; a spec `package.module:function` imports `function` and calls it as `function("", context)`.
-A factory receives a `PolicyContext` (env id, embodiment, action space, number of envs, seed, options such as
-`dataset` or `checkpoint`) and returns a policy. Trained checkpoints plug in this way (e.g. the `vla` package
+A factory receives a `PolicyContext` (env id, embodiment, action space, observation space, number of envs, seed,
+options such as `dataset` or `checkpoint`) and returns a policy. Trained checkpoints plug in this way (e.g. the `vla` package
 registering a `ckpt` prefix); nothing here pretends to load one.
 
 Vector envs
@@ -96,6 +96,7 @@ class PolicyContext:
     num_envs: int
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+    observation_space: gym.spaces.Space | None = None  # one env's (not batched); None where unknown
 
 
 PolicyFactory = Callable[[str, PolicyContext], Policy]
@@ -529,7 +530,8 @@ def evaluate(
         num_envs = max(1, min(batch_size, episodes))
         vec_env = make_vector_env(env_id, num_envs, asynchronous, kwargs, import_modules)
         try:
-            context = PolicyContext(env_id, embodiment, vec_env.single_action_space, num_envs, seed, dict(policy_options or {}))
+            context = PolicyContext(env_id, embodiment, vec_env.single_action_space, num_envs, seed, dict(policy_options or {}),
+                                    vec_env.single_observation_space)
             agent = make_policy(policy, context)
             if hasattr(agent, "attach"):
                 agent.attach(vec_env, context)
