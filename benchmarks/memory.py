@@ -49,7 +49,7 @@ def size_preset(preset: str, r: int = 16) -> dict:
     unit = max(sum(p.numel() for p in layer.parameters()) for layer in policy.backbone.language.model.layers)
     language = policy.backbone.language
     token_copies = 2 * (language.model.embed_tokens.weight.numel() + language.lm_head.weight.numel())
-    apply_lora(policy, make_lora_config(policy, r=r))
+    apply_lora(policy, make_lora_config(policy, r=r), materialize=False)
     trainable, total = trainable_count(policy)
     assert total == params, (total, params)
     return {

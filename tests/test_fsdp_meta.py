@@ -102,6 +102,36 @@ def test_fsdp_vla_stage_from_an_official_folder_matches_one_process(tmp_path):
         assert abs(two[step] - one[step]) < 1e-5, (step, two[step], one[step])
 
 
+def test_fsdp_lora_from_an_official_folder_matches_one_process_and_resumes(tmp_path):
+    """LoRA under FSDP2 from the meta device: adapters drawn on the CPU (the same values as one process), the token
+    rows peft trains start as the grown rows read from the folder; the 2-process adapter checkpoint records the base's
+    fingerprint (it loads) and resumes under 2 processes on the same trajectory."""
+    from envs.collect import collect_dataset
+    from vla.config import load_config
+    from vla.policy import VLAPolicy
+    from vla.train import run
+
+    collect_dataset("vla/PointNav-v0", tmp_path / "nav", 2, image_size=32, progress=False)
+    model = ["model.language={hidden_size: 64, num_hidden_layers: 2}", *QUIET]
+    base = run(load_config("train", ["stage=pretrain", "stage.data.generate=8", "stage.steps=1", "micro_batch=4",
+                                     "checkpoint.every=0", f"out={tmp_path / 'base'}", *model]))["checkpoint"]
+    common = ["stage=vla", *model, "stage.optim.lr=3e-3", "stage.schedule.kind=constant",
+              "stage.schedule.warmup_steps=0", f"init_from={base}", "peft.method=lora", "peft.r=4",
+              f"stage.data={{datasets: [{{root: '{tmp_path / 'nav'}'}}], chunk_len: 4}}"]
+    one = run(load_config("train", [*common, f"out={tmp_path / 'one'}", "micro_batch=4", "stage.steps=3",
+                                    "checkpoint.every=0"]))["losses"]
+    two, stdout = _torchrun(tmp_path / "two", *common, "micro_batch=2", "distributed=fsdp", "stage.steps=2",
+                            "checkpoint.every=1")
+    assert "FSDP2 from the meta device" in stdout
+    for step in (1, 2):
+        assert abs(two[step] - one[step]) < 1e-5, (step, two[step], one[step])
+    VLAPolicy.load(tmp_path / "two" / "checkpoints" / "step-00000002")  # fingerprint of the gathered base: loads
+    resumed, stdout = _torchrun(tmp_path / "two", *common, "micro_batch=2", "distributed=fsdp", "stage.steps=3",
+                                "checkpoint.every=1", "resume=true")
+    assert "resuming from" in stdout
+    assert abs(resumed[3] - one[3]) < 1e-5, (resumed[3], one[3])
+
+
 def test_fsdp_without_torchrun_is_one_clear_line(tmp_path, capsys, monkeypatch):
     from vla.cli import main
 

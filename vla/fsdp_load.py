@@ -26,7 +26,7 @@ from torch import nn
 
 @dataclass
 class MetaInit:
-    """Where the weights of a module built on `meta` come from (applied in order: extras, files, folders)."""
+    """Where the weights of a module built on `meta` come from (applied in order: extras, files, folders, after)."""
 
     folders: list[tuple[str, Path]] = field(default_factory=list)  # (key prefix in the module, official folder)
     files: list[tuple[str, Path]] = field(default_factory=list)  # (key prefix, safetensors in the module's naming)
@@ -35,14 +35,28 @@ class MetaInit:
     # vocabulary rows added on meta (`DeepseekV2LM.pending_rows`, keyed by full name): a source tensor with fewer
     # rows than its target grows by `grow_rows` (fresh rows, noise) when it is read
     grow: dict[str, tuple[list[int], torch.Tensor | None]] = field(default_factory=dict)
+    # tensors whose value is rows of another (peft's trainable token rows start as the base rows): source name ->
+    # [(target name, row ids)]
+    derive: dict[str, list[tuple[str, list[int]]]] = field(default_factory=dict)
+    after: dict[str, torch.Tensor] = field(default_factory=dict)  # full name -> value, last (a resumed adapter)
 
 
-def snapshot_to_meta(module: nn.Module, skip_prefix: str) -> dict[str, torch.Tensor]:
-    """Values of every parameter and buffer not on `meta` and not under `skip_prefix` (copied to CPU); the module
+#: what peft inserts into a wrapped module's names (LoRA's base_layer, trainable tokens' token_adapter, the two
+#: copies of a modules_to_save module); the files name the module without them
+_PEFT_INSERTION = re.compile(r"\.(base_layer|token_adapter|original_module|modules_to_save\.default)(?=\.)")
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name as the checkpoint files give it (peft's insertions removed)."""
+    return _PEFT_INSERTION.sub("", name)
+
+
+def snapshot_to_meta(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Values of every parameter and buffer not on `meta` (copied to CPU: a fresh head, LoRA adapters); the module
     then moves to `meta` entirely (so that FSDP2 shards one kind of tensor)."""
     extras = {}
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        if not tensor.is_meta and not name.startswith(skip_prefix):
+        if not tensor.is_meta:
             extras[name] = tensor.detach().cpu().clone()
     module.to("meta")
     return extras
@@ -118,9 +132,12 @@ def _own_experts(group: list[str], prefix: str, targets: dict, num_experts: int 
     return names, first, count, own
 
 
-def _load_single(key: str, file: Path, prefix: str, targets: dict, convert, put, loaded: set) -> None:
+def _load_single(key: str, file: Path, prefix: str, targets: dict, single: dict[str, str], convert, put,
+                 loaded: set) -> None:
     """One official tensor: a plain rename into a dim-0-sharded parameter reads only this process's rows (the
-    converter is run on a meta tensor to learn the name); anything else is read whole and converted."""
+    converter is run on a meta tensor to learn the name); anything else is read whole and converted. `single`:
+    canonical name -> the one module name it fills (names filled twice, grown, or whose rows feed another tensor
+    are not in it: they go through `put`)."""
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -133,7 +150,8 @@ def _load_single(key: str, file: Path, prefix: str, targets: dict, convert, put,
             return  # ignored by the converter (e.g. rotary buffers, vision.attn_pool)
         if len(names) == 1:
             name, meta = next(iter(names.items()))
-            target = targets.get(prefix + name)
+            actual = single.get(prefix + name)
+            target = targets.get(actual)
             if isinstance(target, DTensor) and tuple(meta.shape) == shape == tuple(target.shape):
                 local, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh,
                                                                       target.placements)
@@ -141,7 +159,7 @@ def _load_single(key: str, file: Path, prefix: str, targets: dict, convert, put,
                     if local[0]:
                         with torch.no_grad():
                             target.to_local().copy_(piece[offset[0]:offset[0] + local[0]])
-                    loaded.add(prefix + name)
+                    loaded.add(actual)
                     return
         value = f.get_tensor(key)
     for name, converted in convert({key: value}, None).items():
@@ -151,6 +169,14 @@ def _load_single(key: str, file: Path, prefix: str, targets: dict, convert, put,
 def _targets(module: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and persistent buffers by name (DTensors where FSDP2 sharded them)."""
     return dict(module.state_dict(keep_vars=True))
+
+
+def _aliases(targets: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """canonical name -> the module's names holding it (two for a modules_to_save module, one otherwise)."""
+    out: dict[str, list[str]] = {}
+    for name in targets:
+        out.setdefault(canonical_name(name), []).append(name)
+    return out
 
 
 def copy_into(target: torch.Tensor, full: torch.Tensor) -> None:
@@ -176,14 +202,19 @@ def load_sharded(module: nn.Module, init: MetaInit, device: torch.device) -> Non
 
     module.to_empty(device=device)
     targets = _targets(module)
+    aliases = _aliases(targets)
+    single = {c: names[0] for c, names in aliases.items() if len(names) == 1 and c not in init.derive
+              and c not in init.grow}
     loaded: set[str] = set()
 
     def put(name: str, value: torch.Tensor, where: str, strict: bool = True) -> None:
-        target = targets.get(name)
-        if target is None:
+        """`name`: canonical (files) or a module name (extras)."""
+        names = aliases.get(name) or ([name] if name in targets else [])
+        if not names:
             if strict:
                 raise CheckpointError(f"{where}: unexpected tensor {name}")
             return
+        target = targets[names[0]]
         if name in init.grow and value.shape[0] < target.shape[0] and value.shape[1:] == target.shape[1:]:
             from backbone.language_model import grow_rows
 
@@ -195,8 +226,12 @@ def load_sharded(module: nn.Module, init: MetaInit, device: torch.device) -> Non
             return
         if name.endswith(KEEP_MODULE_DTYPE):
             value = value.to(target.dtype)
-        copy_into(target, value)
-        loaded.add(name)
+        for actual in names:
+            copy_into(targets[actual], value)
+            loaded.add(actual)
+        for derived, rows in init.derive.get(name, []):
+            copy_into(targets[derived], value[rows])
+            loaded.add(derived)
 
     for name, value in init.extras.items():
         if name in targets:
@@ -239,7 +274,9 @@ def load_sharded(module: nn.Module, init: MetaInit, device: torch.device) -> Non
             else:
                 loaded.update(prefix + name for name in stacked)
         for key in singles:
-            _load_single(key, where[key], prefix, targets, convert, put, loaded)
+            _load_single(key, where[key], prefix, targets, single, convert, put, loaded)
+    for name, value in init.after.items():
+        put(name, value, "after")
     persistent = set(targets)
     missing = sorted(persistent - loaded)
     if missing:

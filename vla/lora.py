@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -99,30 +101,78 @@ def default_peft_targets(policy, prefix: str = "", targets: list[str] | str | No
     }
 
 
-def base_fingerprint(policy) -> str:
-    """A digest of the base weights under the adapters (name, shape and sum of every adapted layer's weight): an
-    adapter loaded onto another base fails with a clear error instead of acting wrongly."""
+def _adapted_layers(policy) -> list[str]:
     from peft.tuners.lora import LoraLayer
 
+    return [name for name, layer in policy.named_modules() if isinstance(layer, LoraLayer)]
+
+
+def base_fingerprint(policy, state_dict: dict[str, torch.Tensor] | None = None) -> str:
+    """A digest of the base weights under the adapters (name, shape and sum of every adapted layer's weight): an
+    adapter loaded onto another base fails with a clear error instead of acting wrongly. From `state_dict` (full
+    tensors, e.g. gathered from FSDP2 shards) where given, else the policy's own weights ("meta" on meta)."""
+    state = state_dict if state_dict is not None else policy.state_dict(keep_vars=True)
     h = hashlib.sha256()
-    for name, layer in policy.named_modules():
-        if isinstance(layer, LoraLayer):
-            weight = layer.get_base_layer().weight
-            if weight.is_meta:  # sizing on the meta device: no values to digest
-                return "meta"
-            h.update(f"{name}:{tuple(weight.shape)}:{float(weight.detach().double().sum()):.6e};".encode())
+    for name in _adapted_layers(policy):
+        weight = state[f"{name}.base_layer.weight"]
+        if weight.is_meta:  # sizing on the meta device, or FSDP2 before the shards are read: no values to digest
+            return "meta"
+        h.update(f"{name}:{tuple(weight.shape)}:{float(weight.detach().double().sum()):.6e};".encode())
     return h.hexdigest()[:16]
 
 
-def apply_lora(policy, config) -> Any:
+def init_adapters(policy, seed: int = 0, materialize: bool = True) -> None:
+    """peft's default LoRA init (A as `nn.Linear` inits its weight, kaiming-uniform with a = sqrt(5); B zero), each
+    layer's A drawn from a generator seeded by `seed` and the layer's name: the same values whether the base was
+    built on the CPU or on `meta` (where peft's own draws are lost when it moves the adapters to the base's device;
+    the adapters are then allocated on the CPU here and the trainer shards them with the rest; `materialize=False`
+    leaves them on meta, for sizing)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, layer in policy.named_modules():
+        if not isinstance(layer, LoraLayer) or "default" not in layer.lora_A:
+            continue
+        A, B = layer.lora_A["default"], layer.lora_B["default"]
+        if A.weight.is_meta and not materialize:
+            continue
+        for adapter in (A, B):
+            if adapter.weight.is_meta:
+                adapter.to_empty(device="cpu")
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5), generator=generator)
+            B.weight.zero_()
+            if B.bias is not None:
+                B.bias.zero_()
+
+
+def apply_lora(policy, config, seed: int = 0, materialize: bool = True) -> Any:
     """Inject the adapters of peft `config` into `policy` in place (base frozen; adapters, added token rows and the
-    head trainable). Returns peft's LoraModel around it (kept on the policy for merging)."""
+    head trainable; adapters initialized by `init_adapters(seed)`). Returns peft's LoraModel around it (kept on the
+    policy for merging). On a backbone built on `meta` the trainable token rows wait for the base rows
+    (`token_row_sources`, read by `vla.fsdp_load`)."""
     from peft.tuners.lora import LoraModel
 
     tuner = LoraModel(policy, config, "default")
+    init_adapters(policy, seed, materialize)
     policy.__dict__["_peft_tuner"] = tuner  # not a submodule (the tuner holds the policy)
     policy.__dict__["_lora_fingerprint"] = base_fingerprint(policy)
     return tuner
+
+
+def token_row_sources(policy) -> dict[str, list[tuple[str, list[int]]]]:
+    """peft's trainable token rows start as rows of the base matrix: base weight name (as the files name it) ->
+    [(the rows' parameter name, row ids)] (FSDP2 from the meta device fills them when it reads the base)."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    from vla.fsdp_load import canonical_name
+
+    out: dict[str, list[tuple[str, list[int]]]] = {}
+    for name, layer in policy.named_modules():
+        if isinstance(layer, TrainableTokensLayer) and "default" in layer.token_indices:
+            out.setdefault(canonical_name(f"{name}.base_layer.weight"), []).append(
+                (f"{name}.trainable_tokens_delta.default", list(layer.token_indices["default"])))
+    return out
 
 
 def is_lora(policy) -> bool:
@@ -167,6 +217,8 @@ def save_adapter(policy, directory: str | Path, base: str, state_dict: dict[str,
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config_dict, indent=2, default=str))
     save_file(adapter_state(policy, state_dict), str(directory / ADAPTER_WEIGHTS))
     policy.tokenizer.save(directory)
+    if policy.__dict__["_lora_fingerprint"] == "meta" and state_dict is not None:  # FSDP2 from meta: the gathered base
+        policy.__dict__["_lora_fingerprint"] = base_fingerprint(policy, state_dict)
     meta = {"config": dataclasses.asdict(policy.config), "registry": policy.registry.to_dict(),
             "normalizer_stats": policy.normalizer_stats,
             "lora": {"base": str(base), "fingerprint": policy.__dict__["_lora_fingerprint"]}}

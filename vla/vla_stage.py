@@ -26,7 +26,8 @@ from torch import nn
 
 from envs.mixture import MixtureDataset, SourceSchedule
 from heads.embodiment import Embodiment, EmbodimentRegistry
-from vla.lora import apply_lora, load_adapter_weights, load_base_head, make_lora_config, save_adapter
+from vla.lora import (ADAPTER_WEIGHTS, apply_lora, is_adapter_checkpoint, load_adapter_weights, load_base_head,
+                      make_lora_config, save_adapter, token_row_sources)
 from vla.policy import BACKBONE_DIR, POLICY_CONFIG, POLICY_WEIGHTS, VLAPolicy, VLAPolicyConfig
 from vla.stages import (VL2_GROUPS, ShardedBatches, StageContext, StageTaskError, build_vl2_backbone, group_parameters,
                         register_stage_task, vl2_module_group)
@@ -81,8 +82,9 @@ class VLAStageTask:
         policy_init = ctx.init_from and (Path(ctx.init_from) / POLICY_CONFIG).is_file()
         # FSDP2 from the meta device (init_from: an official-format folder or a policy checkpoint): the backbone is
         # built on meta, new vocabulary rows wait for their source rows (`pending_rows`), the trainer reads each
-        # process's shards (vla.fsdp_load). LoRA builds the whole model on every process.
-        meta = bool(ctx.meta_init and ctx.init_from and not self.peft.get("method"))
+        # process's shards (vla.fsdp_load); LoRA's adapters are drawn on the CPU (lora.init_adapters), its token rows
+        # start as the rows read.
+        meta = bool(ctx.meta_init and ctx.init_from)
         backbone_ctx = dataclasses.replace(ctx, meta_init=meta, init_from=str(Path(ctx.init_from) / BACKBONE_DIR)) \
             if policy_init else dataclasses.replace(ctx, meta_init=meta)
         backbone, tokenizer = build_vl2_backbone(backbone_ctx)
@@ -95,21 +97,21 @@ class VLAStageTask:
         stats = {emb: self.mixture.normalizer_for(emb).to_dict() for emb in registry.names()}
         policy_cfg = VLAPolicyConfig(**dict(ctx.options.get("policy", {})))
         self.module = VLAPolicy(policy_cfg, backbone, tokenizer, registry, stats)
-        self.meta_init = None
-        if meta:  # the head as built here (its file overrides where it fits), the backbone from the checkpoint
-            from vla.fsdp_load import snapshot_to_meta
-
-            self._extras = snapshot_to_meta(self.module, skip_prefix="backbone.")
-            self.meta_init = self.meta_source(Path(ctx.init_from))
-        elif policy_init:
+        if policy_init and not meta:
             load_base_head(self.module, ctx.init_from)
         self.lora_base = None
         if self.peft.get("method") == "lora":
             config = make_lora_config(self.module, r=int(self.peft.get("r") or 16), alpha=self.peft.get("alpha"),
                                       dropout=float(self.peft.get("dropout") or 0.0),
                                       targets=self.peft.get("target_modules"))
-            apply_lora(self.module, config)
+            apply_lora(self.module, config, seed=ctx.seed)
             self.lora_base = str(Path(ctx.init_from).resolve())
+        self.meta_init = None
+        if meta:  # the head (and adapters) as built here, the backbone (and a policy's head file) from init_from
+            from vla.fsdp_load import snapshot_to_meta
+
+            self._extras = snapshot_to_meta(self.module)
+            self.meta_init = self.meta_source(Path(ctx.init_from))
         self.vqa_records = []
         self._vqa_cache: dict[int, Any] = {}
         if self.data.vqa_path and self.data.vqa_ratio > 0:
@@ -200,10 +202,24 @@ class VLAStageTask:
 
     def meta_source(self, directory: Path):
         """FSDP2 from the meta device: a policy checkpoint's backbone/ (official format) and head file, or an
-        official-format folder (the head as built, the added vocabulary rows grown from the folder's rows)."""
-        from vla.fsdp_load import MetaInit
+        official-format folder (the head as built, the added vocabulary rows grown from the folder's rows); a LoRA
+        checkpoint (resume): its base as at the start, then the adapter's weights (put on the module by peft, its
+        trainable tensors allocated on the CPU for them)."""
+        from vla.fsdp_load import MetaInit, snapshot_to_meta
 
         directory = Path(directory)
+        if self.lora_base is not None and is_adapter_checkpoint(directory):
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            init = self.meta_source(Path(self.lora_base))
+            for module in self.module.modules():  # what the adapter file holds: the trainable tensors, on the CPU
+                for name, param in list(module.named_parameters(recurse=False)):
+                    if param.requires_grad and param.is_meta:
+                        setattr(module, name, nn.Parameter(torch.empty_like(param, device="cpu")))
+            set_peft_model_state_dict(self.module, load_file(str(directory / ADAPTER_WEIGHTS)), adapter_name="default")
+            init.after = snapshot_to_meta(self.module)
+            return init
         language = self.module.backbone.language
         grow = {f"backbone.language.{name}": rows for name, rows in language.pending_rows.items()}
         if (directory / POLICY_CONFIG).is_file():
@@ -211,7 +227,8 @@ class VLAStageTask:
         else:
             folders, files = [("backbone.", directory)], []
         return MetaInit(folders=folders, files=files, extras=dict(getattr(self, "_extras", {})),
-                        num_experts=language.config.n_routed_experts, grow=grow)
+                        num_experts=language.config.n_routed_experts, grow=grow,
+                        derive=token_row_sources(self.module) if self.lora_base is not None else {})
 
     def load_weights(self, directory: Path) -> None:
         if self.lora_base is not None:
