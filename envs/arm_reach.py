@@ -42,8 +42,8 @@ class ArmReachEnv(SceneEnv):
     embodiment_name = "arm3"
 
     def __init__(self, image_size: int = 96, render_mode: str | None = "rgb_array", cameras=None, num_objects=(2, 4),
-                 distinct_colours: bool = False):
-        super().__init__(image_size=image_size, render_mode=render_mode, cameras=cameras)
+                 distinct_colours: bool = False, instruction: str = "target"):
+        super().__init__(image_size=image_size, render_mode=render_mode, cameras=cameras, instruction=instruction)
         self.num_objects = tuple(num_objects)
         self.distinct_colours = bool(distinct_colours)
         self.q = np.array([np.pi / 2, 0.0, 0.0])

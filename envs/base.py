@@ -5,7 +5,10 @@ and `observation.state`)::
 
     {"pixels": {"top": uint8 (H, W, 3), ...more cameras...}, "agent_pos": float32 (state_size,)}
 
-The task string is `env.unwrapped.task` (also `task_description`), e.g. "go to the red square". Episodes end with
+The task string is `env.unwrapped.task` (also `task_description`), e.g. "go to the red square". `instruction="other"`
+is the wrong-instruction baseline: the same scene, robot and target (success is still reaching the target), but the
+task names another object of the scene (the next one in the scene's order; no random draw, so nothing else
+changes). It needs scenes of 2+ objects. Episodes end with
 `terminated=True` on success (`info["is_success"]`); the registered `max_episode_steps` truncates them.
 Reward: progress towards the goal (previous distance - distance, world units) plus 1.0 on success.
 
@@ -33,9 +36,13 @@ class SceneEnv(gym.Env):
     #: scene objects are drawn this big (half-extent, world units)
     object_size: float = 0.075
 
-    def __init__(self, image_size: int = 96, render_mode: str | None = "rgb_array", cameras: tuple[str, ...] | None = None):
+    def __init__(self, image_size: int = 96, render_mode: str | None = "rgb_array", cameras: tuple[str, ...] | None = None,
+                 instruction: str = "target"):
         if int(image_size) < 16:
             raise ValueError(f"image_size must be at least 16 pixels, got {image_size}")
+        if instruction not in ("target", "other"):
+            raise ValueError(f"instruction must be 'target' or 'other' (the wrong-instruction baseline), got {instruction!r}")
+        self.instruction = instruction
         self.embodiment: Embodiment = get_embodiment(self.embodiment_name)
         self.image_size = int(image_size)
         self.render_mode = render_mode
@@ -67,6 +74,12 @@ class SceneEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
         self._generate(self.np_random)
+        if self.instruction == "other":
+            if len(self.objects) < 2:
+                raise ValueError(f"{type(self).__name__}: instruction='other' needs scenes of 2+ objects, this one has "
+                                 f"{len(self.objects)} (set num_objects)")
+            other = self.objects[(self.objects.index(self.target) + 1) % len(self.objects)]
+            self.task = self.task.replace(self.target.name, other.name)
         for obj in self.objects:
             obj.mask = scene.shape_mask(obj.shape, obj.size * self.image_size)
         self._background = scene.blank(self.image_size)

@@ -22,8 +22,8 @@ class PointNavEnv(SceneEnv):
     embodiment_name = "point2d"
 
     def __init__(self, image_size: int = 96, render_mode: str | None = "rgb_array", cameras=None, num_objects=(2, 4),
-                 distinct_colours: bool = False):
-        super().__init__(image_size=image_size, render_mode=render_mode, cameras=cameras)
+                 distinct_colours: bool = False, instruction: str = "target"):
+        super().__init__(image_size=image_size, render_mode=render_mode, cameras=cameras, instruction=instruction)
         self.num_objects = tuple(num_objects)
         self.distinct_colours = bool(distinct_colours)
         self.agent = np.zeros(2)

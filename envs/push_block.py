@@ -36,8 +36,9 @@ class PushBlockEnv(SceneEnv):
     embodiment_name = "point2d"
     object_size = BLOCK_SIZE
 
-    def __init__(self, image_size: int = 96, render_mode: str | None = "rgb_array", cameras=None, num_objects=(2, 3)):
-        super().__init__(image_size=image_size, render_mode=render_mode, cameras=cameras)
+    def __init__(self, image_size: int = 96, render_mode: str | None = "rgb_array", cameras=None, num_objects=(2, 3),
+                 instruction: str = "target"):
+        super().__init__(image_size=image_size, render_mode=render_mode, cameras=cameras, instruction=instruction)
         self.num_objects = tuple(num_objects)
         self.agent = np.zeros(2)
         self.goal = np.array([0.5, 0.5])

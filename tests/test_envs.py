@@ -70,6 +70,35 @@ def test_same_seed_same_episode_and_seeds_differ(env_id):
 
 
 @pytest.mark.parametrize("env_id", ENV_IDS)
+def test_wrong_instruction_changes_only_the_instruction(env_id):
+    """instruction='other' (the wrong-instruction baseline): same frames, target, rewards and success; the task names
+    another object of the same scene."""
+    def run(instruction, seed):
+        env = gym.make(env_id, image_size=32, num_objects=(2, 3), instruction=instruction)
+        obs, _ = env.reset(seed=seed)
+        frames, rewards, successes = [obs["pixels"]["top"]], [], []
+        for _ in range(30):
+            obs, reward, terminated, _, info = env.step(env.unwrapped.expert_action())
+            frames.append(obs["pixels"]["top"]), rewards.append(reward), successes.append(info["is_success"])
+            if terminated:
+                break
+        u = env.unwrapped
+        return u.task, u.target.name, [o.name for o in u.objects], np.stack(frames), rewards, successes
+
+    for seed in range(3):
+        told, target, names, frames, rewards, successes = run("target", seed)
+        other, target_o, names_o, frames_o, rewards_o, successes_o = run("other", seed)
+        assert (target_o, names_o) == (target, names) and rewards_o == rewards and successes_o == successes
+        np.testing.assert_array_equal(frames_o, frames)
+        assert target in told and target not in other
+        assert other == told.replace(target, next(n for n in names if n in other))
+    with pytest.raises(ValueError, match="2\\+ objects"):
+        gym.make(env_id, image_size=32, num_objects=(1, 1), instruction="other").reset(seed=0)
+    with pytest.raises(ValueError, match="wrong-instruction"):
+        gym.make(env_id, image_size=32, instruction="nope")
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
 def test_expert_succeeds_on_20_seeds(env_id):
     env = gym.make(env_id, image_size=32)
     successes = [rollout_expert(env, seed)[0] for seed in range(20)]
