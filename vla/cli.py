@@ -65,21 +65,62 @@ def main(argv: list[str] | None = None) -> int:
     from vla.config import load_config
 
     module = importlib.import_module(COMMANDS[command][0])
-    if wants_help:
-        print((module.__doc__ or COMMANDS[command][2]).strip())
-        print("\nconfig (override with key=value):\n")
-        print(OmegaConf.to_yaml(load_config(command, overrides)))
-        return 0
-    cfg = load_config(command, overrides)
     try:
+        if wants_help:
+            print((module.__doc__ or COMMANDS[command][2]).strip())
+            print("\nconfig (override with key=value):\n")
+            print(OmegaConf.to_yaml(load_config(command, overrides)))
+            return 0
+        cfg = load_config(command, overrides)
         return int(module.main(cfg) or 0)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
-        # Bad input (missing file, corrupt checkpoint, wrong shape, unknown name): one clear line, no traceback.
-        # VLA_DEBUG=1 shows the traceback.
-        if os.environ.get("VLA_DEBUG"):
+    except Exception as e:
+        # Bad input (missing file, corrupt checkpoint, wrong shape, unknown name or config key): one clear line, no
+        # traceback. VLA_DEBUG=1 shows the traceback.
+        line = one_line_error(e, command)
+        if line is None or os.environ.get("VLA_DEBUG"):
             raise
-        print(f"vla {command}: error: {e}", file=sys.stderr)
+        print(f"vla {command}: error: {line}", file=sys.stderr)
         return 2
+
+
+def _keys_near(command: str, key: str) -> list[str]:
+    """The config keys beside `key` (a dotted path) in the command's composed config."""
+    from omegaconf import DictConfig
+
+    from vla.config import load_config
+
+    node = load_config(command, [])
+    for part in key.split(".")[:-1]:
+        node = node.get(part) if isinstance(node, DictConfig) else None
+    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def one_line_error(error: Exception, command: str) -> str | None:
+    """The one line a user sees for an error of their input, or None for an error of the program (a bug: the
+    traceback is shown). Hydra's config errors list the valid choices; gymnasium's unknown env id gets the built-in
+    ids."""
+    import gymnasium
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(error, (HydraException, OmegaConfBaseException)):
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        options = next((i for i, line in enumerate(lines) if line.startswith("Available options")), None)
+        if options is not None:  # "Could not find 'stage/nope'" + the options, one per line, then the search path
+            choices = [line for line in lines[options + 1:] if line.isidentifier() or line.replace("-", "_").isidentifier()]
+            choices = choices[:next((i for i, c in enumerate(choices) if c == "Config"), len(choices))]
+            return f"{' '.join(lines[:options])}; {lines[options].rstrip(':').lower()}: {', '.join(choices)}"
+        if lines and lines[0].startswith("Could not override '"):  # an unknown key: the keys at its level
+            key = lines[0].split("'")[1]
+            return f"{command}: unknown config key {key!r}; known at that level: {', '.join(_keys_near(command, key))}"
+        return " ".join(lines)
+    if isinstance(error, gymnasium.error.Error):
+        from envs import BUILTIN_ENVS
+
+        return f"{' '.join(str(error).split())} (built-in envs: {', '.join(BUILTIN_ENVS)})"
+    if isinstance(error, (ValueError, KeyError, FileNotFoundError, RuntimeError)):
+        return " ".join(str(error).split()) if isinstance(error, ValueError) else str(error)
+    return None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,22 @@
+"""The `vla` command's errors: bad input is one line naming the problem and, where there is a choice, the choices."""
+
+from __future__ import annotations
+
+import pytest
+
+from vla.cli import main
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["collect", "env=vla/Nope-v0", "episodes=1", "root=ROOT"], ["Nope", "vla/PointNav-v0", "vla/ArmReach-v0"]),
+    (["train", "stage=nope"], ["stage/nope", "align", "pretrain", "sft", "vision", "vla"]),
+    (["train", "nosuchkey=1"], ["'nosuchkey'", "micro_batch", "init_from"]),
+    (["train", "stage.optim.nope=1"], ["'stage.optim.nope'", "lr", "betas"]),
+])
+def test_bad_input_is_one_line_with_the_choices(argv, expected, tmp_path, capsys):
+    argv = [a.replace("ROOT", str(tmp_path / "data")) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"vla {argv[0]}: error:"), err
+    for word in expected:
+        assert word in err, (word, err)
