@@ -20,11 +20,15 @@ cameras the checkpoint does not use are dropped. A mismatch (missing camera, oth
 size, an input the env does not give) is one ValueError line naming both sides. `vla eval` with `image_size=null`
 (the default) renders the built-in envs at the size the checkpoint records.
 
-Options (`policy_options={...}`): `device` (default cpu).
+Options (`policy_options={...}`): `device` (default cpu); `config` ({field: value}): inference-time changes of the
+checkpoint's config, parsed as `lerobot-eval --policy.<field>=<value>` parses them (e.g. Diffusion Policy's
+`{noise_scheduler_type: DDIM, num_inference_steps: 10}`, ACT's `{n_action_steps: 1, temporal_ensemble_coeff: 0.01}`);
+an unknown field is one error line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -119,8 +123,16 @@ def feature_mapping(features: dict[str, dict[str, Any]], observation_space, acti
     return mapping
 
 
-def load_lerobot_policy(path: str | Path, device: str = "cpu"):
-    """(policy in eval mode, preprocessor, postprocessor, config) of a LeRobot checkpoint folder, nothing downloaded."""
+def cli_value(value: Any) -> str:
+    """A plain value as lerobot's command line (draccus) reads it: null, true / false, [1, 2], text."""
+    if value is None or isinstance(value, (bool, list, tuple, dict)):
+        return json.dumps(list(value) if isinstance(value, tuple) else value)
+    return str(value)
+
+
+def load_lerobot_policy(path: str | Path, device: str = "cpu", overrides: dict[str, Any] | None = None):
+    """(policy in eval mode, preprocessor, postprocessor, config) of a LeRobot checkpoint folder, nothing downloaded;
+    `overrides` change fields of its config before the policy is built (as `--policy.<field>=<value>` would)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from lerobot.configs.policies import PreTrainedConfig
     from lerobot.policies.factory import get_policy_class, make_pre_post_processors
@@ -128,7 +140,20 @@ def load_lerobot_policy(path: str | Path, device: str = "cpu"):
 
     folder = resolve_checkpoint(path)
     register_third_party_plugins()  # lerobot_policy_* packages (ours: dsvla) register their policy types
-    config = PreTrainedConfig.from_pretrained(folder)
+    policy_type = json.loads((folder / CONFIG).read_text()).get("type")
+    try:
+        known = {f.name for f in dataclasses.fields(PreTrainedConfig.get_choice_class(policy_type))}
+    except Exception:  # noqa: BLE001 - draccus raises its own errors for unknown choices
+        raise ValueError(f"lerobot checkpoint {folder}: policy type {policy_type!r} is not registered (known: "
+                         f"{', '.join(sorted(PreTrainedConfig.get_known_choices()))})") from None
+    unknown = sorted(set(overrides or {}) - known)
+    if unknown:
+        raise ValueError(f"lerobot checkpoint {folder}: its {policy_type} config has no field(s) {unknown}")
+    args = [f"--{field}={cli_value(value)}" for field, value in (overrides or {}).items()]
+    try:
+        config = PreTrainedConfig.from_pretrained(folder, cli_overrides=args)
+    except SystemExit as error:  # draccus exits on a field the config does not have
+        raise ValueError(f"lerobot checkpoint {folder}: cannot apply config {overrides} ({error})") from None
     config.pretrained_path = str(folder)
     config.device = device
     policy_class = get_policy_class(config.type)
@@ -136,8 +161,8 @@ def load_lerobot_policy(path: str | Path, device: str = "cpu"):
         from peft import PeftConfig, PeftModel
 
         adapter = PeftConfig.from_pretrained(str(folder))
-        policy = PeftModel.from_pretrained(policy_class.from_pretrained(adapter.base_model_name_or_path), str(folder),
-                                           config=adapter)
+        base = policy_class.from_pretrained(adapter.base_model_name_or_path, config=config)
+        policy = PeftModel.from_pretrained(base, str(folder), config=adapter)
     else:
         policy = policy_class.from_pretrained(str(folder), config=config)
     policy.to(device).eval()
@@ -178,10 +203,11 @@ def _lerobot_factory(argument: str, context: PolicyContext) -> LeRobotEnvPolicy:
     mapping = feature_mapping(recorded_features(folder), context.observation_space, tuple(context.action_space.shape),
                               f"policy=lerobot:{path} in {context.env_id}")
     device = str(context.options.get("device") or "cpu")
+    overrides = dict(context.options.get("config") or {})
     cache = context.options.setdefault("_loaded_policies", {})
-    key = (PREFIX, str(folder), device)
+    key = (PREFIX, str(folder), device, json.dumps(overrides, sort_keys=True, default=str))
     if key not in cache:  # one load per eval run, shared by the envs
-        cache[key] = load_lerobot_policy(folder, device)
+        cache[key] = load_lerobot_policy(folder, device, overrides)
     policy, preprocessor, postprocessor, _ = cache[key]
     return LeRobotEnvPolicy(policy, preprocessor, postprocessor, mapping)
 
