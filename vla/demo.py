@@ -23,6 +23,9 @@ from typing import Any
 from omegaconf import OmegaConf
 
 
+EVAL_SEED = 1000  # held-out episodes use env seeds 1000+ (collection starts at 0; `vla bench peers` uses the same)
+
+
 def _quiet_libraries() -> None:
     """torchcodec cannot find FFmpeg here and prints pages of tracebacks before lerobot falls back to pyav."""
     import logging
@@ -147,6 +150,39 @@ def train_stage(c: dict[str, Any], out: Path, stage: str, init_from: str | None,
     return summary
 
 
+def train_policy(c: dict[str, Any], out: Path, clock: _Clock) -> dict[str, Any]:
+    """Steps 1-2: the robot datasets, the scene-language data and tokenizer, the stages align -> pretrain -> sft, then
+    the vla stage on the robot mixture co-trained with scene VQA; the policy is copied to `<out>/policy`. Each phase
+    is a lap of `clock` (the vla stage's: "stage vla"). `vla bench peers` trains "ours" through this function.
+    Returns {"roots", "lang", "stage_dirs", "policy_dir", "vla_summary"}."""
+    roots = collect(c, out)
+    clock.lap("collect demonstrations")
+    lang = scene_language(c, out)
+    tokenizer = build_tokenizer(c, lang, out)
+    clock.lap("scene-language data + tokenizer")
+
+    stage_dirs = {}
+    init = None
+    for stage in ("align", "pretrain", "sft"):
+        extra = [f"stage.data.path={lang[stage]}", f"stage.data.image_size={c['image_size']}"]
+        if stage == "align":
+            extra.append(f"tokenizer={tokenizer}")
+        summary = train_stage(c, out, stage, init, extra)
+        init, stage_dirs[stage] = summary["checkpoint"], out / "train" / stage
+        clock.lap(f"stage {stage}")
+    weights = {r["name"]: float(r.get("weight", 1.0)) for r in c["robots"]}  # sampling weight in the vla mixture
+    datasets = "[" + ", ".join(f"{{root: '{root}', weight: {weights[name]}}}" for name, root in roots.items()) + "]"
+    vla_summary = train_stage(c, out, "vla", init, [
+        f"stage.data={{datasets: {datasets}, chunk_len: {c['chunk_len']}, image_size: {c['image_size']}, "
+        f"vqa_path: '{lang['sft']}', vqa_ratio: {c['vqa_ratio']}, cache_frames: {str(bool(c['cache_frames'])).lower()}}}",
+        f"stage.options={{policy: {_inline_dict(c['policy'])}}}"])
+    stage_dirs["vla"] = out / "train" / "vla"
+    policy_dir = str(out / "policy")
+    shutil.copytree(vla_summary["checkpoint"], policy_dir)
+    clock.lap("stage vla")
+    return {"roots": roots, "lang": lang, "stage_dirs": stage_dirs, "policy_dir": policy_dir, "vla_summary": vla_summary}
+
+
 def evaluate_policies(c: dict[str, Any], out: Path, policy_dir: str, roots: dict[str, str]) -> dict[str, Any]:
     import envs  # noqa: F401
     import vla.env_policy  # noqa: F401  (policy=checkpoint:DIR)
@@ -160,7 +196,7 @@ def evaluate_policies(c: dict[str, Any], out: Path, policy_dir: str, roots: dict
                                      ("no-vision prior", "prior", {"dataset": roots[name]})):
             summary = evaluate(spec, [env_id], episodes=int(c["eval_episodes"]), batch_size=int(c["eval_batch"]),
                                out=out / "eval" / f"{name}-{label.split()[0]}", videos=2 if label == "policy" else 0,
-                               seed=1000, image_size=int(c["image_size"]), policy_options=options, progress=False,
+                               seed=EVAL_SEED, image_size=int(c["image_size"]), policy_options=options, progress=False,
                                env_kwargs={env_id: dict(robot.get("env_kwargs") or {})},
                                train_datasets=list(roots.values()))  # refuses seeds the demos were collected from
             embodiment = next(iter(summary["per_embodiment"]))
@@ -353,31 +389,8 @@ def main(cfg) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     _say(f"writing to {out}{' (quick)' if c['quick'] else ''}")
-    roots = collect(c, out)
-    clock.lap("collect demonstrations")
-    lang = scene_language(c, out)
-    tokenizer = build_tokenizer(c, lang, out)
-    clock.lap("scene-language data + tokenizer")
-
-    stage_dirs = {}
-    init = None
-    for stage in ("align", "pretrain", "sft"):
-        extra = [f"stage.data.path={lang[stage]}", f"stage.data.image_size={c['image_size']}"]
-        if stage == "align":
-            extra.append(f"tokenizer={tokenizer}")
-        summary = train_stage(c, out, stage, init, extra)
-        init, stage_dirs[stage] = summary["checkpoint"], out / "train" / stage
-        clock.lap(f"stage {stage}")
-    weights = {r["name"]: float(r.get("weight", 1.0)) for r in c["robots"]}  # sampling weight in the vla mixture
-    datasets = "[" + ", ".join(f"{{root: '{root}', weight: {weights[name]}}}" for name, root in roots.items()) + "]"
-    vla_summary = train_stage(c, out, "vla", init, [
-        f"stage.data={{datasets: {datasets}, chunk_len: {c['chunk_len']}, image_size: {c['image_size']}, "
-        f"vqa_path: '{lang['sft']}', vqa_ratio: {c['vqa_ratio']}, cache_frames: {str(bool(c['cache_frames'])).lower()}}}",
-        f"stage.options={{policy: {_inline_dict(c['policy'])}}}"])
-    stage_dirs["vla"] = out / "train" / "vla"
-    policy_dir = str(out / "policy")
-    shutil.copytree(vla_summary["checkpoint"], policy_dir)
-    clock.lap("stage vla")
+    trained = train_policy(c, out, clock)
+    roots, lang, stage_dirs, policy_dir = trained["roots"], trained["lang"], trained["stage_dirs"], trained["policy_dir"]
 
     success = evaluate_policies(c, out, policy_dir, roots)
     clock.lap("policy + baseline rollouts")
