@@ -20,7 +20,8 @@ then gets `floor((budget - fixed) / seconds_per_step)` steps (at least `min_step
 budget. Each run's own wall-clock (process start to exit, as for ours) is measured and reported as `train_s`, so
 the table shows how close to equal the budgets came; a run past `timeout_factor` x its budget is stopped and
 reported as failed. Every process uses this machine's default threads and device (torch's and lerobot's auto
-choice), as the demo does; `threads=N` sets both (OMP_NUM_THREADS for lerobot-train).
+choice), as the demo does; `threads=N` sets both (OMP_NUM_THREADS for lerobot-train); `--quick` uses 1 thread
+unless told otherwise (on a busy 2-core machine OpenMP stalls at 2 threads made its 4-step vla stage 18x slower).
 
 Every contender is rolled out through `envs.rollout.evaluate` (peers as `policy=lerobot:DIR`, ours as
 `checkpoint:DIR`) on the demo's held-out seeds (`vla.demo.EVAL_SEED`+, `eval_episodes` per robot), with the demo's
@@ -49,6 +50,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from benchmarks._util import print_table, setup
 
@@ -98,7 +101,7 @@ def settings(cfg) -> dict[str, Any]:
     quick = s.pop("quick")
     s["quick"] = bool(cfg.get("quick"))
     if s["quick"]:
-        for key in ("probe_steps", "max_steps", "timeout_factor", "videos"):
+        for key in ("probe_steps", "max_steps", "timeout_factor", "videos", "threads"):
             s[key] = quick[key]
         for contender in s["contenders"].values():
             contender["fields"] = {**contender["fields"], **quick["fields"].get(contender["type"], {})}
@@ -224,8 +227,6 @@ def ours_seconds_per_step(train_dir: Path, samples_per_step: float) -> float | N
 
 
 def _machine() -> str:
-    import torch
-
     model = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -245,8 +246,10 @@ def run(cfg) -> dict:
     from vla.policy import VLAPolicy
 
     setup(cfg)
-    threads = int(cfg.get("threads", 0) or 0)
     s = settings(cfg)
+    threads = int(cfg.get("threads", 0) or 0) or int(s["threads"] or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)  # ours and the rollouts here; OMP_NUM_THREADS for lerobot-train
     demo._quiet_libraries()
     c = demo._settings(load_config("demo", [*s["demo_overrides"], f"demo.quick={str(s['quick']).lower()}"]))
     out = Path(s["out"])
@@ -285,7 +288,9 @@ def run(cfg) -> dict:
     runs: list[PeerRun] = []
     for contender in s["contenders"]:
         for name, env_id, env_kwargs in robots:
-            print(f"[peers] {contender.name} on {name}: probe, then lerobot-train for {per_robot:.1f} s", flush=True)
+            what = f"probe, then lerobot-train for {per_robot:.1f} s" if int(s["probe_steps"]) > 0 else \
+                f"lerobot-train for {s['max_steps'] or s['min_steps']} steps (no probe)"
+            print(f"[peers] {contender.name} on {name}: {what}", flush=True)
             peer = train_peer(contender, name, roots[name], per_robot, s, out, threads)
             runs.append(peer)
             if peer.error is None:
