@@ -7,7 +7,10 @@ from vla.cli import main
 
 def test_demo_quick_writes_report_and_json(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "demo.quick=true", f"out={out}"]) == 0
+    # the point robot's scenes hold two objects (the wrong-instruction baseline runs), the arm's one (it cannot)
+    robots = ("robots=[{env: vla/PointNav-v0, name: nav, episodes: 6, env_kwargs: {num_objects: [2, 2]}}, "
+              "{env: vla/ArmReach-v0, name: arm, episodes: 6, env_kwargs: {num_objects: [1, 1]}}]")
+    assert main(["demo", "demo.quick=true", f"out={out}", robots]) == 0
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     result = json.loads(last_line)
     for key in ("success", "baseline_success", "vqa_accuracy", "grounding_acc", "routing_nmi", "wall_s"):
@@ -18,21 +21,25 @@ def test_demo_quick_writes_report_and_json(tmp_path, capsys):
     from vla.demo import _settings
 
     episodes = int(_settings(load_config("demo", ["demo.quick=true"]))["eval_episodes"])
-    rates = [*result["success"].values(), *(v for s in result["baseline_success"].values() for v in s.values())]
-    assert len(rates) == 6 and all(0.0 <= v <= 1.0 and abs(v * episodes - round(v * episodes)) < 1e-9 for v in rates), rates
-    assert set(result["baseline_success"]["arm3"]) == {"random", "no_vision"}
+    rates = [*result["success"].values(),
+             *(v for s in result["baseline_success"].values() for v in s.values() if v is not None)]
+    assert len(rates) == 7 and all(0.0 <= v <= 1.0 and abs(v * episodes - round(v * episodes)) < 1e-9 for v in rates), rates
+    assert set(result["baseline_success"]["arm3"]) == {"random", "no_vision", "wrong_instruction"}
+    assert result["baseline_success"]["arm3"]["wrong_instruction"] is None  # one object per scene: nothing else to name
+    assert result["baseline_success"]["point2d"]["wrong_instruction"] is not None
     assert 0.0 <= result["language_baseline"]["blind"]["vqa_accuracy"] <= 1.0
     assert "grounding" not in result["vqa_by_kind"] and all(0.0 <= v <= 1.0 for v in result["vqa_by_kind"].values())
     phases = result["phase_s"]
     assert list(phases)[0] == "collect demonstrations" and "stage vla" in phases
     assert sum(phases.values()) <= result["wall_s"] + 1.0
     report = (out / "report.md").read_text()
-    assert "| robot | policy success |" in report and "![routing](routing.png)" in report
+    assert "| robot | policy success | no-vision prior | random | wrong instruction |" in report and "![routing](routing.png)" in report
     assert "| question kind | questions | model | blind |" in report and "| stage vla |" in report
     for name in ("report.md", "result.json", "loss_curves.png", "success.png", "routing.png", "routing.json", "grounding.png"):
         assert (out / name).stat().st_size > 0, name
     assert json.loads((out / "result.json").read_text()) == result
     assert list((out / "eval").glob("*/videos/*.gif")), "rollout GIFs"
+    assert (out / "eval" / "nav-wrong").is_dir() and not (out / "eval" / "arm-wrong").exists()
 
 
 def test_quick_keeps_the_configured_robots_with_fewer_episodes():

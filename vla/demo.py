@@ -183,6 +183,11 @@ def train_policy(c: dict[str, Any], out: Path, clock: _Clock) -> dict[str, Any]:
     return {"roots": roots, "lang": lang, "stage_dirs": stage_dirs, "policy_dir": policy_dir, "vla_summary": vla_summary}
 
 
+def listens_test_possible(env_kwargs: dict[str, Any]) -> bool:
+    """The wrong-instruction baseline needs another object to name: scenes of 2+ objects (the envs' default)."""
+    return int(list(env_kwargs.get("num_objects") or [2])[0]) >= 2
+
+
 def evaluate_policies(c: dict[str, Any], out: Path, policy_dir: str, roots: dict[str, str]) -> dict[str, Any]:
     import envs  # noqa: F401
     import vla.env_policy  # noqa: F401  (policy=checkpoint:DIR)
@@ -191,13 +196,16 @@ def evaluate_policies(c: dict[str, Any], out: Path, policy_dir: str, roots: dict
     results: dict[str, Any] = {}
     for robot in c["robots"]:
         env_id, name = robot["env"], robot["name"]
-        for label, spec, options in (("policy", f"checkpoint:{policy_dir}", {}),
-                                     ("random", "random", {}),
-                                     ("no-vision prior", "prior", {"dataset": roots[name]})):
+        kwargs = dict(robot.get("env_kwargs") or {})
+        runs = [("policy", f"checkpoint:{policy_dir}", {}, kwargs), ("random", "random", {}, kwargs),
+                ("no-vision prior", "prior", {"dataset": roots[name]}, kwargs)]
+        if listens_test_possible(kwargs):  # the same policy told to go to another object of the same scene
+            runs.append(("wrong instruction", f"checkpoint:{policy_dir}", {}, kwargs | {"instruction": "other"}))
+        for label, spec, options, env_kwargs in runs:
             summary = evaluate(spec, [env_id], episodes=int(c["eval_episodes"]), batch_size=int(c["eval_batch"]),
                                out=out / "eval" / f"{name}-{label.split()[0]}", videos=2 if label == "policy" else 0,
                                seed=EVAL_SEED, image_size=int(c["image_size"]), policy_options=options, progress=False,
-                               env_kwargs={env_id: dict(robot.get("env_kwargs") or {})},
+                               env_kwargs={env_id: env_kwargs},
                                train_datasets=list(roots.values()))  # refuses seeds the demos were collected from
             embodiment = next(iter(summary["per_embodiment"]))
             results.setdefault(embodiment, {})[label] = summary["overall"]["success_rate"]
@@ -289,7 +297,8 @@ def plot_results(out: Path, success: dict[str, Any], stage_dirs: dict[str, Path]
     fig.savefig(out / "loss_curves.png", dpi=100)
     plt.close(fig)
 
-    labels = ["policy", "no-vision prior", "random"]
+    labels = ["policy", "no-vision prior", "random"] + \
+        (["wrong instruction"] if all("wrong instruction" in s for s in success.values()) else [])
     fig, ax = plt.subplots(figsize=(6, 3))
     width = 0.8 / len(labels)
     names = sorted(success)
@@ -306,10 +315,11 @@ def plot_results(out: Path, success: dict[str, Any], stage_dirs: dict[str, Path]
 
 def write_report(out: Path, c: dict[str, Any], success: dict[str, Any], language: dict[str, Any], route: dict[str, Any],
                  summary: dict[str, Any]) -> str:
-    rows = ["| robot | policy success | no-vision prior | random |", "|---|---|---|---|"]
+    rows = ["| robot | policy success | no-vision prior | random | wrong instruction |", "|---|---|---|---|---|"]
     for name in sorted(success):
         s = success[name]
-        rows.append(f"| {name} | {s['policy']:.2f} | {s['no-vision prior']:.2f} | {s['random']:.2f} |")
+        rows.append(f"| {name} | {s['policy']:.2f} | {s['no-vision prior']:.2f} | {s['random']:.2f} | "
+                    f"{s['wrong instruction']:.2f} |" if "wrong instruction" in s else "n/a (one object per scene) |")
     blind = language["blind"]
     table = "\n".join(rows + [
         "", "| scene language (held-out scenes) | model | blind |", "|---|---|---|",
@@ -405,7 +415,8 @@ def main(cfg) -> int:
 
     result = {
         "success": {n: s["policy"] for n, s in success.items()},
-        "baseline_success": {n: {"random": s["random"], "no_vision": s["no-vision prior"]} for n, s in success.items()},
+        "baseline_success": {n: {"random": s["random"], "no_vision": s["no-vision prior"],
+                                 "wrong_instruction": s.get("wrong instruction")} for n, s in success.items()},
         "vqa_accuracy": round(language["vqa_accuracy"], 4),
         "grounding_acc": round(language["grounding_acc"], 4),
         "language_baseline": {"blind": {"vqa_accuracy": round(language["blind"]["vqa_accuracy"], 4),
