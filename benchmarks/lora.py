@@ -20,7 +20,7 @@ from benchmarks._util import print_table, setup
 MODEL = "{hidden_size: 128, intermediate_size: 256, moe_intermediate_size: 64, num_hidden_layers: 4, " \
         "num_attention_heads: 4, kv_lora_rank: 32, qk_nope_head_dim: 32, qk_rope_head_dim: 16, v_head_dim: 32}"
 ROBOTS = (("vla/PointNav-v0", "nav", 1.0), ("vla/ArmReach-v0", "arm", 2.0))
-FULL = {"episodes": 200, "base_steps": 1000, "steps": 400, "micro_batch": 16, "eval_episodes": 30}
+FULL = {"episodes": 200, "base_steps": 2000, "steps": 800, "micro_batch": 16, "eval_episodes": 200}
 QUICK = {"episodes": 4, "base_steps": 3, "steps": 3, "micro_batch": 4, "eval_episodes": 2}
 
 
