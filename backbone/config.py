@@ -3,7 +3,7 @@
 Field names follow the published `language_config` (DeepseekV2Config) so that `config.json` files map one to one;
 `LanguageModelConfig.from_dict` accepts both the official files and those written by transformers 5.x (which stores
 `rope_parameters` instead of `rope_theta`). Presets `tiny`, `small`, `base` are the published DeepSeek-VL2 numbers
-(`../shared/reference/deepseek_vl2.md`, section 1.2).
+(docs/architecture.md, "Presets and config.json").
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def _preset(**kw: Any) -> LanguageModelConfig:
     return LanguageModelConfig(**kw)
 
 
-# Published DeepSeek-VL2 language configs (reference section 1.2).
+# Published DeepSeek-VL2 language configs (docs/architecture.md, "Presets and config.json").
 PRESETS: dict[str, LanguageModelConfig] = {
     "tiny": _preset(
         vocab_size=129280, hidden_size=1280, intermediate_size=6848, moe_intermediate_size=896, num_hidden_layers=12,

@@ -1,9 +1,10 @@
 """Grounding output of DeepSeek-VL2: parse `<|ref|>label<|/ref|><|det|>[[x1,y1,x2,y2],...]<|/det|>`, rescale, draw.
 
 Coordinates are integers in 0..999 relative to the original image; pixels are x * W / 999, y * H / 999
-(reference section 3, known issues 8-9). Models (the tiny one especially) emit malformed boxes: odd coordinate
-counts, values like 9999, unclosed tags. `parse_grounding` never raises on model text: everything it cannot use is
-returned as a `GroundingProblem`, and only well-formed boxes reach `GroundingResult.objects`.
+(docs/architecture.md, "Chat template, special tokens and grounding"). Models (the tiny one especially) emit
+malformed boxes: odd coordinate counts, values like 9999, unclosed tags. `parse_grounding` never raises on model text:
+everything it cannot use is returned as a `GroundingProblem`, and only well-formed boxes reach
+`GroundingResult.objects`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """DeepSeek-VL2 processor: dynamic tiling, image transforms, the "deepseek" chat template, tokenization, batching.
 
-Matches the official `processing_deepseek_vl_v2.py` (reference section 3):
+Matches the official `processing_deepseek_vl_v2.py` (docs/architecture.md, "Image preprocessing and dynamic
+tiling"):
 
 * `select_best_resolution` picks a (width, height) among the candidate resolutions (all (m*tile, n*tile) with
   m*n <= max_tiles, in the published order; first wins on a full tie).

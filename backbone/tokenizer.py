@@ -4,7 +4,8 @@ Both kinds end up as a transformers `PreTrainedTokenizerFast` behind one wrapper
 processor uses: `encode` (never adds BOS/EOS itself), `decode`, the ids of the special tokens, `vocab_size`, and
 `add_tokens` for tokens other parts of the project add later (e.g. action tokens).
 
-Special tokens (reference section 3). The official processor adds the ones a tokenizer lacks, as special tokens:
+Special tokens (docs/architecture.md, "Chat template, special tokens and grounding"). The official processor adds
+the ones a tokenizer lacks, as special tokens:
 pad `<｜▁pad▁｜>`, `<image>`, the grounding tags `<|ref|>`, `<|/ref|>`, `<|det|>`, `<|/det|>`, `<|grounding|>`, and the
 chat roles `<|User|>`, `<|Assistant|>`. BOS `<｜begin▁of▁sentence｜>` / EOS `<｜end▁of▁sentence｜>` come with the
 tokenizer. The built BPE puts BOS, EOS, pad at ids 0, 1, 2 like the real V3-family tokenizer, then the other ten.

@@ -1,6 +1,7 @@
 """DeepSeek-VL2 vision side: SigLIP tower, 2x2 downsampling MLP adaptor, and the 2D token layout of tiled images.
 
-Pipeline for one image tiled nw x nh (reference sections 3-4):
+Pipeline for one image tiled nw x nh (docs/architecture.md, "Vision tower and the 2x2 adaptor" and "Image token
+layout"):
 
     tiles (1 + nw*nh, 3, 384, 384)                     global view first, then local tiles row-major
       -> SigLIP-SO400M (transformers SiglipVisionModel)  27x27 = 729 patch tokens (the last 6 px are never seen),
@@ -265,7 +266,8 @@ class VisionEncoder(nn.Module):
         # Extension, off for DeepSeek-VL2 checkpoints: subtract each tile's mean token after the projector. A
         # from-scratch tower's tokens share a large common component (token-to-token differences ~0.1-0.3 of the
         # token norm), which keeps the language model from singling out one object's token; centred, a position-
-        # dependent action is learned in ~150 steps instead of not at all in 300 (see README, known limits).
+        # dependent action is learned in ~150 steps instead of not at all in 300 (docs/experiments.md, "Centred
+        # image tokens").
         self.center_tokens = center_tokens
         if projector_config.input_dim != vision_config.width:
             raise ValueError(

@@ -3,7 +3,8 @@
 What is adapted (`lora_target_names`): every `nn.Linear` of the language model's attention (MLA `q_proj` or
 `q_a_proj`/`q_b_proj`, `kv_a_proj_with_mqa`, `kv_b_proj`, `o_proj`), of the dense MLPs and of the shared experts,
 and of the vision projector. Frozen: the vision tower, the router and the routed experts (`GroupedExperts` keeps all
-experts in two fused 3-D parameters, which peft's `nn.Linear` LoRA cannot wrap; see the README).
+experts in two fused 3-D parameters, which peft's `nn.Linear` LoRA cannot wrap; see README.md, "Fine-tuning at real
+size").
 
 What trains in full beside the adapters:
 - the rows of the vocabulary this policy added (action bins and embodiment tokens), in the input embedding and in

@@ -26,8 +26,8 @@ and optionally
     describe() -> str                         # one line printed at start
 
 Stage tasks are made by factories registered by name: `register_stage_task(name, factory)`, with
-`factory(ctx: StageContext) -> task`. `align`, `pretrain` and `sft` (the DeepSeek-VL2 recipe, reference section 6)
-are built in here; `vla` is registered by `vla.vla_stage`, imported on demand.
+`factory(ctx: StageContext) -> task`. `align`, `pretrain` and `sft` (the DeepSeek-VL2 recipe, docs/architecture.md,
+"Training recipe (the stages)") are built in here; `vla` is registered by `vla.vla_stage`, imported on demand.
 """
 
 from __future__ import annotations
