@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vla.stages import StageContext, make_stage_task
 from vla.trainer import (CheckpointConfig, LogConfig, OptimConfig, ScheduleConfig, Trainer, TrainerConfig,
-                         init_distributed, seed_everything)
+                         close_distributed, init_distributed, seed_everything)
 
 
 def _plain(node: Any) -> Any:
@@ -83,11 +83,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def main(cfg: DictConfig) -> int:
     summary = run(cfg)
+    close_distributed()
     if summary.get("checkpoint") and (summary.get("final_loss") is not None):
         print(f"stage {summary['stage']}: {summary['steps']} steps, final loss {summary['final_loss']:.4f}; "
               f"checkpoint {summary['checkpoint']}", flush=True)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     return 0
 
 

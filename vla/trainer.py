@@ -143,6 +143,14 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local_rank, dev)
 
 
+def close_distributed() -> None:
+    """Leave the process group together: without the barrier one process may tear its connections down while
+    another still uses them, and gloo aborts it at exit ("terminate called without an active exception")."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
