@@ -35,6 +35,13 @@ def test_demo_quick_writes_report_and_json(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "| robot | policy success | no-vision prior | random | wrong instruction |" in report and "![routing](routing.png)" in report
     assert "| question kind | questions | model | blind |" in report and "| stage vla |" in report
+    assert "| point2d | " in report and "| arm3 | " in report and "n/a (one object per scene) |" in report
+    assert "| before: the vla stage's start | after: the policy |" in report
+    for key in ("start_vqa_accuracy", "start_grounding_acc"):
+        assert 0.0 <= result[key] <= 1.0, key
+    for key, before, after in (("vqa_retention", "start_vqa_accuracy", "vqa_accuracy"),
+                               ("grounding_retention", "start_grounding_acc", "grounding_acc")):
+        assert result[key] is None if result[before] == 0 else abs(result[key] - result[after] / result[before]) < 1e-3
     for name in ("report.md", "result.json", "loss_curves.png", "success.png", "routing.png", "routing.json", "grounding.png"):
         assert (out / name).stat().st_size > 0, name
     assert json.loads((out / "result.json").read_text()) == result
@@ -63,14 +70,16 @@ def test_report_says_how_grounding_is_scored_and_where_routing_was_measured(tmp_
     success = {"point2d": {"policy": 0.5, "no-vision prior": 0.25, "random": 0.0, "videos": []}}
     by_kind = {"count": {"right": 1, "total": 2, "accuracy": 0.5}}
     scores = {"vqa_accuracy": 0.5, "grounding_acc": 0.25, "n_vqa": 2, "n_grounding": 4, "by_kind": by_kind}
-    language = {**scores, "blind": dict(scores), "examples": [],
+    start = {"vqa_accuracy": 0.75, "grounding_acc": 0.5}
+    language = {**scores, "blind": dict(scores), "start": start, "examples": [],
                 "grounding_example": {"question": "Locate the red square", "answer": "", "image": "g.png"}}
     table = write_report(tmp_path, c, success, language, {"nmi_mean": 0.125},
                          {"wall_s": 10.0, "phase_s": {"collect demonstrations": 1.0}})
     report = (tmp_path / "report.md").read_text()
     held_out, routing = table.split("| expert routing, measured on training frames | model |")
     assert "NMI" not in held_out and "| routing NMI (embodiment vs expert, action tokens of training frames) | 0.125 |" in routing
-    assert "| grounding acc, one box with IoU >= 0.5 (4 boxes) | 0.25 | 0.25 |" in held_out
+    assert "| grounding acc, one box with IoU >= 0.5 (4 boxes) | 0.50 | 0.25 | 0.25 |" in held_out
+    assert "| VQA accuracy (2 questions) | 0.75 | 0.50 | 0.50 |" in held_out
     grounding_row = next(i for i, line in enumerate(report.splitlines()) if line.startswith("| grounding acc"))
     after = "\n".join(report.splitlines()[grounding_row:grounding_row + 10])
     assert "an answer is right only if it gives exactly one box and that box has IoU >= 0.5" in after

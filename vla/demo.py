@@ -130,15 +130,18 @@ def _inline_dict(values: dict[str, Any]) -> str:
     return "{" + ", ".join(f"{k}: {v}" for k, v in values.items()) + "}"
 
 
-def train_stage(c: dict[str, Any], out: Path, stage: str, init_from: str | None, extra: list[str]) -> dict[str, Any]:
+def train_stage(c: dict[str, Any], out: Path, stage: str, init_from: str | None, extra: list[str],
+                run_name: str | None = None, steps: int | None = None) -> dict[str, Any]:
+    """One stage with the demo's settings, in `<out>/train/<run_name or stage>` (`steps`: default the config's)."""
     from vla.config import load_config
     from vla.train import run
 
-    overrides = [f"stage={stage}", f"out={out / 'train' / stage}", f"seed={c['seed']}", f"stage.steps={c['steps'][stage]}",
-                 f"stage.optim.lr={c['lr'][stage]}", f"micro_batch={c['micro_batch']}",
+    steps = int(c["steps"][stage] if steps is None else steps)
+    overrides = [f"stage={stage}", f"out={out / 'train' / (run_name or stage)}", f"seed={c['seed']}",
+                 f"stage.steps={steps}", f"stage.optim.lr={c['lr'][stage]}", f"micro_batch={c['micro_batch']}",
                  f"model.language={_inline_dict(c['model'])}",
                  "checkpoint.every=0", "checkpoint.keep_last=1", "log.progress=true", "log.tensorboard=false",
-                 f"stage.schedule.warmup_steps={max(1, int(c['steps'][stage]) // 10)}",
+                 f"stage.schedule.warmup_steps={max(1, steps // 10)}",
                  # the recipe's 0.1x vision-tower learning rate is for a pretrained SigLIP; this one starts random
                  f"stage.lr_mult={_inline_dict(c['vision_lr_mult'])}"]
     if c.get("vision"):
@@ -146,41 +149,57 @@ def train_stage(c: dict[str, Any], out: Path, stage: str, init_from: str | None,
     if init_from:
         overrides.append(f"init_from={init_from}")
     summary = run(load_config("train", overrides + extra))
-    _say(f"stage {stage}: {summary['steps']} steps, final loss {summary['final_loss']:.3f}")
+    _say(f"stage {run_name or stage}: {summary['steps']} steps, final loss {summary['final_loss']:.3f}")
     return summary
 
 
-def train_policy(c: dict[str, Any], out: Path, clock: _Clock) -> dict[str, Any]:
-    """Steps 1-2: the robot datasets, the scene-language data and tokenizer, the stages align -> pretrain -> sft, then
-    the vla stage on the robot mixture co-trained with scene VQA; the policy is copied to `<out>/policy`. Each phase
-    is a lap of `clock` (the vla stage's: "stage vla"). `vla bench peers` trains "ours" through this function.
-    Returns {"roots", "lang", "stage_dirs", "policy_dir", "vla_summary"}."""
-    roots = collect(c, out)
-    clock.lap("collect demonstrations")
-    lang = scene_language(c, out)
-    tokenizer = build_tokenizer(c, lang, out)
-    clock.lap("scene-language data + tokenizer")
-
-    stage_dirs = {}
-    init = None
+def language_stages(c: dict[str, Any], out: Path, lang: dict[str, Path], tokenizer: Path,
+                    clock: _Clock | None = None) -> tuple[str, dict[str, Path]]:
+    """align -> pretrain -> sft on the scene-language data; returns (the sft checkpoint, each stage's run folder)."""
+    stage_dirs, init = {}, None
     for stage in ("align", "pretrain", "sft"):
         extra = [f"stage.data.path={lang[stage]}", f"stage.data.image_size={c['image_size']}"]
         if stage == "align":
             extra.append(f"tokenizer={tokenizer}")
         summary = train_stage(c, out, stage, init, extra)
         init, stage_dirs[stage] = summary["checkpoint"], out / "train" / stage
-        clock.lap(f"stage {stage}")
+        if clock is not None:
+            clock.lap(f"stage {stage}")
+    return init, stage_dirs
+
+
+def train_vla(c: dict[str, Any], out: Path, init: str, roots: dict[str, str], lang: dict[str, Path],
+              run_name: str = "vla", vqa_ratio: float | None = None, steps: int | None = None) -> dict[str, Any]:
+    """The vla stage on the robot mixture (each robot at its configured weight) co-trained with the sft scene
+    conversations at `vqa_ratio` (default the config's; 0 = no co-training), in `<out>/train/<run_name>`."""
     weights = {r["name"]: float(r.get("weight", 1.0)) for r in c["robots"]}  # sampling weight in the vla mixture
     datasets = "[" + ", ".join(f"{{root: '{root}', weight: {weights[name]}}}" for name, root in roots.items()) + "]"
-    vla_summary = train_stage(c, out, "vla", init, [
+    ratio = c["vqa_ratio"] if vqa_ratio is None else vqa_ratio
+    return train_stage(c, out, "vla", init, [
         f"stage.data={{datasets: {datasets}, chunk_len: {c['chunk_len']}, image_size: {c['image_size']}, "
-        f"vqa_path: '{lang['sft']}', vqa_ratio: {c['vqa_ratio']}, cache_frames: {str(bool(c['cache_frames'])).lower()}}}",
-        f"stage.options={{policy: {_inline_dict(c['policy'])}}}"])
+        f"vqa_path: '{lang['sft']}', vqa_ratio: {ratio}, cache_frames: {str(bool(c['cache_frames'])).lower()}}}",
+        f"stage.options={{policy: {_inline_dict(c['policy'])}}}"], run_name=run_name, steps=steps)
+
+
+def train_policy(c: dict[str, Any], out: Path, clock: _Clock) -> dict[str, Any]:
+    """Steps 1-2: the robot datasets, the scene-language data and tokenizer, the stages align -> pretrain -> sft, then
+    the vla stage on the robot mixture co-trained with scene VQA; the policy is copied to `<out>/policy`. Each phase
+    is a lap of `clock` (the vla stage's: "stage vla"). `vla bench peers` trains "ours" through this function.
+    Returns {"roots", "lang", "stage_dirs", "start", "policy_dir", "vla_summary"} (start: the sft checkpoint the vla
+    stage starts from)."""
+    roots = collect(c, out)
+    clock.lap("collect demonstrations")
+    lang = scene_language(c, out)
+    tokenizer = build_tokenizer(c, lang, out)
+    clock.lap("scene-language data + tokenizer")
+    start, stage_dirs = language_stages(c, out, lang, tokenizer, clock)
+    vla_summary = train_vla(c, out, start, roots, lang)
     stage_dirs["vla"] = out / "train" / "vla"
     policy_dir = str(out / "policy")
     shutil.copytree(vla_summary["checkpoint"], policy_dir)
     clock.lap("stage vla")
-    return {"roots": roots, "lang": lang, "stage_dirs": stage_dirs, "policy_dir": policy_dir, "vla_summary": vla_summary}
+    return {"roots": roots, "lang": lang, "stage_dirs": stage_dirs, "start": start, "policy_dir": policy_dir,
+            "vla_summary": vla_summary}
 
 
 def listens_test_possible(env_kwargs: dict[str, Any]) -> bool:
@@ -318,14 +337,17 @@ def write_report(out: Path, c: dict[str, Any], success: dict[str, Any], language
     rows = ["| robot | policy success | no-vision prior | random | wrong instruction |", "|---|---|---|---|---|"]
     for name in sorted(success):
         s = success[name]
-        rows.append(f"| {name} | {s['policy']:.2f} | {s['no-vision prior']:.2f} | {s['random']:.2f} | "
-                    f"{s['wrong instruction']:.2f} |" if "wrong instruction" in s else "n/a (one object per scene) |")
-    blind = language["blind"]
+        wrong = f"{s['wrong instruction']:.2f}" if "wrong instruction" in s else "n/a (one object per scene)"
+        rows.append(f"| {name} | {s['policy']:.2f} | {s['no-vision prior']:.2f} | {s['random']:.2f} | {wrong} |")
+    blind, start = language["blind"], language["start"]
     table = "\n".join(rows + [
-        "", "| scene language (held-out scenes) | model | blind |", "|---|---|---|",
-        f"| VQA accuracy ({language['n_vqa']} questions) | {language['vqa_accuracy']:.2f} | {blind['vqa_accuracy']:.2f} |",
-        f"| grounding acc, one box with IoU >= 0.5 ({language['n_grounding']} boxes) | {language['grounding_acc']:.2f} | {blind['grounding_acc']:.2f} |",
-        f"| wall time | {summary['wall_s']:.0f} s | |",
+        "", "| scene language (held-out scenes) | before: the vla stage's start | after: the policy | blind |",
+        "|---|---|---|---|",
+        f"| VQA accuracy ({language['n_vqa']} questions) | {start['vqa_accuracy']:.2f} | {language['vqa_accuracy']:.2f} | "
+        f"{blind['vqa_accuracy']:.2f} |",
+        f"| grounding acc, one box with IoU >= 0.5 ({language['n_grounding']} boxes) | {start['grounding_acc']:.2f} | "
+        f"{language['grounding_acc']:.2f} | {blind['grounding_acc']:.2f} |",
+        f"| wall time of the whole demo | | {summary['wall_s']:.0f} s | |",
         "", "| expert routing, measured on training frames | model |", "|---|---|",
         f"| routing NMI (embodiment vs expert, action tokens of training frames) | {_fmt(route.get('nmi_mean'))} |",
     ])
@@ -386,6 +408,11 @@ def _kwargs(robot: dict[str, Any]) -> str:
     return "".join(f", {k}={v}" for k, v in kwargs.items())
 
 
+def _ratio(after: float, before: float) -> float | None:
+    """What the policy checkpoint keeps of the starting checkpoint's accuracy (None when it started at 0)."""
+    return round(after / before, 4) if before > 0 else None
+
+
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -405,6 +432,8 @@ def main(cfg) -> int:
     success = evaluate_policies(c, out, policy_dir, roots)
     clock.lap("policy + baseline rollouts")
     language = evaluate_language(c, out, policy_dir, lang, roots)
+    (out / "start").mkdir(exist_ok=True)  # the checkpoint the vla stage started from, on the same held-out scenes
+    language["start"] = evaluate_language(c, out / "start", trained["start"], lang, roots)
     clock.lap("scene VQA + grounding eval")
     route = routing(c, out, policy_dir, roots)
     plot_results(out, success, stage_dirs)
@@ -422,6 +451,10 @@ def main(cfg) -> int:
         "language_baseline": {"blind": {"vqa_accuracy": round(language["blind"]["vqa_accuracy"], 4),
                                         "grounding_acc": round(language["blind"]["grounding_acc"], 4)}},
         "vqa_by_kind": {kind: round(n["accuracy"], 4) for kind, n in language["by_kind"].items() if kind != "grounding"},
+        "start_vqa_accuracy": round(language["start"]["vqa_accuracy"], 4),
+        "start_grounding_acc": round(language["start"]["grounding_acc"], 4),
+        "vqa_retention": _ratio(language["vqa_accuracy"], language["start"]["vqa_accuracy"]),
+        "grounding_retention": _ratio(language["grounding_acc"], language["start"]["grounding_acc"]),
         "routing_nmi": route.get("nmi_mean"),
         "routing_measured_on": "training frames",
         "wall_s": round(time.time() - clock.start, 1),
