@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from vla.config import load_config
-from vla.stages import (ModuleGroup, ShardedBatches, StageContext, StageTaskError, apply_freezing, make_stage_task,
-                        register_stage_task, vl2_module_group)
+from vla.stages import (LossOutput, ModuleGroup, ShardedBatches, StageContext, StageTask, StageTaskError,
+                        apply_freezing, make_stage_task, register_stage_task, vl2_module_group)
 from vla.train import run
 from vla.train_checkpoint import CheckpointCorrupt, find_resumable, list_checkpoints, validate_checkpoint
 from vla.train_logging import read_csv
-from vla.trainer import ScheduleConfig, lr_factor
+from vla.trainer import ScheduleConfig, Trainer, TrainerConfig, lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,7 @@ def test_freezing_gradients_only_where_expected(tmp_path, stage, frozen, expect_
     batches = task.batches(0, 1, 2)
     batch = next(b for b in batches if int(b["images_spatial_crop"].sum()) > 0)
     task.module.train()
-    terms, _ = task.loss(task.module, batch)
+    terms = task.loss(task.module, batch).terms
     sum(terms.values()).backward()
     for g in groups:
         for name, p in g.params:
@@ -269,8 +269,8 @@ def test_sigkill_then_resume(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- registry
-class ToyTask:
-    """A generic stage task: linear regression over two 'embodiments' (tests the protocol, not VL2)."""
+class ToyTask(StageTask):
+    """A generic stage task: linear regression over two 'embodiments' (tests the base class's defaults, not VL2)."""
 
     name = "toy"
 
@@ -299,13 +299,21 @@ class ToyTask:
         err = (model(batch["x"]) - batch["y"]).pow(2).squeeze(-1)
         metrics = {f"loss/{e}": float(err.detach()[[i for i, b in enumerate(batch["emb"]) if b == e]].mean())
                    for e in set(batch["emb"])}
-        return err.mean(), metrics
+        return LossOutput({"loss": err.mean()}, metrics)
 
     def save_weights(self, directory, state_dict):
         torch.save(state_dict, directory / "toy.pt")
 
     def load_weights(self, directory):
         self.module.load_state_dict(torch.load(directory / "toy.pt"))
+
+
+def test_trainer_refuses_a_task_that_is_not_a_stage_task(tmp_path):
+    class Duck:  # has the methods, not the declared hooks
+        name, module = "duck", torch.nn.Linear(1, 1)
+
+    with pytest.raises(TypeError, match="is not a vla.stages.StageTask"):
+        Trainer(Duck(), TrainerConfig(out_dir=tmp_path))
 
 
 def test_registered_task_trains_with_per_embodiment_losses(tmp_path):

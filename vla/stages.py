@@ -1,29 +1,8 @@
 """Stage tasks: what one training stage optimizes, on which data, with which loss.
 
-The trainer (vla/trainer.py) is generic; everything stage-specific lives in a *stage task*, an object with
-
-    name: str
-    module: nn.Module                        # what the optimizer updates (wrapped by DDP / sharded by FSDP2)
-    parameter_groups() -> list[ModuleGroup]  # named groups: the freezing plan and the per-group lr multipliers
-    batches(rank, world, micro_batch) -> BatchIterator
-        # this process's micro-batches; `state_dict()` / `load_state_dict()` give a rank-independent position
-        # (saved in checkpoints, so a run resumes on the next unseen sample, with any process count)
-    loss(model, batch) -> (loss, metrics)
-        # `model` is `module` as the trainer runs it (a DDP wrapper, or the sharded module): call it, not
-        # `self.module`. `loss` is a scalar tensor, or a dict {term: scalar tensor} of per-unit means;
-        # metrics: dict[str, float] (`loss/<embodiment>` keys are logged per embodiment, `router/*`, ...)
-    save_weights(dir, state_dict) / load_weights(dir)
-        # the weights (a full, unsharded state dict of `module`, on CPU) plus tokenizer, config, normalizer
-        # stats, ...: whatever a later stage or an inference command needs from the folder
-
-and optionally
-    loss_weights(batch) -> dict[term, float]  # units each term of `loss` averages over (tokens, sequences, ...);
-                                              # the trainer makes every term a mean over the global step, so the
-                                              # loss is the same whatever the process count / accumulation
-    attach(optimizer)                         # e.g. the noaux_tc expert-bias update as an optimizer step hook
-    set_activation_checkpointing(on: bool)
-    fsdp_units() -> list[nn.Module]           # submodules to shard one by one with FSDP2 (the root is sharded last)
-    describe() -> str                         # one line printed at start
+The trainer (vla/trainer.py) is generic; everything stage-specific lives in a *stage task*, a subclass of
+`StageTask` (below): it declares every hook the trainer calls, the optional ones with no-op defaults, and `loss`
+returns a `LossOutput` (the terms, the logged scalars, the tokens the step processed).
 
 Stage tasks are made by factories registered by name: `register_stage_task(name, factory)`, with
 `factory(ctx: StageContext) -> task`. `align`, `pretrain` and `sft` (the DeepSeek-VL2 recipe, docs/architecture.md,
@@ -70,15 +49,80 @@ class BatchIterator(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class StageTask(Protocol):
+@dataclass
+class LossOutput:
+    """What `StageTask.loss` returns for one micro-batch.
+
+    terms: {term: scalar tensor}, each a mean over its own units (`StageTask.loss_weights` counts them); the loss is
+        their sum. A task with one term names it `loss`.
+    metrics: scalars to log (`loss/<embodiment>` keys are logged per embodiment, `router/*`, ...).
+    tokens: sequence tokens the micro-batch ran (throughput); None = the batch's `attention_mask` sum, or the number
+        of samples where it has none."""
+
+    terms: dict[str, torch.Tensor]
+    metrics: dict[str, float] = field(default_factory=dict)
+    tokens: float | None = None
+
+
+class StageTask:
+    """What one training stage optimizes, as the trainer sees it. A subclass sets `name` and `module` (what the
+    optimizer updates; the trainer wraps it in DDP or shards it with FSDP2) and implements the five methods that
+    raise here; every other hook has a no-op default."""
+
     name: str
     module: nn.Module
+    ddp_find_unused_parameters: bool = True  # False when every trainable parameter gets a gradient on every batch
+    meta_init: Any = None  # a vla.fsdp_load.MetaInit when built on the meta device (the trainer reads the shards)
 
-    def parameter_groups(self) -> list[ModuleGroup]: ...
-    def batches(self, rank: int, world: int, micro_batch: int) -> BatchIterator: ...
-    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor | dict[str, torch.Tensor], dict[str, float]]: ...
-    def save_weights(self, directory: Path, state_dict: dict[str, torch.Tensor]) -> None: ...
-    def load_weights(self, directory: Path) -> None: ...
+    # ---- required ----------------------------------------------------------------------------------------------
+    def parameter_groups(self) -> list[ModuleGroup]:
+        """Named groups of `module`'s parameters: the freezing plan and the per-group lr multipliers."""
+        raise NotImplementedError(f"{type(self).__name__}.parameter_groups")
+
+    def batches(self, rank: int, world: int, micro_batch: int) -> BatchIterator:
+        """This process's micro-batches; `state_dict()` / `load_state_dict()` give a rank-independent position
+        (saved in checkpoints, so a run resumes on the next unseen sample, with any process count)."""
+        raise NotImplementedError(f"{type(self).__name__}.batches")
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
+        """`model` is `module` as the trainer runs it (a DDP wrapper, or the sharded module): call it, not
+        `self.module`."""
+        raise NotImplementedError(f"{type(self).__name__}.loss")
+
+    def save_weights(self, directory: Path, state_dict: dict[str, torch.Tensor]) -> None:
+        """Write the weights (a full, unsharded state dict of `module`, on CPU) plus tokenizer, config, normalizer
+        stats, ...: whatever a later stage or an inference command needs from the folder."""
+        raise NotImplementedError(f"{type(self).__name__}.save_weights")
+
+    def load_weights(self, directory: Path) -> None:
+        """Read what `save_weights` wrote into `module` (resume)."""
+        raise NotImplementedError(f"{type(self).__name__}.load_weights")
+
+    # ---- optional (no-op defaults) -----------------------------------------------------------------------------
+    def loss_weights(self, batch: dict[str, Any]) -> dict[str, float] | None:
+        """Units each term of `loss` averages over in `batch` (tokens, sequences, ...): the trainer then makes every
+        term a mean over the global step, the same loss whatever the process count / accumulation. None: every
+        micro-batch weighs the same."""
+        return None
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> Any:
+        """Hook into the optimizer (e.g. the noaux_tc expert-bias update as a step hook)."""
+        return None
+
+    def set_activation_checkpointing(self, on: bool) -> None:
+        """Recompute activations in backward (`activation_checkpointing=true`); tasks without it ignore the flag."""
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """Submodules to shard one by one with FSDP2 (the root is sharded last)."""
+        return []
+
+    def describe(self) -> str | None:
+        """One line printed at the start of the run."""
+        return None
+
+    def meta_source(self, directory: Path) -> Any:
+        """The MetaInit that reads a checkpoint of this stage shard by shard (resume under FSDP2 from meta)."""
+        raise StageTaskError(f"stage {self.name} cannot resume under FSDP2 from the meta device")
 
 
 @dataclass
@@ -333,7 +377,7 @@ def _read_texts(path: str) -> list[str]:
     return [line.strip() for line in p.read_text().splitlines() if line.strip()]
 
 
-class VL2StageTask:
+class VL2StageTask(StageTask):
     """align / pretrain / sft on DeepSeek-VL2: next-token loss on text tokens + the MoE balance loss.
 
     Samples: conversations (JSONL with images) through the processor; in pretrain a `text_ratio` share of plain
@@ -426,13 +470,12 @@ class VL2StageTask:
             weights["aux"] = float(batch["input_ids"].shape[0] if cfg.seq_aux else batch["attention_mask"].sum())
         return weights
 
-    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
         out = model(**batch, return_router=True)
         terms = {"lm": next_token_loss(out.logits, batch)}
         if out.aux_loss is not None:
             terms["aux"] = out.aux_loss
-        metrics = {"router/load_entropy": expert_load_entropy(out.router, batch["attention_mask"])}
-        return terms, metrics
+        return LossOutput(terms, {"router/load_entropy": expert_load_entropy(out.router, batch["attention_mask"])})
 
     def attach(self, optimizer: torch.optim.Optimizer):
         return self.module.language.attach_bias_update(optimizer)

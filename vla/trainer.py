@@ -33,9 +33,10 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from vla import train_checkpoint as ckpt
-from vla.stages import ModuleGroup, apply_freezing, format_freezing_plan
+from vla.stages import ModuleGroup, StageTask, apply_freezing, format_freezing_plan
 from vla.train_logging import TrainLogger, plot_loss_curve
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -227,7 +228,10 @@ def build_optimizer(named_params: dict[str, nn.Parameter], groups: list[ModuleGr
 
 
 class Trainer:
-    def __init__(self, task, config: TrainerConfig, dist: DistInfo | None = None):
+    def __init__(self, task: StageTask, config: TrainerConfig, dist: DistInfo | None = None):
+        if not isinstance(task, StageTask):
+            raise TypeError(f"{type(task).__name__} is not a vla.stages.StageTask: subclass it (it declares every hook "
+                            f"the trainer calls, with no-op defaults)")
         self.task, self.config = task, config
         self.dist = dist or DistInfo()
         self.ckpt_root = config.out_dir / "checkpoints"
@@ -262,15 +266,14 @@ class Trainer:
 
             ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
             # A task whose batches may leave parameters out of the graph says so (default: assume it may).
-            find_unused = bool(getattr(self.task, "ddp_find_unused_parameters", True))
-            return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused)
+            return DistributedDataParallel(module, device_ids=ids,
+                                           find_unused_parameters=self.task.ddp_find_unused_parameters)
         from torch.distributed.fsdp import fully_shard
 
-        units = self.task.fsdp_units() if hasattr(self.task, "fsdp_units") else []
-        for unit in units:
+        for unit in self.task.fsdp_units():
             fully_shard(unit)
         fully_shard(module)
-        init = getattr(self.task, "meta_init", None)
+        init = self.task.meta_init
         if init is not None:  # built on meta: allocate this process's shards and read them from the files
             from vla.fsdp_load import load_sharded
 
@@ -284,10 +287,9 @@ class Trainer:
         """No gradient all-reduce before the last micro-batch of an accumulation (DDP no_sync / FSDP2 flag)."""
         if not self.dist.enabled or self.config.grad_accum == 1:
             return contextlib.nullcontext()
-        if hasattr(model, "no_sync"):
+        if self.config.distributed == "ddp":
             return contextlib.nullcontext() if last_micro else model.no_sync()
-        if hasattr(model, "set_requires_gradient_sync"):
-            model.set_requires_gradient_sync(last_micro)
+        model.set_requires_gradient_sync(last_micro)  # FSDP2
         return contextlib.nullcontext()
 
     # ---- checkpoints -----------------------------------------------------------------------------------------------
@@ -339,12 +341,12 @@ class Trainer:
         cfg, task, dist = self.config, self.task, self.dist
         groups = task.parameter_groups()
         apply_freezing(groups)
-        if hasattr(task, "describe"):
-            self.say(task.describe())
+        if (line := task.describe()) is not None:
+            self.say(line)
         self.say(f"freezing plan ({task.name}):\n{format_freezing_plan(groups)}")
 
         resume_from = self._find_resume() if cfg.resume else None
-        on_meta = getattr(task, "meta_init", None) is not None  # FSDP2 from the meta device: _wrap loads the shards
+        on_meta = task.meta_init is not None  # FSDP2 from the meta device: _wrap loads the shards
         if resume_from is not None:
             if on_meta:
                 task.meta_init = task.meta_source(resume_from)
@@ -354,14 +356,12 @@ class Trainer:
         if not on_meta:
             task.module.to(dist.device)
         task.module.train()
-        if hasattr(task, "set_activation_checkpointing"):
-            task.set_activation_checkpointing(cfg.activation_checkpointing)
+        task.set_activation_checkpointing(cfg.activation_checkpointing)
         model = self._wrap(task.module)
 
         named = dict(task.module.named_parameters())
         optimizer = build_optimizer(named, groups, cfg.optim)
-        if hasattr(task, "attach"):
-            task.attach(optimizer)
+        task.attach(optimizer)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.steps, cfg.schedule))
         trainable = [p for group in optimizer.param_groups for p in group["params"]]
         batches = task.batches(dist.rank, dist.world, cfg.micro_batch)
@@ -413,7 +413,7 @@ class Trainer:
         """One optimizer step over `grad_accum` micro-batches; returns (global loss, scalars, global tokens)."""
         cfg, dist, task = self.config, self.dist, self.task
         micro = [self._to_device(next(batches)) for _ in range(cfg.grad_accum)]
-        weights = [task.loss_weights(b) if hasattr(task, "loss_weights") else None for b in micro]
+        weights = [task.loss_weights(b) for b in micro]
         totals = self._global_totals(weights)
 
         # every term the task declares, also where this process's micro-batches lack it (the reduce needs them all)
@@ -423,28 +423,25 @@ class Trainer:
         for i, batch in enumerate(micro):
             with self._sync_context(model, last_micro=i == cfg.grad_accum - 1):
                 with torch.autocast(dist.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-                    terms, metrics = task.loss(model, batch)
-                if isinstance(terms, torch.Tensor):
-                    terms = {"loss": terms}
+                    out = task.loss(model, batch)
                 total = 0.0
-                for name, value in terms.items():
+                for name, value in out.terms.items():
                     # weight of this micro-batch's mean in the global mean of the term (x world: DDP/FSDP average)
                     weight = weights[i].get(name) if weights[i] is not None else None
                     share = weight / max(totals[name], 1e-12) if weight is not None else 1.0 / (cfg.grad_accum * dist.world)
                     total = total + value.float() * (share * dist.world)
                     logged[name] = logged.get(name, 0.0) + value.detach().float() * share
                 total.backward()
-            step_tokens = metrics.pop("tokens", None)  # a task may count its own sequence tokens (the VLA stage does)
-            for k, v in metrics.items():
+            for k, v in out.metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + float(v) / cfg.grad_accum
             mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-            if step_tokens is not None:
-                tokens += float(step_tokens)
+            if out.tokens is not None:
+                tokens += float(out.tokens)
             else:
                 tokens += float(mask.sum()) if isinstance(mask, torch.Tensor) else float(cfg.micro_batch)
 
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
-        if hasattr(grad_norm, "full_tensor"):
+        if isinstance(grad_norm, DTensor):  # FSDP2: the norm of the sharded gradients
             grad_norm = grad_norm.full_tensor()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

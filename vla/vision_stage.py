@@ -39,8 +39,8 @@ from transformers import SiglipTextConfig, SiglipTextModel
 from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
 
 from envs.mixture import SourceSchedule
-from vla.stages import (ShardedBatches, StageContext, StageTaskError, build_vl2_backbone, group_parameters,
-                        register_stage_task)
+from vla.stages import (LossOutput, ShardedBatches, StageContext, StageTask, StageTaskError, build_vl2_backbone,
+                        group_parameters, register_stage_task)
 
 HEADS_FILE = "contrastive_heads.safetensors"
 GROUPS = ("vision_tower", "contrastive_heads")
@@ -105,7 +105,7 @@ class ContrastiveTowers(nn.Module):
         return loss, metrics
 
 
-class VisionStageTask:
+class VisionStageTask(StageTask):
     """Contrastive pretraining of the backbone's vision tower on scene captions (see the module docstring)."""
 
     def __init__(self, ctx: StageContext):
@@ -181,8 +181,9 @@ class VisionStageTask:
     def loss_weights(self, batch: dict[str, Any]) -> dict[str, float]:
         return {"loss": float(len(batch["pixels"]))}
 
-    def loss(self, model: nn.Module, batch: dict[str, Any]):
-        return model(batch["pixels"], batch["captions"], self.data.hard_negatives)
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
+        loss, metrics = model(batch["pixels"], batch["captions"], self.data.hard_negatives)
+        return LossOutput({"loss": loss}, metrics)
 
     def describe(self) -> str:
         return (f"stage vision: {len(self.records)} scenes ({self.data.num_objects[0]}-{self.data.num_objects[1]} "

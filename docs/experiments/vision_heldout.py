@@ -35,7 +35,7 @@ def main() -> None:
         scores = []
         with torch.no_grad():
             for first in range(0, args.scenes - 31, 32):
-                _, metrics = task.loss(task.module, task.collate([task.sample(i) for i in range(first, first + 32)]))
+                metrics = task.loss(task.module, task.collate([task.sample(i) for i in range(first, first + 32)])).metrics
                 scores.append((metrics["binding_acc"], metrics["retrieval_acc"]))
     binding, retrieval = np.mean(scores, axis=0)
     print(f"held-out binding_acc {binding:.3f}, retrieval among 32 {retrieval:.3f} ({32 * len(scores)} scenes)")
