@@ -3,7 +3,7 @@
 Observation (LeRobot's layout, what `lerobot.envs.utils.preprocess_observation` maps to `observation.images.<camera>`
 and `observation.state`)::
 
-    {"pixels": {"top": uint8 (H, W, 3), ...more cameras...}, "agent_pos": float32 (state_size,)}
+    {"pixels": {"top": uint8 (H, W, 3), ...more cameras...}, "agent_pos": float32 (state_dim,)}
 
 The task string is `env.unwrapped.task` (also `task_description`), e.g. "go to the red square". `instruction="other"`
 is the wrong-instruction baseline: the same scene, robot and target (success is still reaching the target), but the
@@ -46,19 +46,19 @@ class SceneEnv(gym.Env):
         self.embodiment: Embodiment = get_embodiment(self.embodiment_name)
         self.image_size = int(image_size)
         self.render_mode = render_mode
-        self.cameras = tuple(cameras) if cameras is not None else self.embodiment.cameras
-        unknown = sorted(set(self.cameras) - set(self.embodiment.cameras))
+        self.cameras = tuple(cameras) if cameras is not None else self.embodiment.camera_names
+        unknown = sorted(set(self.cameras) - set(self.embodiment.camera_names))
         if unknown or not self.cameras:
-            raise ValueError(f"{type(self).__name__}: cameras {list(self.cameras)} invalid; available: {list(self.embodiment.cameras)}")
+            raise ValueError(f"{type(self).__name__}: cameras {list(self.cameras)} invalid; available: {list(self.embodiment.camera_names)}")
         self.metadata = {**self.metadata, "render_fps": self.embodiment.fps}
         image_space = spaces.Box(0, 255, (self.image_size, self.image_size, 3), dtype=np.uint8)
         self.observation_space = spaces.Dict(
             {
                 "pixels": spaces.Dict({camera: image_space for camera in self.cameras}),
-                "agent_pos": spaces.Box(*self._state_bounds(), shape=(self.embodiment.state_size,), dtype=np.float32),
+                "agent_pos": spaces.Box(*self._state_bounds(), shape=(self.embodiment.state_dim,), dtype=np.float32),
             }
         )
-        self.action_space = spaces.Box(-1.0, 1.0, shape=(self.embodiment.action_size,), dtype=np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, shape=(self.embodiment.action_dim,), dtype=np.float32)
         self.objects: list[scene.SceneObject] = []
         self.target: scene.SceneObject | None = None
         self.task = ""

@@ -65,10 +65,10 @@ def dataset_features(env: gym.Env) -> dict[str, dict]:
         }
     features["observation.state"] = {
         "dtype": "float32",
-        "shape": (embodiment.state_size,),
+        "shape": (embodiment.state_dim,),
         "names": list(embodiment.state_names) or None,
     }
-    features["action"] = {"dtype": "float32", "shape": (embodiment.action_size,), "names": list(embodiment.action_names) or None}
+    features["action"] = {"dtype": "float32", "shape": (embodiment.action_dim,), "names": list(embodiment.action_names) or None}
     features["next.reward"] = {"dtype": "float32", "shape": (1,), "names": None}
     features["next.success"] = {"dtype": "bool", "shape": (1,), "names": None}
     return features

@@ -1,35 +1,13 @@
-"""Embodiment descriptions: plain data naming a robot's action/state sizes, cameras and control rate.
+"""The known robots: `EMBODIMENTS`, by the name the datasets' `robot_type` gives.
 
-An embodiment is what the datasets' `robot_type` names and what the mixture loader, the rollouts and the action
-tokenizer key on. The built-in envs use `point2d` and `arm3`; `pusht`, `aloha` and `libero` describe the external
-simulators so their datasets can join a mixture. Add your own with `register_embodiment`.
+Each is a `heads.embodiment.Embodiment` (the project's one robot description: action / state sizes, camera keys,
+control rate), what the mixture loader, the rollouts and the policy key on. The built-in envs use `point2d` and
+`arm3`; `pusht`, `aloha` and `libero` describe the external simulators so their datasets can join a mixture. Add your own with `register_embodiment`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class Embodiment:
-    """A robot as the data sees it. `cameras` name the image streams (`observation.images.<camera>` in a dataset;
-    `image` stands for a single unnamed camera, `observation.image`)."""
-
-    name: str
-    action_size: int
-    state_size: int
-    cameras: tuple[str, ...]
-    fps: int
-    action_names: tuple[str, ...] = ()
-    state_names: tuple[str, ...] = ()
-    description: str = ""
-
-    def __post_init__(self) -> None:
-        if self.action_names and len(self.action_names) != self.action_size:
-            raise ValueError(f"embodiment {self.name!r}: {len(self.action_names)} action names for size {self.action_size}")
-        if self.state_names and len(self.state_names) != self.state_size:
-            raise ValueError(f"embodiment {self.name!r}: {len(self.state_names)} state names for size {self.state_size}")
-
+from heads.embodiment import Embodiment  # the one robot description; re-exported here
 
 EMBODIMENTS: dict[str, Embodiment] = {}
 
@@ -54,9 +32,9 @@ def get_embodiment(name: str) -> Embodiment:
 register_embodiment(
     Embodiment(
         name="point2d",
-        action_size=2,
-        state_size=2,
-        cameras=("top",),
+        action_dim=2,
+        state_dim=2,
+        cameras=("observation.images.top",),
         fps=10,
         action_names=("vx", "vy"),
         state_names=("x", "y"),
@@ -66,9 +44,9 @@ register_embodiment(
 register_embodiment(
     Embodiment(
         name="arm3",
-        action_size=3,
-        state_size=5,
-        cameras=("top", "wrist"),
+        action_dim=3,
+        state_dim=5,
+        cameras=("observation.images.top", "observation.images.wrist"),
         fps=20,
         action_names=("dq0", "dq1", "dq2"),
         state_names=("q0", "q1", "q2", "ee_x", "ee_y"),
@@ -79,9 +57,9 @@ register_embodiment(
 register_embodiment(
     Embodiment(
         name="pusht",
-        action_size=2,
-        state_size=2,
-        cameras=("image",),
+        action_dim=2,
+        state_dim=2,
+        cameras=("observation.image",),
         fps=10,
         action_names=("x", "y"),
         state_names=("x", "y"),
@@ -91,9 +69,9 @@ register_embodiment(
 register_embodiment(
     Embodiment(
         name="aloha",
-        action_size=14,
-        state_size=14,
-        cameras=("top",),
+        action_dim=14,
+        state_dim=14,
+        cameras=("observation.images.top",),
         fps=50,
         description="gym_aloha bimanual ALOHA (needs MuJoCo rendering: MUJOCO_GL=egl)",
     )
@@ -101,9 +79,9 @@ register_embodiment(
 register_embodiment(
     Embodiment(
         name="libero",
-        action_size=7,
-        state_size=8,
-        cameras=("image", "image2"),
+        action_dim=7,
+        state_dim=8,
+        cameras=("observation.images.image", "observation.images.image2"),
         fps=20,
         description="LIBERO Franka: relative end-effector delta + gripper (needs MuJoCo rendering: MUJOCO_GL=egl)",
     )

@@ -62,6 +62,7 @@ import torch
 
 from envs.embodiments import EMBODIMENTS, Embodiment, get_embodiment
 from envs.normalize import Normalizer, feature_stats
+from heads.embodiment import camera_name
 
 ACTION = "action"
 STATE = "observation.state"
@@ -108,15 +109,6 @@ class DatasetSpec:
         return f"dataset {self.repo_id!r}" + (f" ({self.root})" if self.root else "")
 
 
-def camera_name(feature_key: str) -> str:
-    """`observation.images.top` -> `top`; lerobot's single-camera key `observation.image` -> `image`."""
-    if feature_key.startswith("observation.images."):
-        return feature_key[len("observation.images.") :]
-    if feature_key == "observation.image":
-        return "image"
-    raise ValueError(f"{feature_key!r} is not a camera key")
-
-
 class _Member:
     """One loaded dataset with what the mixture needs to know about it."""
 
@@ -135,9 +127,9 @@ class _Member:
         features = meta.features
         self.camera_keys = {camera_name(k): k for k in meta.camera_keys}
         self.has_state = STATE in features
-        self._check_shape(features, ACTION, self.embodiment.action_size)
+        self._check_shape(features, ACTION, self.embodiment.action_dim)
         if self.has_state:
-            self._check_shape(features, STATE, self.embodiment.state_size)
+            self._check_shape(features, STATE, self.embodiment.state_dim)
         delta = {ACTION: [i / self.fps for i in range(action_horizon)]}
         self.dataset = LeRobotDataset(spec.repo_id, root=spec.root, episodes=spec.episodes, delta_timestamps=delta, tolerance_s=tolerance_s)
         if stats_source not in ("data", "meta"):
@@ -281,8 +273,8 @@ class MixtureDataset(torch.utils.data.Dataset):
                 missing = [c for c in self.cameras if c not in member.camera_keys]
                 if missing:
                     raise DataError(f"{member.label}: missing camera(s) {missing}; it has {sorted(member.camera_keys)}")
-        self.max_action_dim = max(m.embodiment.action_size for m in self.members)
-        self.max_state_dim = max(m.embodiment.state_size for m in self.members)
+        self.max_action_dim = max(m.embodiment.action_dim for m in self.members)
+        self.max_state_dim = max(m.embodiment.state_dim for m in self.members)
         self._check_image_sizes()
         self._share_stats_per_embodiment()
         self.offsets = np.cumsum([0] + [len(m) for m in self.members])

@@ -1,7 +1,7 @@
 """Embodiments as the action-token head sees them, and the token strings they add to the vocabulary.
 
-An `Embodiment` names one robot's action and state sizes, its camera keys, its control rate, the chunk length H the
-policy predicts for it and how its actions are normalized before binning. Each robot emits its own number of action
+An `Embodiment` names one robot's action and state sizes, its camera keys, its control rate and the chunk length H the
+policy predicts for it. Each robot emits its own number of action
 tokens per control step, `chunk_len * action_dim`, in time-major order (step 0 dims 0..A-1, step 1, ...); nothing is
 padded to a global maximum, so a 2-D robot costs 2H positions and a 14-D one 14H.
 
@@ -24,18 +24,17 @@ into one embedding (no quantization error, one position); both fit this registry
 Token order matters: token ids are assigned in the order `EmbodimentRegistry.special_tokens()` lists them, which follows
 registration order. Save the registry (`to_dict`, JSON) beside a checkpoint so the ids are reproduced on load.
 
-This module knows nothing of environments or datasets; `Embodiment.from_spec` reads any object with the usual
-attributes (e.g. `envs.embodiments.Embodiment`) without importing it.
+This module knows nothing of environments or datasets; `envs.embodiments` registers the known robots with its
+`Embodiment`.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-NORM_MODES = ("quantile", "mean_std")
 DEFAULT_N_BINS = 256
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -67,6 +66,15 @@ def camera_key(camera: str) -> str:
     return "observation.image" if camera == "image" else f"observation.images.{camera}"
 
 
+def camera_name(feature_key: str) -> str:
+    """`observation.images.top` -> `top`; LeRobot's single-camera key `observation.image` -> `image`."""
+    if feature_key.startswith("observation.images."):
+        return feature_key[len("observation.images.") :]
+    if feature_key == "observation.image":
+        return "image"
+    raise ValueError(f"{feature_key!r} is not a camera key")
+
+
 def _check_n_bins(n_bins: int) -> None:
     if not isinstance(n_bins, int) or isinstance(n_bins, bool) or n_bins < 2:
         raise ValueError(f"n_bins must be an int >= 2, got {n_bins!r}")
@@ -88,10 +96,15 @@ def _positive_int(value: Any, what: str, name: str, minimum: int = 1) -> int:
 
 @dataclass(frozen=True)
 class Embodiment:
-    """One robot: sizes, camera keys, control rate, chunk length H and normalization mode.
+    """One robot: action and state sizes, cameras, control rate, and the chunk length H a policy predicts for it.
 
-    `cameras` are observation keys such as `("observation.images.top", "observation.images.wrist")`; a list is
-    accepted and stored as a tuple. `norm_mode` is `"quantile"` (q01/q99 -> [-1, 1], default) or `"mean_std"`.
+    The one description of a robot in the project: `envs.embodiments` registers the known robots with it (datasets,
+    simulators), the policy's `EmbodimentRegistry` holds the ones it serves. `cameras` are observation keys in
+    LeRobot's naming (`observation.images.top`; `observation.image` for a single unnamed camera); a short name
+    (`top`, `image`) is turned into its key with `camera_key`, and `camera_names` gives the short names back (the keys
+    of a gym env's `pixels` dict). `chunk_len` is the policy's choice, not the robot's: a description from `envs`
+    leaves it at 1 and the policy sets it with `with_chunk_len(H)`. How actions are normalized is the dataset's
+    normalizer's business (envs/normalize.py), not the robot's.
     """
 
     name: str
@@ -99,8 +112,9 @@ class Embodiment:
     state_dim: int
     cameras: tuple[str, ...]
     fps: float
-    chunk_len: int
-    norm_mode: str = "quantile"
+    chunk_len: int = 1
+    action_names: tuple[str, ...] = ()
+    state_names: tuple[str, ...] = ()
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -111,16 +125,23 @@ class Embodiment:
         _positive_int(self.chunk_len, "chunk_len (H)", name)
         if isinstance(self.cameras, str):
             raise ValueError(f"embodiment {name!r}: cameras must be a tuple of keys, got the string {self.cameras!r}")
-        cameras = tuple(self.cameras)
-        if not all(isinstance(c, str) and c for c in cameras):
-            raise ValueError(f"embodiment {name!r}: every camera key must be a non-empty string, got {cameras!r}")
+        if not all(isinstance(c, str) and c for c in self.cameras):
+            raise ValueError(f"embodiment {name!r}: every camera key must be a non-empty string, got {self.cameras!r}")
+        cameras = tuple(camera_key(c) for c in self.cameras)
         if len(set(cameras)) != len(cameras):
             raise ValueError(f"embodiment {name!r}: duplicate camera keys in {cameras!r}")
         object.__setattr__(self, "cameras", cameras)
         if isinstance(self.fps, bool) or not isinstance(self.fps, (int, float)) or not self.fps > 0:
             raise ValueError(f"embodiment {name!r}: fps must be a positive number, got {self.fps!r}")
-        if self.norm_mode not in NORM_MODES:
-            raise ValueError(f"embodiment {name!r}: norm_mode must be one of {NORM_MODES}, got {self.norm_mode!r}")
+        for what, names, size in (("action", self.action_names, self.action_dim), ("state", self.state_names, self.state_dim)):
+            object.__setattr__(self, f"{what}_names", tuple(names))
+            if names and len(names) != size:
+                raise ValueError(f"embodiment {name!r}: {len(names)} {what} names for {what}_dim {size}")
+
+    @property
+    def camera_names(self) -> tuple[str, ...]:
+        """The cameras' short names (`top`, `image`): the keys of a gym env's `pixels` observation."""
+        return tuple(camera_name(k) for k in self.cameras)
 
     @property
     def num_action_tokens(self) -> int:
@@ -137,43 +158,27 @@ class Embodiment:
         """Wall-clock span of one predicted chunk: chunk_len / fps."""
         return self.chunk_len / self.fps
 
+    def with_chunk_len(self, chunk_len: int) -> Embodiment:
+        """The same robot with the policy's chunk length H."""
+        return replace(self, chunk_len=chunk_len)
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (cameras as a list)."""
+        """JSON-ready form (tuples as lists)."""
         data = asdict(self)
-        data["cameras"] = list(self.cameras)
+        for key in ("cameras", "action_names", "state_names"):
+            data[key] = list(data[key])
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Embodiment:
-        """Inverse of `to_dict`; unknown keys are an error so a typo in a saved file does not pass silently."""
+        """Inverse of `to_dict`; unknown keys are an error so a typo in a saved file does not pass silently
+        (`norm_mode`, which registries saved before 2026-12-02 hold and nothing read, is dropped)."""
+        data = {k: v for k, v in data.items() if k != "norm_mode"}
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown embodiment fields {unknown}; known: {sorted(known)}")
         return cls(**{**data, "cameras": tuple(data.get("cameras", ()))})
-
-    @classmethod
-    def from_spec(cls, spec: Any, chunk_len: int, norm_mode: str = "quantile") -> Embodiment:
-        """Build from any object describing a robot (duck-typed; e.g. `envs.embodiments.Embodiment`): it needs
-        `name`, `action_size` or `action_dim`, `state_size` or `state_dim`, `cameras`, `fps` and may have
-        `description`. Short camera names become observation keys with `camera_key`."""
-
-        def attribute(*names: str) -> Any:
-            for attr in names:
-                if hasattr(spec, attr):
-                    return getattr(spec, attr)
-            raise AttributeError(f"{type(spec).__name__} has none of {names}")
-
-        return cls(
-            name=attribute("name"),
-            action_dim=attribute("action_dim", "action_size"),
-            state_dim=attribute("state_dim", "state_size"),
-            cameras=tuple(camera_key(c) for c in attribute("cameras")),
-            fps=attribute("fps"),
-            chunk_len=chunk_len,
-            norm_mode=norm_mode,
-            description=getattr(spec, "description", ""),
-        )
 
 
 class EmbodimentRegistry:

@@ -65,7 +65,6 @@ def build_vla_policy(config: DSVLAConfig, dataset_stats: dict[str, dict[str, Any
     """A fresh (randomly initialised) VLAPolicy with one embodiment described by the lerobot config's features."""
     config.validate_features()
     fps = float(getattr(dataset_meta, "fps", None) or config.fps)
-    action_mode = NORM_MODES[NormalizationMode(config.normalization_mapping["ACTION"])]
     embodiment = Embodiment(
         name=config.embodiment,
         action_dim=config.action_dim,
@@ -73,7 +72,6 @@ def build_vla_policy(config: DSVLAConfig, dataset_stats: dict[str, dict[str, Any
         cameras=tuple(config.image_features),
         fps=fps,
         chunk_len=config.chunk_size,
-        norm_mode=action_mode if action_mode in ("quantile", "mean_std") else "quantile",
     )
     vla_config = VLAPolicyConfig(
         **{name: getattr(config, name) for name in SHARED_POLICY_FIELDS},

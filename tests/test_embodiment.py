@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 
@@ -12,6 +11,7 @@ from heads.embodiment import (
     EmbodimentRegistry,
     action_token_strings,
     camera_key,
+    camera_name,
     embodiment_token,
     state_token_strings,
 )
@@ -30,7 +30,6 @@ def arm(**overrides) -> Embodiment:
         cameras=["observation.images.top", "observation.images.wrist"],
         fps=20,
         chunk_len=4,
-        norm_mode="mean_std",
         description="planar arm",
     )
     return Embodiment(**{**fields, **overrides})
@@ -42,7 +41,8 @@ def test_embodiment_fields_and_derived_values():
     assert a.num_action_tokens == 12 and nav().num_action_tokens == 16  # H * A each, no global padding
     assert a.token == "<|emb:arm3|>"
     assert a.chunk_seconds == pytest.approx(0.2)
-    assert nav().norm_mode == "quantile"
+    assert nav(cameras=("top", "image")).cameras == ("observation.images.top", "observation.image")  # short -> key
+    assert a.camera_names == ("top", "wrist")
 
 
 @pytest.mark.parametrize(
@@ -55,7 +55,7 @@ def test_embodiment_fields_and_derived_values():
         (dict(state_dim=-1), "state_dim"),
         (dict(chunk_len=0), "chunk_len"),
         (dict(fps=0), "fps"),
-        (dict(norm_mode="minmax"), "norm_mode"),
+        (dict(action_names=("vx",)), "1 action names for action_dim 2"),
         (dict(cameras="observation.images.top"), "string"),
         (dict(cameras=("a", "a")), "duplicate"),
         (dict(cameras=("",)), "non-empty"),
@@ -98,6 +98,7 @@ def test_registry_json_round_trip():
     assert restored.get("arm3").cameras == arm().cameras
     with pytest.raises(ValueError, match="unknown embodiment fields"):
         Embodiment.from_dict({**nav().to_dict(), "chunk": 3})
+    assert Embodiment.from_dict({**nav().to_dict(), "norm_mode": "quantile"}) == nav()  # registries saved before
     with pytest.raises(ValueError, match="embodiments"):
         EmbodimentRegistry.from_dict({})
 
@@ -116,10 +117,15 @@ def test_token_strings():
     assert len(with_state) == 2 + 16 and len(set(with_state)) == len(with_state)
 
 
-def test_from_spec_reads_an_env_style_description():
-    spec = SimpleNamespace(name="libero", action_size=7, state_size=8, cameras=("image", "image2"), fps=20,
-                           description="franka")
-    e = Embodiment.from_spec(spec, chunk_len=8)
-    assert (e.action_dim, e.state_dim, e.chunk_len, e.norm_mode) == (7, 8, 8, "quantile")
-    assert e.cameras == ("observation.image", "observation.images.image2")
+def test_the_known_robots_are_this_embodiment_and_the_policy_sets_the_chunk():
+    from envs.embodiments import get_embodiment
+
+    libero = get_embodiment("libero")
+    assert isinstance(libero, Embodiment) and libero.chunk_len == 1
+    e = libero.with_chunk_len(8)
+    assert (e.action_dim, e.state_dim, e.chunk_len, e.fps) == (7, 8, 8, 20) and libero.chunk_len == 1
+    assert e.cameras == ("observation.images.image", "observation.images.image2")
     assert camera_key("observation.images.top") == "observation.images.top"
+    assert [camera_name(k) for k in ("observation.images.top", "observation.image")] == ["top", "image"]
+    with pytest.raises(ValueError, match="not a camera key"):
+        camera_name("observation.state")

@@ -34,11 +34,11 @@ def test_observation_layout_and_task(env_id):
     embodiment = env.unwrapped.embodiment
     obs, info = env.reset(seed=1)
     assert set(obs) == {"pixels", "agent_pos"}
-    assert set(obs["pixels"]) == set(embodiment.cameras)
+    assert set(obs["pixels"]) == set(embodiment.camera_names)
     for image in obs["pixels"].values():
         assert image.dtype == np.uint8 and image.shape == (48, 48, 3)
-    assert obs["agent_pos"].dtype == np.float32 and obs["agent_pos"].shape == (embodiment.state_size,)
-    assert env.action_space.shape == (embodiment.action_size,)
+    assert obs["agent_pos"].dtype == np.float32 and obs["agent_pos"].shape == (embodiment.state_dim,)
+    assert env.action_space.shape == (embodiment.action_dim,)
     assert env.metadata["render_fps"] == embodiment.fps
     assert env.spec.max_episode_steps > 0
     task = env.unwrapped.task
@@ -150,7 +150,7 @@ def test_arm_cameras_can_be_selected():
 
 def test_embodiments_are_plain_data_with_clear_errors():
     point, arm = envs.get_embodiment("point2d"), envs.get_embodiment("arm3")
-    assert (point.action_size, point.fps) == (2, 10) and (arm.action_size, arm.fps) == (3, 20)
+    assert (point.action_dim, point.fps) == (2, 10) and (arm.action_dim, arm.fps) == (3, 20)
     assert set(envs.EMBODIMENTS) >= {"point2d", "arm3", "pusht"}
     with pytest.raises(KeyError, match="known embodiments: .*arm3.*point2d"):
         envs.get_embodiment("hexapod")

@@ -26,7 +26,7 @@ from lerobot.processor import NormalizerProcessorStep, UnnormalizerProcessorStep
 from backbone.tokenizer import build_bpe_tokenizer
 from envs.embodiments import get_embodiment
 from envs.normalize import Normalizer
-from heads.embodiment import Embodiment, EmbodimentRegistry
+from heads.embodiment import EmbodimentRegistry
 from lerobot_policy_dsvla import DSVLAConfig, DSVLAPolicy, save_policy_for_lerobot
 from vla.policy import VLAPolicyConfig, build_policy
 
@@ -72,7 +72,7 @@ def our_checkpoint(tmp_path_factory) -> tuple[Path, object]:
     """A tiny VLAPolicy as our own trainer makes it (PushT embodiment from envs.embodiments, stats stored as
     Normalizer dicts), turned into a lerobot checkpoint."""
     torch.manual_seed(0)
-    emb = Embodiment.from_spec(get_embodiment("pusht"), chunk_len=CHUNK)
+    emb = get_embodiment("pusht").with_chunk_len(CHUNK)
     assert emb.cameras == (IMAGE,)
     normalizer = Normalizer.from_stats(STATS, {ACTION: "quantile", STATE: "quantile"}, name="pusht")
     vla = build_policy(VLAPolicyConfig(max_chunk_len=8, max_action_dim=4), EmbodimentRegistry([emb]),

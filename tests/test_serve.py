@@ -29,7 +29,7 @@ from backbone.tokenizer import build_bpe_tokenizer
 from envs.embodiments import get_embodiment
 from envs.normalize import Normalizer
 from envs.rollout import evaluate
-from heads.embodiment import Embodiment, EmbodimentRegistry
+from heads.embodiment import EmbodimentRegistry
 from vla.env_policy import EnvPolicy
 from vla.policy import VLAPolicy, VLAPolicyConfig, build_policy
 from vla.serve import (PolicyServer, RemoteClient, RemoteError, ServeOptions, ServerThread, Session, packb, unpackb)
@@ -51,8 +51,7 @@ STATS = {
 def checkpoint(tmp_path_factory) -> Path:
     """A tiny two-robot policy (random weights) saved with normalizer stats, as training saves it."""
     torch.manual_seed(0)
-    registry = EmbodimentRegistry([Embodiment.from_spec(get_embodiment("point2d"), chunk_len=4),
-                                   Embodiment.from_spec(get_embodiment("arm3"), chunk_len=3)])
+    registry = EmbodimentRegistry([get_embodiment("point2d").with_chunk_len(4), get_embodiment("arm3").with_chunk_len(3)])
     stats = {name: Normalizer.from_stats(s, {"action": "quantile", STATE: "quantile"}, name=name).to_dict()
              for name, s in STATS.items()}
     policy = build_policy(VLAPolicyConfig(max_chunk_len=8, max_action_dim=4), registry,
@@ -81,8 +80,8 @@ def client(server, key=KEY) -> RemoteClient:
 def observation(embodiment="point2d", seed=0, size=64) -> dict:
     rng = np.random.default_rng(seed)
     emb = get_embodiment(embodiment)
-    obs = {f"observation.images.{c}": rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for c in emb.cameras}
-    return obs | {STATE: rng.uniform(0, 1, emb.state_size).astype(np.float32), "prompt": "go to the red square",
+    obs = {key: rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for key in emb.cameras}
+    return obs | {STATE: rng.uniform(0, 1, emb.state_dim).astype(np.float32), "prompt": "go to the red square",
                   "embodiment": embodiment}
 
 

@@ -45,7 +45,7 @@ from heads.action_head import ActionQueries, OffsetHead, RouterPrior, StateProje
 from heads.action_tokenizer import ActionTokenizer
 from heads.embodiment import Embodiment, EmbodimentRegistry
 from vla.lora import head_rows, is_adapter_checkpoint, load_adapter_policy
-from vla.stages import next_token_loss, shifted_targets
+from vla.stages import LossOutput, next_token_loss, shifted_targets
 
 TEXT, IMAGE, STATE, ACTION, PAD = 0, 1, 2, 3, -1
 KIND_NAMES = {TEXT: "text", IMAGE: "image", STATE: "state", ACTION: "action", PAD: "pad"}
@@ -239,8 +239,9 @@ class VLAPolicy(nn.Module):
         The loss is a sum of terms, each a mean over its own units (`loss_weights` counts them): `action` (bin
         cross-entropy, per real action token), `offset` (in-bin L1 x offset_loss_weight, per action token), `aux`
         (MoE balance loss, per sequence), `vqa` (next-token loss on answers x vqa_loss_weight, per answer token).
-        `return_terms=True` returns ({term: mean}, metrics) so that the trainer can weigh each term by its units over
-        the global step (the same loss with any process count or accumulation); otherwise (summed loss, metrics).
+        `return_terms=True` returns a LossOutput ({term: mean}, metrics, the sequence tokens run) so that the trainer
+        can weigh each term by its units over the global step (the same loss with any process count or
+        accumulation); otherwise (summed loss, metrics).
 
         Control steps and conversations run through the language model as two batches, or, with `single_pass` (set
         for FSDP2, which needs every micro-batch to run the decoder layers once so that all processes issue the same
@@ -281,7 +282,6 @@ class VLAPolicy(nn.Module):
         if aux_parts:  # one balance term per sequence (seq_aux), robot and conversation alike
             terms["aux"] = sum(a * n for a, n in aux_parts) / sum(n for _, n in aux_parts)
             metrics["aux_loss"] = float(terms["aux"].detach())
-        metrics["tokens"] = float(sum(m.sum() for _, m, _, _ in parts))
         if self.training:
             # Every trainable parameter outside the decoder layers gets a gradient (0 where unused: the other robots'
             # state projections, the action head on a conversations-only micro-batch): every process then reduces
@@ -291,7 +291,9 @@ class VLAPolicy(nn.Module):
             terms[first] = terms[first] + 0.0 * sum(p.sum() for p in self._outside_layers())
         loss = sum(terms.values())
         metrics["loss"] = float(loss.detach())
-        return (terms, metrics) if return_terms else (loss, metrics)
+        if return_terms:
+            return LossOutput(terms, metrics, tokens=float(sum(m.sum() for _, m, _, _ in parts)))
+        return loss, metrics
 
     def loss_weights(self, batch: dict[str, Any]) -> dict[str, float]:
         """Units each term of `forward` averages over in this batch (every term, 0 where it is absent)."""

@@ -25,12 +25,12 @@ import torch
 from torch import nn
 
 from envs.mixture import MixtureDataset, SourceSchedule
-from heads.embodiment import Embodiment, EmbodimentRegistry
+from heads.embodiment import EmbodimentRegistry
 from vla.lora import (ADAPTER_WEIGHTS, apply_lora, is_adapter_checkpoint, load_adapter_weights, load_base_head,
                       make_lora_config, save_adapter, token_row_sources)
 from vla.policy import BACKBONE_DIR, POLICY_CONFIG, POLICY_WEIGHTS, VLAPolicy, VLAPolicyConfig
-from vla.stages import (VL2_GROUPS, ShardedBatches, StageContext, StageTaskError, build_vl2_backbone, group_parameters,
-                        register_stage_task, vl2_module_group)
+from vla.stages import (VL2_GROUPS, LossOutput, ShardedBatches, StageContext, StageTask, StageTaskError,
+                        build_vl2_backbone, group_parameters, register_stage_task, vl2_module_group)
 
 HEAD_GROUP = "action_head"
 
@@ -47,22 +47,21 @@ class VLADataConfig:
     cache_frames: bool = False  # keep decoded frames (uint8) and processed scene conversations in memory
 
 
-def registry_from_mixture(mixture, chunk_len: int | dict[str, int], norm_mode: str) -> EmbodimentRegistry:
-    """One registry entry per embodiment of the mixture (its own action/state size, cameras and fps)."""
+def registry_from_mixture(mixture, chunk_len: int | dict[str, int]) -> EmbodimentRegistry:
+    """One registry entry per embodiment of the mixture: the robot as registered, with the cameras and fps of its
+    dataset and the chunk length H (per robot name, or one for all; default 8)."""
     registry = EmbodimentRegistry()
     for member in mixture.members:
-        spec = member.embodiment
-        if spec.name in registry.names():
+        robot = member.embodiment
+        if robot.name in registry.names():
             continue
-        H = chunk_len.get(spec.name, 8) if isinstance(chunk_len, dict) else int(chunk_len)
+        H = chunk_len.get(robot.name, 8) if isinstance(chunk_len, dict) else int(chunk_len)
         cameras = tuple(member.camera_keys[c] for c in sorted(member.camera_keys))
-        registry.register(Embodiment(spec.name, action_dim=spec.action_size, state_dim=spec.state_size,
-                                     cameras=cameras, fps=member.fps, chunk_len=H,
-                                     norm_mode="quantile" if norm_mode == "quantile" else "mean_std"))
+        registry.register(dataclasses.replace(robot, cameras=cameras, fps=member.fps, chunk_len=H))
     return registry
 
 
-class VLAStageTask:
+class VLAStageTask(StageTask):
     """The policy as the trainer's module; robot samples (and VQA samples) in one deterministic stream."""
 
     def __init__(self, ctx: StageContext):
@@ -93,7 +92,7 @@ class VLAStageTask:
         self.mixture = MixtureDataset(self.data.datasets, action_horizon=H_max, action_norm=self.data.action_norm,
                                       state_norm=self.data.state_norm, image_size=self.data.image_size or tile,
                                       cache_frames=self.data.cache_frames)
-        registry = registry_from_mixture(self.mixture, self.data.chunk_len, self.data.action_norm)
+        registry = registry_from_mixture(self.mixture, self.data.chunk_len)
         stats = {emb: self.mixture.normalizer_for(emb).to_dict() for emb in registry.names()}
         policy_cfg = VLAPolicyConfig(**dict(ctx.options.get("policy", {})))
         self.module = VLAPolicy(policy_cfg, backbone, tokenizer, registry, stats)
@@ -171,7 +170,7 @@ class VLAStageTask:
     def loss_weights(self, batch: dict[str, Any]) -> dict[str, float]:
         return self.module.loss_weights(batch)
 
-    def loss(self, model: nn.Module, batch: dict[str, Any]):
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
         """Every micro-batch, conversations-only ones too, through `model` (the DDP / FSDP2 wrapper)."""
         return model(batch, return_terms=True)
 
