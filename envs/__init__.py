@@ -16,7 +16,8 @@ changes the (square) image size.
 
 Modules: `scene` (scene sampling and numpy rendering), `embodiments` (EMBODIMENTS, get_embodiment),
 `normalize` (per-dataset normalizer), `mixture` (multi-dataset loader), `collect` (expert -> LeRobotDataset),
-`scene_language` (caption/grounding/QA JSONL), `rollout` (vector-env evaluation and the policy protocol).
+`scene_language` (caption/grounding/QA JSONL), `rollout` (evaluation: the rollout loop), `policies` (the policy
+protocol, specs and baselines), `vector_env` (env factories for vector envs), `report` (summaries, markdown, GIFs).
 """
 
 from __future__ import annotations

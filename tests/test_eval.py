@@ -125,7 +125,7 @@ def test_policy_extension_points():
     try:
         policy = make_policy("constant:0.5", context)
         assert policy.select_action({"task": ["a", "b"]}).tolist() == [[0.5, 0.5], [0.5, 0.5]]
-        assert type(make_policy("envs.rollout:_random_factory", context)).__name__ == "RandomPolicy"
+        assert type(make_policy("envs.policies:_random_factory", context)).__name__ == "RandomPolicy"
         instance = ConstantPolicy(0.0, 2)
         assert make_policy(instance, context) is instance
         summary = evaluate(instance, ["vla/PointNav-v0"], episodes=3, batch_size=2, image_size=32, progress=False)

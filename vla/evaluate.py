@@ -7,7 +7,7 @@ markdown table and, last, one JSON line with the overall numbers.
 Policies: random, expert (the env's scripted expert), prior (the action prior of dataset=ROOT, blind to images),
 checkpoint:DIR (a trained VLAPolicy), remote:ws://HOST:PORT (a `vla serve` server; policy_options={api_key: KEY}),
 lerobot:DIR (any LeRobot policy checkpoint, e.g. lerobot-train's ACT or Diffusion Policy; vla/lerobot_checkpoint.py), or
-anything registered with envs.rollout.register_policy_factory / given as package.module:factory. See envs/rollout.py
+anything registered with envs.rollout.register_policy_factory / given as package.module:factory. See envs/policies.py
 for the policy protocol. `image_size=null` (the default) renders the built-in envs at their default size (96), or at
 the size a lerobot:DIR checkpoint records.
 
