@@ -27,11 +27,11 @@ from benchmarks._util import print_table, setup
 
 def run(cfg) -> dict:
     import envs  # noqa: F401  (registers the built-in envs)
-    import vla.env_policy  # noqa: F401  (policy=checkpoint:DIR)
+    import vla.policy.env_policy  # noqa: F401  (policy=checkpoint:DIR)
     from envs.rollout import evaluate
-    from vla.checkpoints import resolve_vl2_folder
+    from vla.policy.checkpoint import resolve_vl2_folder
     from vla.config import load_config
-    from vla.demo import (EVAL_SEED, _quiet_libraries, _settings, build_tokenizer, collect, evaluate_language,
+    from vla.commands.demo import (EVAL_SEED, _quiet_libraries, _settings, build_tokenizer, collect, evaluate_language,
                           language_stages, scene_language, train_vla)
 
     setup(cfg)

@@ -2,7 +2,7 @@
 
 A random model whose full fp32 weights take >= 1 GB is written once as an official-format folder; each process then
 builds the model on `meta`, shards it (`fully_shard` per decoder layer, then the root), allocates only its shards
-and reads them from the folder (vla/fsdp_load.py), as `torchrun ... -m vla.train distributed=fsdp init_from=...`
+and reads them from the folder (vla/train/fsdp_load.py), as `torchrun ... -m vla.train distributed=fsdp init_from=...`
 does. Printed per rank: peak resident memory (ru_maxrss, the whole process: Python, torch, gloo buffers) beside the
 full model's bytes and the bytes of the rank's own shards. Target: each rank <= 0.6 x the full model + 0.5 GB.
 
@@ -62,7 +62,7 @@ def worker(folder: str, out: str, gather: bool) -> None:
 
     from backbone.checkpoint import read_config
     from backbone.deepseek_vl2 import DeepseekVL2Config, build_deepseek_vl2
-    from vla.fsdp_load import MetaInit, load_sharded
+    from vla.train.fsdp_load import MetaInit, load_sharded
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

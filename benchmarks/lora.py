@@ -39,10 +39,10 @@ def _train(out: Path, steps: int, lr: float, datasets: str, micro_batch: int, ex
 
 def run(cfg) -> dict:
     import envs  # noqa: F401  (registers the gym envs)
-    import vla.env_policy  # noqa: F401  (policy=checkpoint:DIR)
+    import vla.policy.env_policy  # noqa: F401  (policy=checkpoint:DIR)
     from envs.collect import collect_dataset
     from envs.rollout import evaluate
-    from vla.lora import ADAPTER_WEIGHTS
+    from vla.policy.lora import ADAPTER_WEIGHTS
 
     setup(cfg)
     s = QUICK if cfg.get("quick") else FULL

@@ -42,7 +42,7 @@ def meta_policy(preset: str):
 
 
 def size_preset(preset: str, r: int = 16) -> dict:
-    from vla.lora import apply_lora, make_lora_config, trainable_count
+    from vla.policy.lora import apply_lora, make_lora_config, trainable_count
 
     policy = meta_policy(preset)
     params = sum(p.numel() for p in policy.parameters())

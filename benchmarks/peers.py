@@ -3,7 +3,7 @@
 For each robot of the demo (the point robot and the 3-link arm, one-object scenes: a policy without language is a fair
 peer there), on the same LeRobotDatasets:
 
-- **ours**: the demo's pipeline as `vla demo` runs it (`vla.demo.train_policy`, `configs/demo.yaml`): the datasets,
+- **ours**: the demo's pipeline as `vla demo` runs it (`vla.commands.demo.train_policy`, `configs/demo.yaml`): the datasets,
   the language stages align -> pretrain -> sft, then the vla stage; one model for both robots (which also answers
   scene questions). Its training budget is the measured wall-clock of the vla stage (the demo's "stage vla" lap: the
   stage from start to its saved checkpoint); the language stages before it are not counted.
@@ -24,7 +24,7 @@ choice), as the demo does; `threads=N` sets both (OMP_NUM_THREADS for lerobot-tr
 unless told otherwise (on a busy 2-core machine OpenMP stalls at 2 threads made its 4-step vla stage 18x slower).
 
 Every contender is rolled out through `envs.rollout.evaluate` (peers as `policy=lerobot:DIR`, ours as
-`checkpoint:DIR`) on the demo's held-out seeds (`vla.demo.EVAL_SEED`+, `eval_episodes` per robot), with the demo's
+`checkpoint:DIR`) on the demo's held-out seeds (`vla.commands.demo.EVAL_SEED`+, `eval_episodes` per robot), with the demo's
 training datasets as the held-out guard; the random and no-vision (action prior) baselines run on the same seeds.
 No download: `HF_HUB_OFFLINE=1`, and lerobot-train runs with an empty TORCH_HOME that must still be empty after it
 (a downloaded backbone fails the bench).
@@ -115,7 +115,7 @@ def settings(cfg) -> dict[str, Any]:
 
 def lerobot_train_command(contender: Contender, root: str, out_dir: Path, steps: int, log_freq: int) -> list[str]:
     """The lerobot-train command line of one contender on one dataset (the real command, nothing re-implemented)."""
-    from vla.lerobot_checkpoint import cli_value
+    from vla.policy.lerobot_checkpoint import cli_value
 
     exe = shutil.which("lerobot-train", path=str(Path(sys.executable).parent)) or "lerobot-train"
     root, out_dir = Path(root).resolve(), Path(out_dir).resolve()
@@ -238,10 +238,10 @@ def _machine() -> str:
 def run(cfg) -> dict:
     os.environ["HF_HUB_OFFLINE"] = "1"
     import envs  # noqa: F401  (registers the gym envs)
-    import vla.env_policy  # noqa: F401  (policy=checkpoint:DIR)
-    import vla.lerobot_checkpoint  # noqa: F401  (policy=lerobot:DIR)
+    import vla.policy.env_policy  # noqa: F401  (policy=checkpoint:DIR)
+    import vla.policy.lerobot_checkpoint  # noqa: F401  (policy=lerobot:DIR)
     from envs.rollout import evaluate
-    from vla import demo
+    from vla.commands import demo
     from vla.config import load_config
     from vla.policy import VLAPolicy
 

@@ -153,7 +153,7 @@ async def _overhead(url: str, env_policy, requests: int) -> dict:
 
 
 def run(cfg) -> dict:
-    from vla.env_policy import EnvPolicy
+    from vla.policy.env_policy import EnvPolicy
 
     setup(cfg)
     load_before = os.getloadavg()[0]

@@ -42,8 +42,8 @@ def vla_data(root: Path, seed: int) -> dict:
 
 
 def bench_stage(stage: str, out_dir: Path, micro_batch: int, steps: int, warmup: int, seed: int) -> dict:
-    from vla.stages import StageContext, apply_freezing, make_stage_task
-    from vla.trainer import OptimConfig, Trainer, TrainerConfig, build_optimizer, seed_everything
+    from vla.train.stages import StageContext, apply_freezing, make_stage_task
+    from vla.train.trainer import OptimConfig, Trainer, TrainerConfig, build_optimizer, seed_everything
 
     seed_everything(seed)
     ctx = StageContext(name=stage, out_dir=out_dir, seed=seed, model_language=dict(DEMO_LANGUAGE),

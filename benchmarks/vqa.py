@@ -150,7 +150,7 @@ def _train_and_score(train, test, texts: list[str], demo: dict, steps: int, seed
     from backbone.deepseek_vl2 import build_deepseek_vl2, deepseek_vl2_preset, load_deepseek_vl2, replace_language
     from backbone.processor import DeepseekVL2Processor
     from backbone.tokenizer import build_bpe_tokenizer
-    from vla.stages import shifted_targets
+    from vla.train.stages import shifted_targets
 
     torch.manual_seed(seed)
     tokenizer = build_bpe_tokenizer(texts, vocab_size=int(demo["tokenizer_vocab"]))

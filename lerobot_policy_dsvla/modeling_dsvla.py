@@ -179,8 +179,8 @@ class DSVLAPolicy(PreTrainedPolicy):
         """LoRA on the attention projections (MLA q / kv_a / kv_b / o), dense MLPs, shared experts and the vision
         projector; the action head trains in full (`modules_to_save`) and so do the added vocabulary rows (action
         bins, embodiment tokens) of the embedding and the LM head (`trainable_token_indices`). Vision tower, router
-        and routed experts stay frozen. See vla/lora.py."""
-        from vla.lora import default_peft_targets
+        and routed experts stay frozen. See vla/policy/lora.py."""
+        from vla.policy.lora import default_peft_targets
 
         return default_peft_targets(self.model, prefix="model.")
 
@@ -188,7 +188,7 @@ class DSVLAPolicy(PreTrainedPolicy):
         """A base checkpoint is required (lerobot's check), and every `--peft.target_modules` entry must name at
         least one linear layer (one clear line otherwise)."""
         super()._validate_peft_config(peft_config)
-        from vla.lora import lora_target_names
+        from vla.policy.lora import lora_target_names
 
         targets = peft_config.target_modules
         if targets and targets != "all-linear":

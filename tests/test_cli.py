@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from vla.cli import main
@@ -20,3 +22,19 @@ def test_bad_input_is_one_line_with_the_choices(argv, expected, tmp_path, capsys
     assert err.count("\n") == 0 and err.startswith(f"vla {argv[0]}: error:"), err
     for word in expected:
         assert word in err, (word, err)
+
+
+def test_modules_moved_into_sub_packages_import_under_their_old_names():
+    """vla/ is split by role (train, policy, commands); the old flat names give the very same module objects."""
+    import importlib
+
+    import vla
+
+    for old, new in vla.MOVED_MODULES.items():
+        assert importlib.import_module(old) is importlib.import_module(new), old
+    from vla.stages import register_stage_task
+    from vla.train.stages import register_stage_task as moved
+
+    assert register_stage_task is moved
+    top = sorted(p.stem for p in Path(vla.__file__).parent.glob("*.py"))
+    assert top == ["__init__", "__main__", "cli", "config", "serve"], top

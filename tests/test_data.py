@@ -173,7 +173,7 @@ def test_vla_stage_draws_robots_and_vqa_by_the_configured_weights(roots, tmp_pat
     """The sampler training uses: `vla train stage=vla` with dataset weights 3:1 and vqa_ratio 0.25, counted over
     a few thousand draws of the task's own stream; what `sample` returns follows it."""
     from envs.scene_language import generate_scene_language
-    from vla.stages import StageContext, make_stage_task
+    from vla.train.stages import StageContext, make_stage_task
 
     generate_scene_language(tmp_path / "lang", "sft", 4, seed=0, image_size=IMAGE)
     data = {"datasets": [{"root": str(roots["nav"]), "weight": 3}, {"root": str(roots["arm"]), "weight": 1}],

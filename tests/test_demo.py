@@ -18,7 +18,7 @@ def test_demo_quick_writes_report_and_json(tmp_path, capsys):
     assert result["routing_measured_on"] == "training frames"
     assert set(result["success"]) == {"point2d", "arm3"}
     from vla.config import load_config
-    from vla.demo import _settings
+    from vla.commands.demo import _settings
 
     episodes = int(_settings(load_config("demo", ["demo.quick=true"]))["eval_episodes"])
     rates = [*result["success"].values(),
@@ -53,7 +53,7 @@ def test_quick_keeps_the_configured_robots_with_fewer_episodes():
     from omegaconf import OmegaConf
 
     from vla.config import CONFIG_DIR, load_config
-    from vla.demo import _settings
+    from vla.commands.demo import _settings
 
     cfg = load_config("demo", ["demo.quick=true", "robots=[{env: vla/PointNav-v0, name: only, episodes: 300}]"])
     c = _settings(cfg)
@@ -64,7 +64,7 @@ def test_quick_keeps_the_configured_robots_with_fewer_episodes():
 
 
 def test_report_says_how_grounding_is_scored_and_where_routing_was_measured(tmp_path):
-    from vla.demo import write_report
+    from vla.commands.demo import write_report
 
     c = {"quick": True, "robots": [{"name": "p", "episodes": 2, "env": "vla/PointNav-v0"}], "steps": {"vla": 1}}
     success = {"point2d": {"policy": 0.5, "no-vision prior": 0.25, "random": 0.0, "videos": []}}

@@ -1,4 +1,4 @@
-"""FSDP2 from the meta device (vla/fsdp_load.py): under 2 gloo processes each rank builds the model on meta, shards it
+"""FSDP2 from the meta device (vla/train/fsdp_load.py): under 2 gloo processes each rank builds the model on meta, shards it
 and reads only its own shards; the gathered model equals the single-process load exactly, and training from an
 official-format folder / a policy checkpoint gives the losses of one process. `distributed=fsdp` without torchrun
 fails with one line."""

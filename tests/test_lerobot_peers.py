@@ -103,7 +103,7 @@ def test_checkpoint_whose_features_do_not_match_is_one_line(act_checkpoint, tmp_
 
 
 def test_config_overrides_reach_the_policy(act_checkpoint):
-    from vla.lerobot_checkpoint import load_lerobot_policy, recorded_image_size
+    from vla.policy.lerobot_checkpoint import load_lerobot_policy, recorded_image_size
 
     _, checkpoint, _ = act_checkpoint
     assert recorded_image_size(checkpoint) == IMAGE
@@ -114,7 +114,7 @@ def test_config_overrides_reach_the_policy(act_checkpoint):
 
 
 def test_lerobot_train_log_and_step_budget(act_checkpoint):
-    from vla.lerobot_checkpoint import load_lerobot_policy
+    from vla.policy.lerobot_checkpoint import load_lerobot_policy
 
     _, checkpoint, log = act_checkpoint
     parsed = parse_train_log(log)

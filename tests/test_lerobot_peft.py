@@ -93,7 +93,7 @@ def test_default_peft_targets_and_clear_target_error():
     from peft import LoraConfig
 
     from lerobot_policy_dsvla import DSVLAPolicy
-    from vla.lora import LoraError
+    from vla.policy.lora import LoraError
 
     cfg = make_policy_config("dsvla", embodiment="pusht", chunk_size=4, n_action_steps=4, tokenizer_vocab_size=300,
                              device="cpu", pretrained_path="some/base",

@@ -12,7 +12,7 @@ import torch
 from backbone.deepseek_vl2 import load_deepseek_vl2
 from backbone.tokenizer import build_bpe_tokenizer
 from heads.embodiment import Embodiment, EmbodimentRegistry
-from vla.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraError, apply_lora, is_lora, make_lora_config, merge_lora,
+from vla.policy.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraError, apply_lora, is_lora, make_lora_config, merge_lora,
                       new_token_ids, save_adapter, trainable_count)
 from vla.policy import BACKBONE_DIR, VLAPolicy, VLAPolicyConfig, build_policy
 
@@ -109,7 +109,7 @@ def test_lora_errors_are_clear(base_dir, tmp_path):
     save_adapter(policy, tmp_path / "adapter", base=str(base_dir))
     other = tmp_path / "other_base"
     tiny_policy(seed=5).save(other)
-    from vla.lora import load_adapter_policy
+    from vla.policy.lora import load_adapter_policy
 
     with pytest.raises(LoraError, match="does not match the adapter"):
         load_adapter_policy(tmp_path / "adapter", base=other)
@@ -176,7 +176,7 @@ def test_vla_train_lora_saves_the_adapter_resumes_and_merges(nav_data, tmp_path,
 
 
 def test_vla_train_lora_errors_are_one_line(nav_data, tmp_path):
-    from vla.stages import StageTaskError
+    from vla.train.stages import StageTaskError
 
     with pytest.raises(StageTaskError, match="set init_from"):
         _train(nav_data, tmp_path / "a", 1, "peft.method=lora")

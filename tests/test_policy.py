@@ -171,7 +171,7 @@ def test_unknown_embodiment_and_missing_camera_are_clear_errors():
 
 
 def test_routing_analysis_on_policy_batches(tmp_path):
-    from vla.routing import collect_policy_routing, plot_routing_heatmap, write_routing_json
+    from vla.policy.routing import collect_policy_routing, plot_routing_heatmap, write_routing_json
 
     policy = make_policy(router_prior=True).eval()
     stats = collect_policy_routing(policy, [make_batch(0), make_batch(1)])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from vla.routing import (
+from vla.policy.routing import (
     RoutingStats,
     expert_usage,
     mutual_information,

@@ -30,7 +30,7 @@ from envs.embodiments import get_embodiment
 from envs.normalize import Normalizer
 from envs.rollout import evaluate
 from heads.embodiment import EmbodimentRegistry
-from vla.env_policy import EnvPolicy
+from vla.policy.env_policy import EnvPolicy
 from vla.policy import VLAPolicy, VLAPolicyConfig, build_policy
 from vla.serve import (PolicyServer, RemoteClient, RemoteError, ServeOptions, ServerThread, Session, packb, unpackb)
 

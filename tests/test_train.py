@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from vla.config import load_config
-from vla.stages import (LossOutput, ModuleGroup, ShardedBatches, StageContext, StageTask, StageTaskError,
+from vla.train.stages import (LossOutput, ModuleGroup, ShardedBatches, StageContext, StageTask, StageTaskError,
                         apply_freezing, make_stage_task, register_stage_task, vl2_module_group)
 from vla.train import run
-from vla.train_checkpoint import CheckpointCorrupt, find_resumable, list_checkpoints, validate_checkpoint
-from vla.train_logging import read_csv
-from vla.trainer import ScheduleConfig, Trainer, TrainerConfig, lr_factor
+from vla.train.checkpoint import CheckpointCorrupt, find_resumable, list_checkpoints, validate_checkpoint
+from vla.train.log import read_csv
+from vla.train.trainer import ScheduleConfig, Trainer, TrainerConfig, lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -312,7 +312,7 @@ def test_trainer_refuses_a_task_that_is_not_a_stage_task(tmp_path):
     class Duck:  # has the methods, not the declared hooks
         name, module = "duck", torch.nn.Linear(1, 1)
 
-    with pytest.raises(TypeError, match="is not a vla.stages.StageTask"):
+    with pytest.raises(TypeError, match="is not a vla.train.stages.StageTask"):
         Trainer(Duck(), TrainerConfig(out_dir=tmp_path))
 
 
@@ -331,9 +331,9 @@ def test_registered_task_trains_with_per_embodiment_losses(tmp_path):
 def test_unregistered_stage_fails_clearly(tmp_path, monkeypatch):
     with pytest.raises(StageTaskError, match="no registered task"):
         make_stage_task(StageContext(name="nope", out_dir=tmp_path))
-    import vla.stages
+    import vla.train.stages
 
-    monkeypatch.setitem(vla.stages._PROVIDERS, "vla-missing", "vla.no_such_policy_module")
+    monkeypatch.setitem(vla.train.stages._PROVIDERS, "vla-missing", "vla.no_such_policy_module")
     with pytest.raises(StageTaskError, match="register_stage_task"):
         make_stage_task(StageContext(name="vla-missing", out_dir=tmp_path))
 

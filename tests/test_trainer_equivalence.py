@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import vla.trainer
+import vla.train.trainer
 from vla.config import load_config
-from vla.stages import vl2_module_group
+from vla.train.stages import vl2_module_group
 from vla.train import run
 
 LR = 1e-3
@@ -28,7 +28,7 @@ def pretrain_cfg(out: Path, *extra: str):
 
 def test_lr_mult_reaches_the_right_param_groups_and_update_sizes(tmp_path, monkeypatch):
     seen = {}
-    build = vla.trainer.build_optimizer
+    build = vla.train.trainer.build_optimizer
 
     def recording_build(named_params, groups, optim):
         optimizer = build(named_params, groups, optim)
@@ -37,7 +37,7 @@ def test_lr_mult_reaches_the_right_param_groups_and_update_sizes(tmp_path, monke
         seen["before"] = {id(p): p.detach().clone() for n, p in named_params.items()}
         return optimizer
 
-    monkeypatch.setattr(vla.trainer, "build_optimizer", recording_build)
+    monkeypatch.setattr(vla.train.trainer, "build_optimizer", recording_build)
     # `vision: 0.1` is an alias (tower and projector); no weight decay, so Adam's first step moves each parameter
     # element with a gradient by lr x its group's multiplier (|g| >> eps)
     run(pretrain_cfg(tmp_path, "stage.steps=1", "micro_batch=2", "stage.lr_mult={vision: 0.1, lm_head: 4.0}",

@@ -1,4 +1,4 @@
-"""Stage vision (vla/vision_stage.py): SigLIP's sigmoid contrastive loss on scene captions with hard negatives; its
+"""Stage vision (vla/train/vision_stage.py): SigLIP's sigmoid contrastive loss on scene captions with hard negatives; its
 checkpoint is an official-format DeepSeek-VL2 folder that the next stage starts from, and it resumes exactly."""
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def test_vision_stage_trains_the_tower_and_align_starts_from_it(tmp_path):
     init = load_deepseek_vl2(summary["checkpoint"])  # the same folder read twice is the same model ...
     tower = lambda m: torch.cat([p.flatten() for p in m.vision_encoder.vision.parameters()])  # noqa: E731
     assert torch.equal(tower(trained), tower(init))
-    from vla.stages import StageContext, build_vl2_backbone  # ... and differs from a fresh random init
+    from vla.train.stages import StageContext, build_vl2_backbone  # ... and differs from a fresh random init
     fresh, _ = build_vl2_backbone(StageContext(name="vision", out_dir=tmp_path, seed=0))
     assert not torch.allclose(tower(trained), tower(fresh))
     align = run(load_config("train", ["stage=align", f"out={tmp_path / 'align'}", f"init_from={summary['checkpoint']}",

@@ -34,7 +34,7 @@ def _train(data, out, steps, extra=()):
 
 
 def test_vla_stage_trains_saves_a_policy_and_resumes(data, tmp_path, capsys):
-    from vla.env_policy import EnvPolicy
+    from vla.policy.env_policy import EnvPolicy
     from vla.policy import VLAPolicy
 
     summary = _train(data, tmp_path / "run", 4)
@@ -52,8 +52,8 @@ def test_vla_stage_trains_saves_a_policy_and_resumes(data, tmp_path, capsys):
     assert summary_eval["overall"]["episodes"] == 1
 
     # the backbone inside the policy checkpoint answers questions (vla vqa on a policy checkpoint)
-    from vla.checkpoints import load_vl2_for_chat
-    from vla.vqa import answer
+    from vla.policy.checkpoint import load_vl2_for_chat
+    from vla.commands.vqa import answer
     model, processor = load_vl2_for_chat(ckpt)
     import glob
     image = sorted(glob.glob(str(data / "lang" / "images" / "*.png")))[0]
@@ -86,7 +86,7 @@ def test_vla_stage_two_processes_match_one(data, tmp_path, mode):
     """stage=vla with co-training under torchrun (gloo): each term is a mean over the global step's units (action
     tokens, answer tokens, sequences), and a micro-batch of conversations only goes through the wrapper too."""
     from test_train import two_processes_match_one
-    from vla.stages import StageContext, make_stage_task
+    from vla.train.stages import StageContext, make_stage_task
 
     common = _vla_overrides(data, 0.4)
     # the stream really holds a conversations-only micro-batch of one process and mixed ones (global batch 4 = 2 x 2)

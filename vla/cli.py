@@ -12,14 +12,14 @@ import sys
 
 # command -> (module with `main(cfg) -> int | None`, positional key or None, one-line help)
 COMMANDS: dict[str, tuple[str, str | None, str]] = {
-    "bench": ("vla.bench", "name", "run a benchmark (moe, decode, ...) and print a table, then one JSON line"),
-    "demo": ("vla.demo", None, "the end-to-end demo"),
-    "generate": ("vla.generate", None, "greedy/sampled generation from a language-model checkpoint (or a tiny random one)"),
-    "vqa": ("vla.vqa", None, "ask a DeepSeek-VL2 or policy checkpoint a question about an image; draw grounding boxes"),
-    "collect": ("vla.collect", None, "run a scripted expert and write a LeRobotDataset v3"),
-    "eval": ("vla.evaluate", None, "roll a policy out in gymnasium vector envs; JSON summary, markdown table, videos"),
+    "bench": ("vla.commands.bench", "name", "run a benchmark (moe, decode, ...) and print a table, then one JSON line"),
+    "demo": ("vla.commands.demo", None, "the end-to-end demo"),
+    "generate": ("vla.commands.generate", None, "greedy/sampled generation from a language-model checkpoint (or a tiny random one)"),
+    "vqa": ("vla.commands.vqa", None, "ask a DeepSeek-VL2 or policy checkpoint a question about an image; draw grounding boxes"),
+    "collect": ("vla.commands.collect", None, "run a scripted expert and write a LeRobotDataset v3"),
+    "eval": ("vla.commands.evaluate", None, "roll a policy out in gymnasium vector envs; JSON summary, markdown table, videos"),
     "train": ("vla.train", None, "train a stage: align, pretrain, sft, vla"),
-    "merge-lora": ("vla.merge_lora", "checkpoint", "fold a LoRA checkpoint into its base: a full policy folder"),
+    "merge-lora": ("vla.commands.merge_lora", "checkpoint", "fold a LoRA checkpoint into its base: a full policy folder"),
     "serve": ("vla.serve", None, "serve a policy checkpoint over websockets (openpi's protocol; openpi-client works)"),
 }
 

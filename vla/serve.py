@@ -236,7 +236,7 @@ class PolicyServer:
     loop until `stop()`; `ServerThread` runs it in a background thread."""
 
     def __init__(self, policy, options: ServeOptions | None = None, name: str = "") -> None:
-        from vla.env_policy import EnvPolicy
+        from vla.policy.env_policy import EnvPolicy
 
         self.policy = policy
         self.options = options or ServeOptions()

@@ -11,7 +11,7 @@ Reproduces the measurements behind the demo's `policy: {n_action_steps: 8}` (doc
 The numbers in docs/experiments.md were measured on demo policies of earlier configs that were not kept; run
 `vla demo` (outputs/demo/policy) for the current one, or `vla demo` at the commit named there for an earlier one.
 
-Everything else is what the demo's rollouts use (vla/demo.py, evaluate_policies): the robots' one-object scenes
+Everything else is what the demo's rollouts use (vla/commands/demo.py, evaluate_policies): the robots' one-object scenes
 (`env_kwargs: {num_objects: [1, 1]}`), 64-px frames, 10 parallel envs, episode k on env seed `seed + k`. With
 `--n-action-steps 8` (or the value saved in the checkpoint) and the defaults this is the same rollout as
 `vla eval policy=checkpoint:DIR 'env=[vla/PointNav-v0,vla/ArmReach-v0]' episodes=200 seed=5000 image_size=64
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import envs  # noqa: F401  registers the built-in envs
     from envs.rollout import evaluate
-    from vla.env_policy import EnvPolicy
+    from vla.policy.env_policy import EnvPolicy
     from vla.policy import VLAPolicy
 
     policy = VLAPolicy.load(args.checkpoint)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from envs.scene_language import generate_scene_language
-from vla.stages import StageContext, make_stage_task
+from vla.train.stages import StageContext, make_stage_task
 
 
 def main() -> None:

@@ -35,12 +35,12 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from vla import train_checkpoint as ckpt
-from vla.stages import ModuleGroup, StageTask, apply_freezing, format_freezing_plan
-from vla.train_logging import TrainLogger, plot_loss_curve
+from vla.train import checkpoint as ckpt
+from vla.train.stages import ModuleGroup, StageTask, apply_freezing, format_freezing_plan
+from vla.train.log import TrainLogger, plot_loss_curve
 
 # ------------------------------------------------------------------------------------------------------------------
-# Configuration (plain dataclasses; vla/train.py converts the hydra config)
+# Configuration (plain dataclasses; vla/train/entry.py converts the hydra config)
 # ------------------------------------------------------------------------------------------------------------------
 
 
@@ -230,7 +230,7 @@ def build_optimizer(named_params: dict[str, nn.Parameter], groups: list[ModuleGr
 class Trainer:
     def __init__(self, task: StageTask, config: TrainerConfig, dist: DistInfo | None = None):
         if not isinstance(task, StageTask):
-            raise TypeError(f"{type(task).__name__} is not a vla.stages.StageTask: subclass it (it declares every hook "
+            raise TypeError(f"{type(task).__name__} is not a vla.train.stages.StageTask: subclass it (it declares every hook "
                             f"the trainer calls, with no-op defaults)")
         self.task, self.config = task, config
         self.dist = dist or DistInfo()
@@ -275,7 +275,7 @@ class Trainer:
         fully_shard(module)
         init = self.task.meta_init
         if init is not None:  # built on meta: allocate this process's shards and read them from the files
-            from vla.fsdp_load import load_sharded
+            from vla.train.fsdp_load import load_sharded
 
             load_sharded(module, init, self.dist.device)
             self.task.meta_init = None

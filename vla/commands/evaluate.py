@@ -6,7 +6,7 @@ markdown table and, last, one JSON line with the overall numbers.
 
 Policies: random, expert (the env's scripted expert), prior (the action prior of dataset=ROOT, blind to images),
 checkpoint:DIR (a trained VLAPolicy), remote:ws://HOST:PORT (a `vla serve` server; policy_options={api_key: KEY}),
-lerobot:DIR (any LeRobot policy checkpoint, e.g. lerobot-train's ACT or Diffusion Policy; vla/lerobot_checkpoint.py), or
+lerobot:DIR (any LeRobot policy checkpoint, e.g. lerobot-train's ACT or Diffusion Policy; vla/policy/lerobot_checkpoint.py), or
 anything registered with envs.rollout.register_policy_factory / given as package.module:factory. See envs/policies.py
 for the policy protocol. `image_size=null` (the default) renders the built-in envs at their default size (96), or at
 the size a lerobot:DIR checkpoint records.
@@ -38,8 +38,8 @@ def env_ids(value) -> list[str]:
 
 def main(cfg) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import vla.env_policy  # noqa: F401  registers policy=checkpoint:DIR
-    import vla.lerobot_checkpoint  # noqa: F401  registers policy=lerobot:DIR
+    import vla.policy.env_policy  # noqa: F401  registers policy=checkpoint:DIR
+    import vla.policy.lerobot_checkpoint  # noqa: F401  registers policy=lerobot:DIR
     import vla.serve  # noqa: F401  registers policy=remote:ws://HOST:PORT
     from envs.collect import SeedOverlapError
     from envs.rollout import evaluate, markdown_table
@@ -52,8 +52,8 @@ def main(cfg) -> int:
     options.setdefault("dataset", config["dataset"])
     options.setdefault("prior_mode", config["prior_mode"])
     image_size = config["image_size"]
-    if image_size is None and str(config["policy"]).startswith(f"{vla.lerobot_checkpoint.PREFIX}:"):
-        image_size = vla.lerobot_checkpoint.recorded_image_size(config["policy"].split(":", 1)[1])
+    if image_size is None and str(config["policy"]).startswith(f"{vla.policy.lerobot_checkpoint.PREFIX}:"):
+        image_size = vla.policy.lerobot_checkpoint.recorded_image_size(config["policy"].split(":", 1)[1])
     try:
         summary = evaluate(
             config["policy"],

@@ -1,12 +1,12 @@
 """Stage tasks: what one training stage optimizes, on which data, with which loss.
 
-The trainer (vla/trainer.py) is generic; everything stage-specific lives in a *stage task*, a subclass of
+The trainer (vla/train/trainer.py) is generic; everything stage-specific lives in a *stage task*, a subclass of
 `StageTask` (below): it declares every hook the trainer calls, the optional ones with no-op defaults, and `loss`
 returns a `LossOutput` (the terms, the logged scalars, the tokens the step processed).
 
 Stage tasks are made by factories registered by name: `register_stage_task(name, factory)`, with
 `factory(ctx: StageContext) -> task`. `align`, `pretrain` and `sft` (the DeepSeek-VL2 recipe, docs/architecture.md,
-"Training recipe (the stages)") are built in here; `vla` is registered by `vla.vla_stage`, imported on demand.
+"Training recipe (the stages)") are built in here; `vla` is registered by `vla.train.vla_stage`, imported on demand.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class StageTask:
     name: str
     module: nn.Module
     ddp_find_unused_parameters: bool = True  # False when every trainable parameter gets a gradient on every batch
-    meta_init: Any = None  # a vla.fsdp_load.MetaInit when built on the meta device (the trainer reads the shards)
+    meta_init: Any = None  # a vla.train.fsdp_load.MetaInit when built on the meta device (the trainer reads the shards)
 
     # ---- required ----------------------------------------------------------------------------------------------
     def parameter_groups(self) -> list[ModuleGroup]:
@@ -156,7 +156,7 @@ class StageTaskError(RuntimeError):
 
 _FACTORIES: dict[str, Callable[[StageContext], Any]] = {}
 # Modules imported on demand to find a factory that is not registered yet.
-_PROVIDERS: dict[str, str] = {"vla": "vla.vla_stage", "vision": "vla.vision_stage"}
+_PROVIDERS: dict[str, str] = {"vla": "vla.train.vla_stage", "vision": "vla.train.vision_stage"}
 
 
 def register_stage_task(name: str, factory: Callable[[StageContext], Any]) -> None:
@@ -178,12 +178,12 @@ def make_stage_task(ctx: StageContext):
         except ModuleNotFoundError as e:
             raise StageTaskError(
                 f"stage {ctx.name!r} has no registered task: importing {_PROVIDERS[ctx.name]!r} failed ({e}); the "
-                f"policy code must call vla.stages.register_stage_task({ctx.name!r}, factory) (or pass "
+                f"policy code must call vla.train.stages.register_stage_task({ctx.name!r}, factory) (or pass "
                 f"import_modules=[module] that does)") from e
     if ctx.name not in _FACTORIES:
         raise StageTaskError(
             f"stage {ctx.name!r} has no registered task (registered: {', '.join(registered_stage_tasks())}); "
-            f"call vla.stages.register_stage_task({ctx.name!r}, factory) in a module listed in import_modules")
+            f"call vla.train.stages.register_stage_task({ctx.name!r}, factory) in a module listed in import_modules")
     return _FACTORIES[ctx.name](ctx)
 
 
@@ -349,7 +349,7 @@ def build_vl2_backbone(ctx: StageContext):
     if tok_dir is None and ctx.init_from and (Path(ctx.init_from) / "tokenizer.json").is_file():
         tok_dir = ctx.init_from
     tokenizer = load_tokenizer(tok_dir) if tok_dir else build_bpe_tokenizer(vocab_size=ctx.tokenizer_vocab)
-    if ctx.init_from and ctx.meta_init:  # weights come later, shard by shard (vla.fsdp_load)
+    if ctx.init_from and ctx.meta_init:  # weights come later, shard by shard (vla.train.fsdp_load)
         from backbone.checkpoint import read_config
         from backbone.deepseek_vl2 import DeepseekVL2Config
 
@@ -399,7 +399,7 @@ class VL2StageTask(StageTask):
         self.module, self.tokenizer = build_vl2_backbone(ctx)
         self.meta_init = None
         if ctx.meta_init and ctx.init_from:
-            from vla.fsdp_load import MetaInit
+            from vla.train.fsdp_load import MetaInit
 
             self.meta_init = MetaInit(folders=[("", Path(ctx.init_from))],
                                       num_experts=self.module.config.language.n_routed_experts)
@@ -507,7 +507,7 @@ class VL2StageTask(StageTask):
 
     def meta_source(self, directory: Path):
         """Resume under FSDP2 from the meta device: the checkpoint folder is official format."""
-        from vla.fsdp_load import MetaInit
+        from vla.train.fsdp_load import MetaInit
 
         return MetaInit(folders=[("", Path(directory))], num_experts=self.module.config.language.n_routed_experts)
 

@@ -151,7 +151,7 @@ def apply_lora(policy, config, seed: int = 0, materialize: bool = True) -> Any:
     """Inject the adapters of peft `config` into `policy` in place (base frozen; adapters, added token rows and the
     head trainable; adapters initialized by `init_adapters(seed)`). Returns peft's LoraModel around it (kept on the
     policy for merging). On a backbone built on `meta` the trainable token rows wait for the base rows
-    (`token_row_sources`, read by `vla.fsdp_load`)."""
+    (`token_row_sources`, read by `vla.train.fsdp_load`)."""
     from peft.tuners.lora import LoraModel
 
     tuner = LoraModel(policy, config, "default")
@@ -166,7 +166,7 @@ def token_row_sources(policy) -> dict[str, list[tuple[str, list[int]]]]:
     [(the rows' parameter name, row ids)] (FSDP2 from the meta device fills them when it reads the base)."""
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
-    from vla.fsdp_load import canonical_name
+    from vla.train.fsdp_load import canonical_name
 
     out: dict[str, list[tuple[str, list[int]]]] = {}
     for name, layer in policy.named_modules():
@@ -205,7 +205,7 @@ def save_adapter(policy, directory: str | Path, base: str, state_dict: dict[str,
 
     from safetensors.torch import save_file
 
-    from vla.policy import POLICY_CONFIG
+    from vla.policy.checkpoint import POLICY_CONFIG
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -233,7 +233,7 @@ def is_adapter_checkpoint(path: str | Path) -> bool:
 def load_base_backbone(base: str | Path):
     """The DeepSeek-VL2 model of a base: an official-format folder or a policy checkpoint (its backbone/)."""
     from backbone.deepseek_vl2 import load_deepseek_vl2
-    from vla.policy import BACKBONE_DIR, POLICY_CONFIG
+    from vla.policy.checkpoint import BACKBONE_DIR, POLICY_CONFIG
 
     base = Path(base)
     if (base / POLICY_CONFIG).is_file() and (base / BACKBONE_DIR).is_dir():
@@ -245,7 +245,7 @@ def load_base_head(policy, base: str | Path) -> None:
     """When the base is a policy checkpoint, its action head (where names and shapes agree) into `policy`."""
     from safetensors.torch import load_file
 
-    from vla.policy import POLICY_WEIGHTS
+    from vla.policy.checkpoint import POLICY_WEIGHTS
 
     path = Path(base) / POLICY_WEIGHTS
     if not path.is_file():
@@ -262,7 +262,8 @@ def load_adapter_policy(path: str | Path, device: str | torch.device = "cpu", ba
 
     from backbone.tokenizer import load_tokenizer
     from heads.embodiment import EmbodimentRegistry
-    from vla.policy import POLICY_CONFIG, VLAPolicy, VLAPolicyConfig
+    from vla.policy.checkpoint import POLICY_CONFIG
+    from vla.policy.model import VLAPolicy, VLAPolicyConfig
 
     path = Path(path)
     meta = json.loads((path / POLICY_CONFIG).read_text())

@@ -209,7 +209,7 @@ def listens_test_possible(env_kwargs: dict[str, Any]) -> bool:
 
 def evaluate_policies(c: dict[str, Any], out: Path, policy_dir: str, roots: dict[str, str]) -> dict[str, Any]:
     import envs  # noqa: F401
-    import vla.env_policy  # noqa: F401  (policy=checkpoint:DIR)
+    import vla.policy.env_policy  # noqa: F401  (policy=checkpoint:DIR)
     from envs.rollout import evaluate
 
     results: dict[str, Any] = {}
@@ -238,8 +238,8 @@ def evaluate_language(c: dict[str, Any], out: Path, policy_dir: str, lang: dict[
     from backbone.grounding import draw_grounding
     from envs.collect import read_collection_record
     from envs.scene_language import blind_baseline, check_held_out, load_conversations, scene_keys
-    from vla.checkpoints import load_vl2_for_chat
-    from vla.vqa import answer, evaluate_scene_vqa
+    from vla.policy.checkpoint import load_vl2_for_chat
+    from vla.commands.vqa import answer, evaluate_scene_vqa
 
     records = load_conversations(lang["eval"])
     # held out for real: no eval scene is one a training stage or a robot dataset showed (refused otherwise)
@@ -284,7 +284,7 @@ def routing(c: dict[str, Any], out: Path, policy_dir: str, roots: dict[str, str]
 
     from envs.mixture import MixtureDataset, make_mixture_loader
     from vla.policy import VLAPolicy
-    from vla.routing import collect_policy_routing, plot_routing_heatmap, write_routing_json
+    from vla.policy.routing import collect_policy_routing, plot_routing_heatmap, write_routing_json
 
     policy = VLAPolicy.load(policy_dir)
     mixture = MixtureDataset(list(roots.values()), action_horizon=int(c["chunk_len"]), image_size=int(c["image_size"]))

@@ -22,7 +22,7 @@ def scene_language(cfg) -> int:
     from pathlib import Path
 
     from envs.scene_language import generate_scene_language
-    from vla.evaluate import env_ids
+    from vla.commands.evaluate import env_ids
 
     target = Path(cfg.root) / f"{cfg.stage}.jsonl"
     if target.exists() and not cfg.overwrite:

@@ -39,7 +39,7 @@ from transformers import SiglipTextConfig, SiglipTextModel
 from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
 
 from envs.mixture import SourceSchedule
-from vla.stages import (LossOutput, ShardedBatches, StageContext, StageTask, StageTaskError, build_vl2_backbone,
+from vla.train.stages import (LossOutput, ShardedBatches, StageContext, StageTask, StageTaskError, build_vl2_backbone,
                         group_parameters, register_stage_task)
 
 HEADS_FILE = "contrastive_heads.safetensors"

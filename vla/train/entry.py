@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vla.stages import StageContext, make_stage_task
-from vla.trainer import (CheckpointConfig, LogConfig, OptimConfig, ScheduleConfig, Trainer, TrainerConfig,
-                         close_distributed, init_distributed, seed_everything)
+from vla.train.stages import StageContext, make_stage_task
+from vla.train.trainer import (CheckpointConfig, LogConfig, OptimConfig, ScheduleConfig, Trainer, TrainerConfig,
+                               close_distributed, init_distributed, seed_everything)
 
 
 def _plain(node: Any) -> Any:
@@ -88,9 +87,3 @@ def main(cfg: DictConfig) -> int:
         print(f"stage {summary['stage']}: {summary['steps']} steps, final loss {summary['final_loss']:.4f}; "
               f"checkpoint {summary['checkpoint']}", flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    from vla.config import load_config
-
-    raise SystemExit(main(load_config("train", sys.argv[1:])))

@@ -14,7 +14,7 @@ from omegaconf import ListConfig
 
 from backbone.grounding import draw_grounding, parse_grounding
 from backbone.processor import load_image
-from vla.checkpoints import load_vl2_for_chat
+from vla.policy.checkpoint import load_vl2_for_chat
 
 
 def answer(model, processor, question: str, images: list, *, grounding: bool = False, system: str | None = None,

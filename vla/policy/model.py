@@ -44,14 +44,12 @@ from backbone.vision import layout_global_view, layout_image_tokens
 from heads.action_head import ActionQueries, OffsetHead, RouterPrior, StateProjection, action_losses
 from heads.action_tokenizer import ActionTokenizer
 from heads.embodiment import Embodiment, EmbodimentRegistry
-from vla.lora import head_rows, is_adapter_checkpoint, load_adapter_policy
-from vla.stages import LossOutput, next_token_loss, shifted_targets
+from vla.policy.checkpoint import BACKBONE_DIR, POLICY_CONFIG, POLICY_WEIGHTS
+from vla.policy.lora import head_rows, is_adapter_checkpoint, load_adapter_policy
+from vla.train.stages import LossOutput, next_token_loss, shifted_targets
 
 TEXT, IMAGE, STATE, ACTION, PAD = 0, 1, 2, 3, -1
 KIND_NAMES = {TEXT: "text", IMAGE: "image", STATE: "state", ACTION: "action", PAD: "pad"}
-POLICY_CONFIG = "policy_config.json"
-POLICY_WEIGHTS = "policy_head.safetensors"
-BACKBONE_DIR = "backbone"
 
 
 @dataclass

@@ -1,4 +1,9 @@
-"""Finding the model in a checkpoint folder, whatever wrote it.
+"""The policy checkpoint's layout, and finding the model in a checkpoint folder, whatever wrote it.
+
+A policy checkpoint folder holds `policy_config.json` (POLICY_CONFIG: the policy's config, embodiment registry and
+normalizer stats), `policy_head.safetensors` (POLICY_WEIGHTS: action queries, offset head, state projections, router
+prior) and `backbone/` (BACKBONE_DIR: the DeepSeek-VL2 weights in the official format, with the tokenizer); a LoRA
+checkpoint holds the adapter instead (vla/policy/lora.py).
 
 * An official-format DeepSeek-VL2 folder (config.json with vision/projector/language configs + safetensors), as
   released by DeepSeek or written by `vla train` / `save_deepseek_vl2`, with the tokenizer files beside it.
@@ -14,7 +19,9 @@ from backbone.deepseek_vl2 import DeepseekVL2, load_deepseek_vl2
 from backbone.processor import DeepseekVL2Processor
 from backbone.tokenizer import load_tokenizer
 
-POLICY_BACKBONE_DIR = "backbone"  # sub-folder of a policy checkpoint holding the VL2 weights + tokenizer
+POLICY_CONFIG = "policy_config.json"
+POLICY_WEIGHTS = "policy_head.safetensors"
+BACKBONE_DIR = "backbone"  # sub-folder of a policy checkpoint holding the VL2 weights + tokenizer
 
 
 def resolve_vl2_folder(path: str | Path) -> Path:
@@ -22,12 +29,12 @@ def resolve_vl2_folder(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint folder not found")
-    if (path / POLICY_BACKBONE_DIR / "config.json").is_file():
-        return path / POLICY_BACKBONE_DIR
+    if (path / BACKBONE_DIR / "config.json").is_file():
+        return path / BACKBONE_DIR
     cfg = read_config(path)
     if "vision_config" not in cfg:
         raise CheckpointError(f"{path}: neither a DeepSeek-VL2 checkpoint (no vision_config in config.json) "
-                              f"nor a policy checkpoint (no {POLICY_BACKBONE_DIR}/ folder)")
+                              f"nor a policy checkpoint (no {BACKBONE_DIR}/ folder)")
     return path
 
 

@@ -26,10 +26,10 @@ from torch import nn
 
 from envs.mixture import MixtureDataset, SourceSchedule
 from heads.embodiment import EmbodimentRegistry
-from vla.lora import (ADAPTER_WEIGHTS, apply_lora, is_adapter_checkpoint, load_adapter_weights, load_base_head,
+from vla.policy.lora import (ADAPTER_WEIGHTS, apply_lora, is_adapter_checkpoint, load_adapter_weights, load_base_head,
                       make_lora_config, save_adapter, token_row_sources)
 from vla.policy import BACKBONE_DIR, POLICY_CONFIG, POLICY_WEIGHTS, VLAPolicy, VLAPolicyConfig
-from vla.stages import (VL2_GROUPS, LossOutput, ShardedBatches, StageContext, StageTask, StageTaskError,
+from vla.train.stages import (VL2_GROUPS, LossOutput, ShardedBatches, StageContext, StageTask, StageTaskError,
                         build_vl2_backbone, group_parameters, register_stage_task, vl2_module_group)
 
 HEAD_GROUP = "action_head"
@@ -81,7 +81,7 @@ class VLAStageTask(StageTask):
         policy_init = ctx.init_from and (Path(ctx.init_from) / POLICY_CONFIG).is_file()
         # FSDP2 from the meta device (init_from: an official-format folder or a policy checkpoint): the backbone is
         # built on meta, new vocabulary rows wait for their source rows (`pending_rows`), the trainer reads each
-        # process's shards (vla.fsdp_load); LoRA's adapters are drawn on the CPU (lora.init_adapters), its token rows
+        # process's shards (vla.train.fsdp_load); LoRA's adapters are drawn on the CPU (lora.init_adapters), its token rows
         # start as the rows read.
         meta = bool(ctx.meta_init and ctx.init_from)
         backbone_ctx = dataclasses.replace(ctx, meta_init=meta, init_from=str(Path(ctx.init_from) / BACKBONE_DIR)) \
@@ -107,7 +107,7 @@ class VLAStageTask(StageTask):
             self.lora_base = str(Path(ctx.init_from).resolve())
         self.meta_init = None
         if meta:  # the head (and adapters) as built here, the backbone (and a policy's head file) from init_from
-            from vla.fsdp_load import snapshot_to_meta
+            from vla.train.fsdp_load import snapshot_to_meta
 
             self._extras = snapshot_to_meta(self.module)
             self.meta_init = self.meta_source(Path(ctx.init_from))
@@ -204,7 +204,7 @@ class VLAStageTask(StageTask):
         official-format folder (the head as built, the added vocabulary rows grown from the folder's rows); a LoRA
         checkpoint (resume): its base as at the start, then the adapter's weights (put on the module by peft, its
         trainable tensors allocated on the CPU for them)."""
-        from vla.fsdp_load import MetaInit, snapshot_to_meta
+        from vla.train.fsdp_load import MetaInit, snapshot_to_meta
 
         directory = Path(directory)
         if self.lora_base is not None and is_adapter_checkpoint(directory):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def main(cfg) -> int:
-    from vla.lora import is_adapter_checkpoint, load_adapter_policy, merge_lora, trainable_count
+    from vla.policy.lora import is_adapter_checkpoint, load_adapter_policy, merge_lora, trainable_count
 
     checkpoint, out = Path(str(cfg.checkpoint)), Path(str(cfg.out))
     if not is_adapter_checkpoint(checkpoint):
