@@ -32,7 +32,7 @@ def run(cfg) -> dict:
     from vla.policy.checkpoint import resolve_vl2_folder
     from vla.config import load_config
     from vla.commands.demo import (EVAL_SEED, _quiet_libraries, _settings, build_tokenizer, collect, evaluate_language,
-                          language_stages, scene_language, train_vla)
+                                   language_stages, scene_language, train_vla)
 
     setup(cfg)
     _quiet_libraries()

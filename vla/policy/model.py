@@ -401,7 +401,7 @@ class VLAPolicy(nn.Module):
         """Prefill the prompt into the latent KV cache, then decode H*A tokens constrained to the action bins; one
         teacher-forced pass over the decoded tokens reads the offsets when the offset head is on. Every decoded token
         is an action token of its sample's robot, so it gets that robot's router prior, as in the teacher-forced pass
-        (equality with its argmax: tests/test_policy.py::test_cached_autoregressive_decoding_equals_teacher_forced_argmax)."""
+        (equality with its argmax: tests/vla/policy/test_policy.py::test_cached_autoregressive_decoding_equals_teacher_forced_argmax)."""
         seq = self.build_sequences(batch)
         n_max = max(e.num_action_tokens for e in embodiments)
         prompt_bias = step_bias = None

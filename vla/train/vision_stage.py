@@ -40,7 +40,7 @@ from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionP
 
 from envs.mixture import SourceSchedule
 from vla.train.stages import (LossOutput, ShardedBatches, StageContext, StageTask, StageTaskError, build_vl2_backbone,
-                        group_parameters, register_stage_task)
+                              group_parameters, register_stage_task)
 
 HEADS_FILE = "contrastive_heads.safetensors"
 GROUPS = ("vision_tower", "contrastive_heads")

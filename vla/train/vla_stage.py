@@ -27,10 +27,10 @@ from torch import nn
 from envs.mixture import MixtureDataset, SourceSchedule
 from heads.embodiment import EmbodimentRegistry
 from vla.policy.lora import (ADAPTER_WEIGHTS, apply_lora, is_adapter_checkpoint, load_adapter_weights, load_base_head,
-                      make_lora_config, save_adapter, token_row_sources)
+                             make_lora_config, save_adapter, token_row_sources)
 from vla.policy import BACKBONE_DIR, POLICY_CONFIG, POLICY_WEIGHTS, VLAPolicy, VLAPolicyConfig
 from vla.train.stages import (VL2_GROUPS, LossOutput, ShardedBatches, StageContext, StageTask, StageTaskError,
-                        build_vl2_backbone, group_parameters, register_stage_task, vl2_module_group)
+                              build_vl2_backbone, group_parameters, register_stage_task, vl2_module_group)
 
 HEAD_GROUP = "action_head"
 

@@ -70,11 +70,11 @@ def test_vision_stage_resumes_on_the_same_trajectory(tmp_path):
     """A run that "died" after its step-2 checkpoint (a copy without the later ones) resumes on the same losses."""
     import shutil
 
-    from test_train import _drop_after
+    from helpers import drop_after
 
     full = _vision(tmp_path / "full", 4)["losses"]
     shutil.copytree(tmp_path / "full", tmp_path / "part")
-    _drop_after(tmp_path / "part", 2)
+    drop_after(tmp_path / "part", 2)
     resumed = _vision(tmp_path / "part", 4, "resume=true")["losses"]
     assert sorted(resumed) == [3, 4]
     for step in (3, 4):

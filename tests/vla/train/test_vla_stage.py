@@ -85,7 +85,7 @@ def _vla_overrides(data, vqa_ratio):
 def test_vla_stage_two_processes_match_one(data, tmp_path, mode):
     """stage=vla with co-training under torchrun (gloo): each term is a mean over the global step's units (action
     tokens, answer tokens, sequences), and a micro-batch of conversations only goes through the wrapper too."""
-    from test_train import two_processes_match_one
+    from helpers import two_processes_match_one
     from vla.train.stages import StageContext, make_stage_task
 
     common = _vla_overrides(data, 0.4)

@@ -19,7 +19,7 @@ from backbone.checkpoint import INDEX_NAME, CheckpointError, write_checkpoint
 from backbone.convert import deepseek_vl2_to_official
 from backbone.deepseek_vl2 import (DeepseekVL2Config, build_deepseek_vl2, deepseek_vl2_preset, load_deepseek_vl2)
 
-FIXTURES = Path(__file__).parent / "fixtures" / "official_configs"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "official_configs"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,16 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import REPO, drop_after, two_processes_match_one
 from vla.config import load_config
-from vla.train.stages import (LossOutput, ModuleGroup, ShardedBatches, StageContext, StageTask, StageTaskError,
-                        apply_freezing, make_stage_task, register_stage_task, vl2_module_group)
 from vla.train import run
 from vla.train.checkpoint import CheckpointCorrupt, find_resumable, list_checkpoints, validate_checkpoint
 from vla.train.log import read_csv
+from vla.train.stages import (LossOutput, ModuleGroup, ShardedBatches, StageContext, StageTask, StageTaskError,
+                              apply_freezing, make_stage_task, register_stage_task, vl2_module_group)
 from vla.train.trainer import ScheduleConfig, Trainer, TrainerConfig, lr_factor
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -194,14 +192,6 @@ def test_vision_tower_overrides_reach_the_checkpoint(tmp_path):
     assert (cfg["vision_config"]["width"], cfg["vision_config"]["layers"], cfg["projector_config"]["input_dim"]) == (48, 1, 48)
 
 
-def _drop_after(out: Path, step: int) -> None:
-    import shutil
-
-    for s, p in list_checkpoints(out / "checkpoints"):
-        if s > step:
-            shutil.rmtree(p)
-
-
 def test_resume_continues_the_same_trajectory(tmp_path):
     import shutil
 
@@ -209,7 +199,7 @@ def test_resume_continues_the_same_trajectory(tmp_path):
     # The same run "died" after its step-2 checkpoint: a copy of its folder without the later checkpoints.
     out = tmp_path / "resumed"
     shutil.copytree(tmp_path / "ref", out)
-    _drop_after(out, 2)
+    drop_after(out, 2)
     resumed = run(train_cfg(out, "pretrain", "stage.steps=5", "grad_accum=2", "micro_batch=1", "resume=true"))
     assert sorted(resumed["losses"]) == [3, 4, 5]
     for step in (3, 4, 5):
@@ -339,34 +329,13 @@ def test_unregistered_stage_fails_clearly(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------- distributed
-def _torchrun(out: Path, *args: str) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-           "-m", "vla.train", f"out={out}", *args]
-    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return {int(k): v for k, v in json.loads((out / "summary.json").read_text())["losses"].items()}
-
-
-def two_processes_match_one(tmp_path: Path, common: list[str], mode: str) -> dict[int, float]:
-    """3 steps of `common` under torchrun (2 processes x micro-batch 2, `mode`) equal 1 process x micro-batch 4 to
-    1e-5 (and the loss moves); returns the 1-process losses."""
-    two = _torchrun(tmp_path / "two", *common, "micro_batch=2", f"distributed={mode}")
-    one = run(load_config("train", [*common, f"out={tmp_path / 'one'}", "micro_batch=4"]))["losses"]
-    assert sorted(two) == [1, 2, 3]
-    for step in (1, 2, 3):
-        assert abs(two[step] - one[step]) < 1e-5, (step, two[step], one[step])
-    assert one[3] != one[1]
-    return one
-
-
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_match_one(tmp_path, mode):
     common = ["stage=pretrain", "stage.steps=3", "stage.data.generate=16", "checkpoint.every=2", "log.progress=false",
               "log.tensorboard=false", "log.plot=false", "stage.optim.lr=3e-3", "stage.schedule.warmup_steps=0"]
     one = two_processes_match_one(tmp_path, common, mode)
     # the 2-process checkpoint resumes in 1 process (any process count), on the same trajectory
-    _drop_after(tmp_path / "two", 2)
+    drop_after(tmp_path / "two", 2)
     resumed = run(load_config("train", [*common, f"out={tmp_path / 'two'}", "micro_batch=4", "resume=true"]))["losses"]
     assert abs(resumed[3] - one[3]) < 1e-5
 

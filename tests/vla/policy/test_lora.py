@@ -13,7 +13,7 @@ from backbone.deepseek_vl2 import load_deepseek_vl2
 from backbone.tokenizer import build_bpe_tokenizer
 from heads.embodiment import Embodiment, EmbodimentRegistry
 from vla.policy.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraError, apply_lora, is_lora, make_lora_config, merge_lora,
-                      new_token_ids, save_adapter, trainable_count)
+                             new_token_ids, save_adapter, trainable_count)
 from vla.policy import BACKBONE_DIR, VLAPolicy, VLAPolicyConfig, build_policy
 
 IMAGE, STATE = "observation.image", "observation.state"
@@ -191,10 +191,7 @@ def test_vla_train_lora_errors_are_one_line(nav_data, tmp_path):
 @pytest.mark.parametrize("mode", ["fsdp"])
 def test_vla_train_lora_two_processes_match_one(nav_data, tmp_path, mode):
     """LoRA under torchrun (gloo, FSDP2): the same losses as one process."""
-    import sys as _sys
-
-    _sys.path.insert(0, str(Path(__file__).parent))
-    from test_train import two_processes_match_one
+    from helpers import two_processes_match_one
 
     base = _train(nav_data, tmp_path / "full", 1)["checkpoint"]
     common = ["stage=vla", "stage.steps=3", "checkpoint.every=0", "log.progress=false", "log.tensorboard=false",

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-QUIET = ["log.progress=false", "log.tensorboard=false", "log.plot=false"]
+from helpers import REPO
 
+QUIET = ["log.progress=false", "log.tensorboard=false", "log.plot=false"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
