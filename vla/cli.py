@@ -118,7 +118,9 @@ def one_line_error(error: Exception, command: str) -> str | None:
         from envs import BUILTIN_ENVS
 
         return f"{' '.join(str(error).split())} (built-in envs: {', '.join(BUILTIN_ENVS)})"
-    if isinstance(error, (ValueError, KeyError, FileNotFoundError, RuntimeError)):
+    if isinstance(error, KeyError) and error.args:  # str(KeyError) quotes its message
+        return " ".join(str(error.args[0]).split())
+    if isinstance(error, (ValueError, FileNotFoundError, RuntimeError)):
         return " ".join(str(error).split()) if isinstance(error, ValueError) else str(error)
     return None
 

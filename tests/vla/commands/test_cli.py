@@ -24,6 +24,16 @@ def test_bad_input_is_one_line_with_the_choices(argv, expected, tmp_path, capsys
         assert word in err, (word, err)
 
 
+def test_an_unknown_embodiment_is_one_line_with_the_known_ones(tmp_path, capsys):
+    from envs.collect import collect_dataset
+
+    collect_dataset("vla/PointNav-v0", tmp_path / "nav", 1, image_size=32, seed=0, progress=False)
+    datasets = f"stage.data.datasets=[{{root: '{tmp_path / 'nav'}', embodiment: hexapod}}]"
+    assert main(["train", "stage=vla", datasets, f"out={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown embodiment 'hexapod'" in err and "arm3" in err and "point2d" in err, err
+
+
 def test_modules_moved_into_sub_packages_import_under_their_old_names():
     """vla/ is split by role (train, policy, commands); the old flat names give the very same module objects."""
     import importlib
