@@ -63,6 +63,7 @@ def worker(folder: str, out: str, gather: bool) -> None:
     from backbone.checkpoint import read_config
     from backbone.deepseek_vl2 import DeepseekVL2Config, build_deepseek_vl2
     from vla.train.fsdp_load import MetaInit, load_sharded
+    from vla.train.trainer import close_distributed
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -88,8 +89,7 @@ def worker(folder: str, out: str, gather: bool) -> None:
         if rank == 0:
             torch.save(state, Path(out) / "full.pt")
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(report))
-    dist.barrier()
-    dist.destroy_process_group()
+    close_distributed()
 
 
 def run(cfg) -> dict:

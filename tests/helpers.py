@@ -23,20 +23,21 @@ def drop_after(out: Path, step: int) -> None:
             shutil.rmtree(p)
 
 
-def torchrun_train(out: Path, *args: str) -> dict[int, float]:
-    """`torchrun --nproc-per-node 2 -m vla.train out=OUT ARGS`; the losses per step of its summary."""
+def torchrun_train(out: Path, *args: str) -> tuple[dict[int, float], str]:
+    """`torchrun --nproc-per-node 2 -m vla.train out=OUT ARGS`; (the losses per step of its summary, its stdout)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
            "-m", "vla.train", f"out={out}", *args]
     env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return {int(k): v for k, v in json.loads((out / "summary.json").read_text())["losses"].items()}
+    losses = {int(k): v for k, v in json.loads((out / "summary.json").read_text())["losses"].items()}
+    return losses, result.stdout
 
 
 def two_processes_match_one(tmp_path: Path, common: list[str], mode: str) -> dict[int, float]:
     """3 steps of `common` under torchrun (2 processes x micro-batch 2, `mode`) equal 1 process x micro-batch 4 to
     1e-5 (and the loss moves); returns the 1-process losses."""
-    two = torchrun_train(tmp_path / "two", *common, "micro_batch=2", f"distributed={mode}")
+    two, _ = torchrun_train(tmp_path / "two", *common, "micro_batch=2", f"distributed={mode}")
     one = run(load_config("train", [*common, f"out={tmp_path / 'one'}", "micro_batch=4"]))["losses"]
     assert sorted(two) == [1, 2, 3]
     for step in (1, 2, 3):

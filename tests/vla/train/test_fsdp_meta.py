@@ -5,16 +5,12 @@ fails with one line."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import REPO
+from helpers import torchrun_train
 
 QUIET = ["log.progress=false", "log.tensorboard=false", "log.plot=false"]
 
@@ -38,14 +34,17 @@ def test_meta_load_under_two_processes_equals_the_single_process_model(tmp_path)
         assert torch.equal(gathered[key], value), key
 
 
-def _torchrun(out: Path, *args: str) -> tuple[dict[int, float], str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "vla.train",
-           f"out={out}", *args]
-    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    losses = {int(k): v for k, v in json.loads((out / "summary.json").read_text())["losses"].items()}
-    return losses, result.stdout
+def fsdp_matches_one(tmp_path: Path, common: list[str], steps: int) -> None:
+    """`common` under torchrun (2 processes x micro-batch 2, FSDP2 from the meta device) gives the losses of 1 process
+    x micro-batch 4 to 1e-5, step by step."""
+    from vla.config import load_config
+    from vla.train import run
+
+    two, stdout = torchrun_train(tmp_path / "two", *common, "micro_batch=2", "distributed=fsdp")
+    assert "FSDP2 from the meta device" in stdout
+    one = run(load_config("train", [*common, f"out={tmp_path / 'one'}", "micro_batch=4"]))["losses"]
+    for step in range(1, steps + 1):
+        assert abs(two[step] - one[step]) < 1e-5, (step, two[step], one[step])
 
 
 def test_fsdp_from_an_official_folder_matches_one_process(tmp_path):
@@ -56,11 +55,7 @@ def test_fsdp_from_an_official_folder_matches_one_process(tmp_path):
               "stage.schedule.kind=constant", "stage.schedule.warmup_steps=0"]
     base = run(load_config("train", [*common, f"out={tmp_path / 'base'}", "stage.steps=1", "micro_batch=4"]))["checkpoint"]
     common += [f"init_from={base}", "stage.steps=3"]
-    two, stdout = _torchrun(tmp_path / "two", *common, "micro_batch=2", "distributed=fsdp")
-    assert "FSDP2 from the meta device" in stdout
-    one = run(load_config("train", [*common, f"out={tmp_path / 'one'}", "micro_batch=4"]))["losses"]
-    for step in (1, 2, 3):
-        assert abs(two[step] - one[step]) < 1e-5, (step, two[step], one[step])
+    fsdp_matches_one(tmp_path, common, steps=3)
 
 
 def test_fsdp_vla_stage_from_a_policy_checkpoint_matches_one_process(tmp_path):
@@ -74,11 +69,7 @@ def test_fsdp_vla_stage_from_a_policy_checkpoint_matches_one_process(tmp_path):
               f"stage.data={{datasets: [{{root: '{tmp_path / 'nav'}'}}], chunk_len: 4}}"]
     base = run(load_config("train", [*common, f"out={tmp_path / 'base'}", "stage.steps=1", "micro_batch=4"]))["checkpoint"]
     common += [f"init_from={base}", "stage.steps=2"]
-    two, stdout = _torchrun(tmp_path / "two", *common, "micro_batch=2", "distributed=fsdp")
-    assert "FSDP2 from the meta device" in stdout
-    one = run(load_config("train", [*common, f"out={tmp_path / 'one'}", "micro_batch=4"]))["losses"]
-    for step in (1, 2):
-        assert abs(two[step] - one[step]) < 1e-5, (step, two[step], one[step])
+    fsdp_matches_one(tmp_path, common, steps=2)
 
 
 def test_fsdp_vla_stage_from_an_official_folder_matches_one_process(tmp_path):
@@ -95,11 +86,7 @@ def test_fsdp_vla_stage_from_an_official_folder_matches_one_process(tmp_path):
     common = ["stage=vla", *model, "stage.optim.lr=3e-3", "stage.schedule.kind=constant",
               "stage.schedule.warmup_steps=0", f"init_from={base}", "stage.steps=2",
               f"stage.data={{datasets: [{{root: '{tmp_path / 'nav'}'}}], chunk_len: 4}}"]
-    two, stdout = _torchrun(tmp_path / "two", *common, "micro_batch=2", "distributed=fsdp")
-    assert "FSDP2 from the meta device" in stdout
-    one = run(load_config("train", [*common, f"out={tmp_path / 'one'}", "micro_batch=4"]))["losses"]
-    for step in (1, 2):
-        assert abs(two[step] - one[step]) < 1e-5, (step, two[step], one[step])
+    fsdp_matches_one(tmp_path, common, steps=2)
 
 
 def test_fsdp_lora_from_an_official_folder_matches_one_process_and_resumes(tmp_path):
@@ -120,13 +107,13 @@ def test_fsdp_lora_from_an_official_folder_matches_one_process_and_resumes(tmp_p
               f"stage.data={{datasets: [{{root: '{tmp_path / 'nav'}'}}], chunk_len: 4}}"]
     one = run(load_config("train", [*common, f"out={tmp_path / 'one'}", "micro_batch=4", "stage.steps=3",
                                     "checkpoint.every=0"]))["losses"]
-    two, stdout = _torchrun(tmp_path / "two", *common, "micro_batch=2", "distributed=fsdp", "stage.steps=2",
+    two, stdout = torchrun_train(tmp_path / "two", *common, "micro_batch=2", "distributed=fsdp", "stage.steps=2",
                             "checkpoint.every=1")
     assert "FSDP2 from the meta device" in stdout
     for step in (1, 2):
         assert abs(two[step] - one[step]) < 1e-5, (step, two[step], one[step])
     VLAPolicy.load(tmp_path / "two" / "checkpoints" / "step-00000002")  # fingerprint of the gathered base: loads
-    resumed, stdout = _torchrun(tmp_path / "two", *common, "micro_batch=2", "distributed=fsdp", "stage.steps=3",
+    resumed, stdout = torchrun_train(tmp_path / "two", *common, "micro_batch=2", "distributed=fsdp", "stage.steps=3",
                                 "checkpoint.every=1", "resume=true")
     assert "resuming from" in stdout
     assert abs(resumed[3] - one[3]) < 1e-5, (resumed[3], one[3])
