@@ -1,7 +1,8 @@
 """Per-dataset normalization of actions and states from a dataset's own stats (`meta/stats.json` of a LeRobotDataset).
 
 Plain numpy (torch tensors are accepted and stay tensors; torch is imported only when one is passed), no model
-dependencies, so the mixture loader, the action tokenizer and a policy's post-processing share one implementation.
+dependencies: the one normalizer of the project. The mixture loader normalizes with it, a policy's post-processing
+undoes it, and the action tokenizer (heads.ActionTokenizer) only bins what it gives.
 
 Modes (the same formulas as lerobot's `NormalizerProcessorStep`, so numbers agree with lerobot policies):
 
@@ -14,7 +15,7 @@ Modes (the same formulas as lerobot's `NormalizerProcessorStep`, so numbers agre
 | `identity`   | -           | x                                      |                        |
 
 A zero range (constant dimension) uses `eps` as the denominator, as lerobot does. Values outside the quantile range
-are not clipped (clip yourself if a tokenizer needs a closed range).
+are not clipped here (the action tokenizer clips to its bins' range and counts what it clipped).
 
 Quantiles must be quantiles of the whole dataset. lerobot 0.6.1 aggregates per-episode stats into `meta/stats.json`
 by averaging the per-episode quantiles, which is exact for min/max/mean/std but not for quantiles: on short

@@ -1,6 +1,6 @@
 """heads: action tokenization and the action-token head. Knows action tokens, nothing of environments."""
 
-from heads.action_tokenizer import ActionStatsError, ActionTokenizer
+from heads.action_tokenizer import ActionTokenizer
 from heads.embodiment import (
     Embodiment,
     EmbodimentRegistry,
@@ -11,7 +11,6 @@ from heads.embodiment import (
 )
 
 __all__ = [
-    "ActionStatsError",
     "ActionTokenizer",
     "Embodiment",
     "EmbodimentRegistry",

@@ -18,7 +18,7 @@ State tokens are offered, not imposed. Discretized state in the prompt (as pi0.5
 bins) lets state flow through the MoE experts as ordinary tokens, like actions do, at a cost of `state_dim` positions;
 a separate `<|state_i|>` range (rather than reusing `<|act_i|>`) keeps the current state apart from the actions to
 predict, so in autoregressive decoding the prompt never holds action tokens that are not part of the answer. The same `ActionTokenizer`
-(heads/action_tokenizer.py) bins state with the state's own stats. A policy may instead project the continuous state
+(heads/action_tokenizer.py) bins the state once it is normalized with the state's own stats. A policy may instead project the continuous state
 into one embedding (no quantization error, one position); both fit this registry.
 
 Token order matters: token ids are assigned in the order `EmbodimentRegistry.special_tokens()` lists them, which follows

@@ -12,7 +12,7 @@ the parallel / autoregressive decoding, the offset head, the state token and the
 The policy works in normalized units: states and actions are normalized per dataset (quantile q01/q99 -> [-1, 1] by
 default) before they reach it, by the mixture loader in training, by `EnvPolicy` in our rollouts and by lerobot's
 processors in `lerobot-eval`; the normalizer stats are saved beside the weights. Inside, each action dimension in
-[-1, 1] maps to one of `n_bins` uniform bins (heads.ActionTokenizer over the unit range).
+[-1, 1] maps to one of `n_bins` uniform bins (heads.ActionTokenizer: it only bins).
 
 Batch keys (lerobot conventions): `observation.images.<camera>` (B, 3, H, W) float in [0, 1], `observation.state`
 (B, S) normalized (zero-padded past a robot's size), `task` list[str], `embodiment` list[str] (or one str), and for
@@ -111,8 +111,7 @@ class VLAPolicy(nn.Module):
         moe_layers = [i for i in range(language.config.num_hidden_layers) if language.config.is_moe_layer(i)]
         self.router_prior = (RouterPrior(len(registry), moe_layers, language.config.n_routed_experts)
                              if config.router_prior and moe_layers else None)
-        self.binners = {emb.name: ActionTokenizer({"q01": -np.ones(emb.action_dim), "q99": np.ones(emb.action_dim)},
-                                                  n_bins=config.n_bins, name=emb.name) for emb in registry}
+        self.binners = {emb.name: ActionTokenizer(emb.action_dim, n_bins=config.n_bins, name=emb.name) for emb in registry}
         self._text_cache: dict[str, list[int]] = {}
         self.single_pass = False  # training: control steps and conversations in one language-model pass (FSDP2)
         self._queues: dict[int, deque] = {}
