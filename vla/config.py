@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -39,3 +41,39 @@ def _free_form(override: str, base: DictConfig) -> str:
     if node is None and isinstance(parent, DictConfig) and key.rpartition(".")[2] not in parent and len(parent) == 0:
         return "++" + override
     return override
+
+
+def with_settings(cfg: DictConfig, settings: Mapping[str, Any]) -> DictConfig:
+    """`cfg` with the nested `settings` merged in, by the rules of the command line's overrides: keys of structured
+    sections must exist (a KeyError naming the known ones), free-form sections (a `{}` in the yaml) take any keys, a
+    dict merges into a dict and anything else replaces. For code that calls the training API (the demo, benchmarks)
+    with values instead of `key=value` strings."""
+    _check_keys(cfg, settings, "")
+    merged = OmegaConf.merge(_unlocked(cfg), OmegaConf.create(_plain_values(settings)))
+    OmegaConf.set_struct(merged, True)
+    return merged
+
+
+def _check_keys(node: DictConfig, settings: Mapping[str, Any], path: str) -> None:
+    for key, value in settings.items():
+        where = f"{path}.{key}" if path else str(key)
+        if len(node) and key not in node:
+            raise KeyError(f"unknown config key {where!r}; known at that level: {', '.join(sorted(node.keys()))}")
+        child = node.get(key) if key in node else None
+        if isinstance(value, Mapping) and isinstance(child, DictConfig):
+            _check_keys(child, value, where)
+
+
+def _unlocked(cfg: DictConfig) -> DictConfig:
+    copy = OmegaConf.create(OmegaConf.to_container(cfg))
+    OmegaConf.set_struct(copy, False)
+    return copy
+
+
+def _plain_values(value: Any) -> Any:
+    """Paths become strings and tuples lists, so OmegaConf takes them."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_values(v) for v in value]
+    return str(value) if isinstance(value, Path) else value

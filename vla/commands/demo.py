@@ -125,30 +125,24 @@ def build_tokenizer(c: dict[str, Any], lang: dict[str, Path], out: Path) -> Path
     return folder
 
 
-def _inline_dict(values: dict[str, Any]) -> str:
-    """A flat dict as a hydra override value: {a: 1, b: 2}."""
-    return "{" + ", ".join(f"{k}: {v}" for k, v in values.items()) + "}"
-
-
-def train_stage(c: dict[str, Any], out: Path, stage: str, init_from: str | None, extra: list[str],
-                run_name: str | None = None, steps: int | None = None) -> dict[str, Any]:
-    """One stage with the demo's settings, in `<out>/train/<run_name or stage>` (`steps`: default the config's)."""
-    from vla.config import load_config
-    from vla.train import run
+def train_stage(c: dict[str, Any], out: Path, stage: str, init_from: str | None, stage_settings: dict[str, Any],
+                run_name: str | None = None, steps: int | None = None, **settings: Any) -> dict[str, Any]:
+    """One stage with the demo's settings, in `<out>/train/<run_name or stage>` (`steps`: default the config's).
+    `stage_settings` go under `stage` (its data, options), `settings` at the top (e.g. tokenizer)."""
+    from vla.train import run, stage_config
 
     steps = int(c["steps"][stage] if steps is None else steps)
-    overrides = [f"stage={stage}", f"out={out / 'train' / (run_name or stage)}", f"seed={c['seed']}",
-                 f"stage.steps={steps}", f"stage.optim.lr={c['lr'][stage]}", f"micro_batch={c['micro_batch']}",
-                 f"model.language={_inline_dict(c['model'])}",
-                 "checkpoint.every=0", "checkpoint.keep_last=1", "log.progress=true", "log.tensorboard=false",
-                 f"stage.schedule.warmup_steps={max(1, steps // 10)}",
-                 # the recipe's 0.1x vision-tower learning rate is for a pretrained SigLIP; this one starts random
-                 f"stage.lr_mult={_inline_dict(c['vision_lr_mult'])}"]
-    if c.get("vision"):
-        overrides.append(f"model.vision={_inline_dict(c['vision'])}")
-    if init_from:
-        overrides.append(f"init_from={init_from}")
-    summary = run(load_config("train", overrides + extra))
+    config = {
+        "out": out / "train" / (run_name or stage), "seed": c["seed"], "micro_batch": c["micro_batch"],
+        "model": {"language": c["model"], **({"vision": c["vision"]} if c.get("vision") else {})},
+        "checkpoint": {"every": 0, "keep_last": 1}, "log": {"progress": True, "tensorboard": False},
+        "stage": {"steps": steps, "optim": {"lr": c["lr"][stage]},
+                  "schedule": {"warmup_steps": max(1, steps // 10)},
+                  # the recipe's 0.1x vision-tower learning rate is for a pretrained SigLIP; this one starts random
+                  "lr_mult": c["vision_lr_mult"], **stage_settings},
+        **({"init_from": init_from} if init_from else {}), **settings,
+    }
+    summary = run(stage_config(stage, config))
     _say(f"stage {run_name or stage}: {summary['steps']} steps, final loss {summary['final_loss']:.3f}")
     return summary
 
@@ -158,10 +152,8 @@ def language_stages(c: dict[str, Any], out: Path, lang: dict[str, Path], tokeniz
     """align -> pretrain -> sft on the scene-language data; returns (the sft checkpoint, each stage's run folder)."""
     stage_dirs, init = {}, None
     for stage in ("align", "pretrain", "sft"):
-        extra = [f"stage.data.path={lang[stage]}", f"stage.data.image_size={c['image_size']}"]
-        if stage == "align":
-            extra.append(f"tokenizer={tokenizer}")
-        summary = train_stage(c, out, stage, init, extra)
+        data = {"data": {"path": lang[stage], "image_size": c["image_size"]}}
+        summary = train_stage(c, out, stage, init, data, **({"tokenizer": tokenizer} if stage == "align" else {}))
         init, stage_dirs[stage] = summary["checkpoint"], out / "train" / stage
         if clock is not None:
             clock.lap(f"stage {stage}")
@@ -173,12 +165,11 @@ def train_vla(c: dict[str, Any], out: Path, init: str, roots: dict[str, str], la
     """The vla stage on the robot mixture (each robot at its configured weight) co-trained with the sft scene
     conversations at `vqa_ratio` (default the config's; 0 = no co-training), in `<out>/train/<run_name>`."""
     weights = {r["name"]: float(r.get("weight", 1.0)) for r in c["robots"]}  # sampling weight in the vla mixture
-    datasets = "[" + ", ".join(f"{{root: '{root}', weight: {weights[name]}}}" for name, root in roots.items()) + "]"
-    ratio = c["vqa_ratio"] if vqa_ratio is None else vqa_ratio
-    return train_stage(c, out, "vla", init, [
-        f"stage.data={{datasets: {datasets}, chunk_len: {c['chunk_len']}, image_size: {c['image_size']}, "
-        f"vqa_path: '{lang['sft']}', vqa_ratio: {ratio}, cache_frames: {str(bool(c['cache_frames'])).lower()}}}",
-        f"stage.options={{policy: {_inline_dict(c['policy'])}}}"], run_name=run_name, steps=steps)
+    data = {"datasets": [{"root": root, "weight": weights[name]} for name, root in roots.items()],
+            "chunk_len": c["chunk_len"], "image_size": c["image_size"], "vqa_path": lang["sft"],
+            "vqa_ratio": c["vqa_ratio"] if vqa_ratio is None else vqa_ratio, "cache_frames": bool(c["cache_frames"])}
+    return train_stage(c, out, "vla", init, {"data": data, "options": {"policy": c["policy"]}},
+                       run_name=run_name, steps=steps)
 
 
 def train_policy(c: dict[str, Any], out: Path, clock: _Clock) -> dict[str, Any]:

@@ -3,6 +3,6 @@ StageTask base class, the DeepSeek-VL2 recipe; `vla_stage`, `vision_stage`), tra
 logging (`log`), FSDP2 loading from the meta device (`fsdp_load`), and the `vla train` entry (`entry`;
 `python -m vla.train` / `torchrun ... -m vla.train`)."""
 
-from vla.train.entry import configs_from, main, run
+from vla.train.entry import configs_from, main, run, stage_config
 
-__all__ = ["configs_from", "main", "run"]
+__all__ = ["configs_from", "main", "run", "stage_config"]

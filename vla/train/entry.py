@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from vla.config import load_config, with_settings
 from vla.train.stages import StageContext, make_stage_task
 from vla.train.trainer import (CheckpointConfig, LogConfig, OptimConfig, ScheduleConfig, Trainer, TrainerConfig,
                                close_distributed, init_distributed, seed_everything)
@@ -59,6 +61,13 @@ def configs_from(cfg: DictConfig, dist) -> tuple[StageContext, TrainerConfig]:
         extra_info={"stage": stage["name"], "config": c},
     )
     return ctx, trainer
+
+
+def stage_config(stage: str, settings: Mapping[str, Any] | None = None) -> DictConfig:
+    """The training config of one stage (configs/train.yaml with `stage=<stage>`) with nested `settings` merged in,
+    e.g. `{"out": ..., "stage": {"steps": 400, "data": {...}}}`: what `vla train stage=<stage> key=value ...` would
+    compose, for code that calls `run` directly."""
+    return with_settings(load_config("train", [f"stage={stage}"]), settings or {})
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
