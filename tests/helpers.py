@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from vla.config import load_config
 from vla.train import run
 from vla.train.checkpoint import list_checkpoints
@@ -44,3 +46,16 @@ def two_processes_match_one(tmp_path: Path, common: list[str], mode: str) -> dic
         assert abs(two[step] - one[step]) < 1e-5, (step, two[step], one[step])
     assert one[3] != one[1]
     return one
+
+
+def tiny_policy(embodiments, seed: int = 0, normalizer_stats=None, **config):
+    """The tests' small random-weight policy: the CPU `test` preset, a 300-token BPE, chunks up to 8 x 4, seeded.
+    `embodiments`: a list of heads.Embodiment; `config`: other VLAPolicyConfig fields."""
+    from backbone.tokenizer import build_bpe_tokenizer
+    from heads.embodiment import EmbodimentRegistry
+    from vla.policy import VLAPolicyConfig, build_policy
+
+    torch.manual_seed(seed)
+    return build_policy(VLAPolicyConfig(**{"max_chunk_len": 8, "max_action_dim": 4, **config}),
+                        EmbodimentRegistry(list(embodiments)), build_bpe_tokenizer(vocab_size=300), "test",
+                        normalizer_stats=normalizer_stats)

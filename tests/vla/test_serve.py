@@ -25,13 +25,12 @@ import numpy as np
 import pytest
 import torch
 
-from backbone.tokenizer import build_bpe_tokenizer
+from helpers import tiny_policy
 from envs.embodiments import get_embodiment
 from envs.normalize import Normalizer
 from envs.rollout import evaluate
-from heads.embodiment import EmbodimentRegistry
 from vla.policy.env_policy import EnvPolicy
-from vla.policy import VLAPolicy, VLAPolicyConfig, build_policy
+from vla.policy import VLAPolicy
 from vla.serve import (PolicyServer, RemoteClient, RemoteError, ServeOptions, ServerThread, Session, packb, unpackb)
 
 KEY = "s3cret"
@@ -50,12 +49,10 @@ STATS = {
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A tiny two-robot policy (random weights) saved with normalizer stats, as training saves it."""
-    torch.manual_seed(0)
-    registry = EmbodimentRegistry([get_embodiment("point2d").with_chunk_len(4), get_embodiment("arm3").with_chunk_len(3)])
     stats = {name: Normalizer.from_stats(s, {"action": "quantile", STATE: "quantile"}, name=name).to_dict()
              for name, s in STATS.items()}
-    policy = build_policy(VLAPolicyConfig(max_chunk_len=8, max_action_dim=4), registry,
-                          build_bpe_tokenizer(vocab_size=300), "test", normalizer_stats=stats)
+    policy = tiny_policy([get_embodiment("point2d").with_chunk_len(4), get_embodiment("arm3").with_chunk_len(3)],
+                         normalizer_stats=stats)
     path = tmp_path_factory.mktemp("serve") / "policy"
     policy.save(path)
     return path

@@ -9,21 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 
+import helpers
 from backbone.deepseek_vl2 import load_deepseek_vl2
-from backbone.tokenizer import build_bpe_tokenizer
-from heads.embodiment import Embodiment, EmbodimentRegistry
+from heads.embodiment import Embodiment
 from vla.policy.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraError, apply_lora, is_lora, make_lora_config, merge_lora,
                              new_token_ids, save_adapter, trainable_count)
-from vla.policy import BACKBONE_DIR, VLAPolicy, VLAPolicyConfig, build_policy
+from vla.policy import BACKBONE_DIR, VLAPolicy
 
 IMAGE, STATE = "observation.image", "observation.state"
 
 
 def tiny_policy(seed: int = 0) -> VLAPolicy:
-    torch.manual_seed(seed)
-    emb = Embodiment("pusht", action_dim=2, state_dim=2, cameras=(IMAGE,), fps=10, chunk_len=4)
-    return build_policy(VLAPolicyConfig(max_chunk_len=8, max_action_dim=4), EmbodimentRegistry([emb]),
-                        build_bpe_tokenizer(vocab_size=300), "test").eval()
+    return helpers.tiny_policy([Embodiment("pusht", action_dim=2, state_dim=2, cameras=(IMAGE,), fps=10, chunk_len=4)],
+                               seed=seed).eval()
 
 
 def batch(seed: int = 0) -> dict:
@@ -119,12 +117,8 @@ def test_lora_errors_are_clear(base_dir, tmp_path):
 # vla train ... peft.method=lora, resume, vla merge-lora
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def nav_data(tmp_path_factory):
-    from envs.collect import collect_dataset
-
-    root = tmp_path_factory.mktemp("lora_data")
-    collect_dataset("vla/PointNav-v0", root / "nav", 2, image_size=32, progress=False)
-    return root / "nav"
+def nav_data(robot_data):
+    return robot_data / "nav"
 
 
 def _train(data, out, steps, *extra):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from backbone.tokenizer import build_bpe_tokenizer
+from helpers import tiny_policy
 from heads.embodiment import Embodiment, EmbodimentRegistry
 from vla.policy import ACTION, VLAPolicyConfig, VLAPolicy, build_policy
 
@@ -12,17 +13,16 @@ CAM = "observation.images.top"
 WRIST = "observation.images.wrist"
 
 
+ROBOTS = [Embodiment("point2d", action_dim=2, state_dim=2, cameras=(CAM,), fps=10, chunk_len=4),
+          Embodiment("arm3", action_dim=3, state_dim=5, cameras=(CAM, WRIST), fps=20, chunk_len=3)]
+
+
 def registry():
-    return EmbodimentRegistry([
-        Embodiment("point2d", action_dim=2, state_dim=2, cameras=(CAM,), fps=10, chunk_len=4),
-        Embodiment("arm3", action_dim=3, state_dim=5, cameras=(CAM, WRIST), fps=20, chunk_len=3),
-    ])
+    return EmbodimentRegistry(ROBOTS)
 
 
 def make_policy(decoding="parallel", seed=0, **cfg):
-    torch.manual_seed(seed)
-    tok = build_bpe_tokenizer(vocab_size=300)
-    return build_policy(VLAPolicyConfig(decoding=decoding, max_chunk_len=8, max_action_dim=4, **cfg), registry(), tok, "test")
+    return tiny_policy(ROBOTS, seed=seed, decoding=decoding, **cfg)
 
 
 def make_batch(seed=0):

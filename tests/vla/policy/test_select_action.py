@@ -6,9 +6,8 @@ import math
 import pytest
 import torch
 
-from backbone.tokenizer import build_bpe_tokenizer
-from heads.embodiment import Embodiment, EmbodimentRegistry
-from vla.policy import VLAPolicyConfig, build_policy
+from heads.embodiment import Embodiment
+from helpers import tiny_policy
 
 CAM = "observation.images.top"
 H = {"point2d": 4, "arm3": 3}  # chunk lengths
@@ -16,13 +15,8 @@ A = {"point2d": 2, "arm3": 3}  # action sizes
 
 
 def make_policy(**cfg):
-    torch.manual_seed(0)
-    registry = EmbodimentRegistry([
-        Embodiment("point2d", action_dim=2, state_dim=2, cameras=(CAM,), fps=10, chunk_len=H["point2d"]),
-        Embodiment("arm3", action_dim=3, state_dim=5, cameras=(CAM,), fps=20, chunk_len=H["arm3"]),
-    ])
-    return build_policy(VLAPolicyConfig(max_chunk_len=8, max_action_dim=4, **cfg), registry,
-                        build_bpe_tokenizer(vocab_size=300), "test")
+    return tiny_policy([Embodiment("point2d", action_dim=2, state_dim=2, cameras=(CAM,), fps=10, chunk_len=H["point2d"]),
+                        Embodiment("arm3", action_dim=3, state_dim=5, cameras=(CAM,), fps=20, chunk_len=H["arm3"])], **cfg)
 
 
 def chunk_value(call: int, b: int, h: int, a: int) -> float:

@@ -58,53 +58,47 @@ def test_fsdp_from_an_official_folder_matches_one_process(tmp_path):
     fsdp_matches_one(tmp_path, common, steps=3)
 
 
-def test_fsdp_vla_stage_from_a_policy_checkpoint_matches_one_process(tmp_path):
-    from envs.collect import collect_dataset
+def test_fsdp_vla_stage_from_a_policy_checkpoint_matches_one_process(tmp_path, robot_data):
     from vla.config import load_config
     from vla.train import run
 
-    collect_dataset("vla/PointNav-v0", tmp_path / "nav", 2, image_size=32, progress=False)
     common = ["stage=vla", "checkpoint.every=0", *QUIET, "stage.optim.lr=3e-3", "stage.schedule.kind=constant",
               "stage.schedule.warmup_steps=0", "model.language={hidden_size: 64, num_hidden_layers: 2}",
-              f"stage.data={{datasets: [{{root: '{tmp_path / 'nav'}'}}], chunk_len: 4}}"]
+              f"stage.data={{datasets: [{{root: '{robot_data / 'nav'}'}}], chunk_len: 4}}"]
     base = run(load_config("train", [*common, f"out={tmp_path / 'base'}", "stage.steps=1", "micro_batch=4"]))["checkpoint"]
     common += [f"init_from={base}", "stage.steps=2"]
     fsdp_matches_one(tmp_path, common, steps=2)
 
 
-def test_fsdp_vla_stage_from_an_official_folder_matches_one_process(tmp_path):
+def test_fsdp_vla_stage_from_an_official_folder_matches_one_process(tmp_path, robot_data):
     """The main user path (VL2 weights -> robot fine-tuning): the vla stage adds action and embodiment rows to the
     vocabulary; on meta they grow from the folder's rows when each process reads its shards (same noise)."""
-    from envs.collect import collect_dataset
     from vla.config import load_config
     from vla.train import run
 
-    collect_dataset("vla/PointNav-v0", tmp_path / "nav", 2, image_size=32, progress=False)
     model = ["model.language={hidden_size: 64, num_hidden_layers: 2}", "checkpoint.every=0", *QUIET]
     base = run(load_config("train", ["stage=pretrain", "stage.data.generate=8", "stage.steps=1", "micro_batch=4",
                                      f"out={tmp_path / 'base'}", *model]))["checkpoint"]
     common = ["stage=vla", *model, "stage.optim.lr=3e-3", "stage.schedule.kind=constant",
               "stage.schedule.warmup_steps=0", f"init_from={base}", "stage.steps=2",
-              f"stage.data={{datasets: [{{root: '{tmp_path / 'nav'}'}}], chunk_len: 4}}"]
+              f"stage.data={{datasets: [{{root: '{robot_data / 'nav'}'}}], chunk_len: 4}}"]
     fsdp_matches_one(tmp_path, common, steps=2)
 
 
-def test_fsdp_lora_from_an_official_folder_matches_one_process_and_resumes(tmp_path):
+def test_fsdp_lora_from_an_official_folder_matches_one_process_and_resumes(tmp_path, robot_data):
     """LoRA under FSDP2 from the meta device: adapters drawn on the CPU (the same values as one process), the token
     rows peft trains start as the grown rows read from the folder; the 2-process adapter checkpoint records the base's
     fingerprint (it loads) and resumes under 2 processes on the same trajectory."""
-    from envs.collect import collect_dataset
     from vla.config import load_config
     from vla.policy import VLAPolicy
     from vla.train import run
 
-    collect_dataset("vla/PointNav-v0", tmp_path / "nav", 2, image_size=32, progress=False)
     model = ["model.language={hidden_size: 64, num_hidden_layers: 2}", *QUIET]
     base = run(load_config("train", ["stage=pretrain", "stage.data.generate=8", "stage.steps=1", "micro_batch=4",
                                      "checkpoint.every=0", f"out={tmp_path / 'base'}", *model]))["checkpoint"]
     common = ["stage=vla", *model, "stage.optim.lr=3e-3", "stage.schedule.kind=constant",
               "stage.schedule.warmup_steps=0", f"init_from={base}", "peft.method=lora", "peft.r=4",
-              f"stage.data={{datasets: [{{root: '{tmp_path / 'nav'}'}}], chunk_len: 4}}"]
+              f"stage.data={{datasets: [{{root: '{robot_data / 'nav'}'}}], chunk_len: 4}}"]
     one = run(load_config("train", [*common, f"out={tmp_path / 'one'}", "micro_batch=4", "stage.steps=3",
                                     "checkpoint.every=0"]))["losses"]
     two, stdout = torchrun_train(tmp_path / "two", *common, "micro_batch=2", "distributed=fsdp", "stage.steps=2",

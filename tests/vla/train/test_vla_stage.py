@@ -8,18 +8,6 @@ import pytest
 from vla.config import load_config
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from envs.collect import collect_dataset
-    from envs.scene_language import generate_scene_language
-
-    root = tmp_path_factory.mktemp("vla_data")
-    collect_dataset("vla/PointNav-v0", root / "nav", 2, image_size=32, progress=False)
-    collect_dataset("vla/ArmReach-v0", root / "arm", 2, image_size=32, progress=False)
-    generate_scene_language(root / "lang", "sft", 6, seed=0, image_size=32)
-    return root
-
-
 def _train(data, out, steps, extra=()):
     from vla.train import run
 
@@ -33,7 +21,8 @@ def _train(data, out, steps, extra=()):
     return run(load_config("train", overrides))
 
 
-def test_vla_stage_trains_saves_a_policy_and_resumes(data, tmp_path, capsys):
+def test_vla_stage_trains_saves_a_policy_and_resumes(robot_data, tmp_path, capsys):
+    data = robot_data
     from vla.policy.env_policy import EnvPolicy
     from vla.policy import VLAPolicy
 
@@ -82,7 +71,8 @@ def _vla_overrides(data, vqa_ratio):
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_vla_stage_two_processes_match_one(data, tmp_path, mode):
+def test_vla_stage_two_processes_match_one(robot_data, tmp_path, mode):
+    data = robot_data
     """stage=vla with co-training under torchrun (gloo): each term is a mean over the global step's units (action
     tokens, answer tokens, sequences), and a micro-batch of conversations only goes through the wrapper too."""
     from helpers import two_processes_match_one
