@@ -8,6 +8,7 @@ Public entry points are importable from the package root (resolved lazily, so `i
     backbone.generate(model, input_ids, ...)            latent-cache generation
     backbone.select_best_resolution(width, height)      DeepSeek-VL2 tiling
     backbone.image_token_count(width, height, num_images=1)
+    backbone.compile_blocks(model)                       torch.compile each transformer block in place
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ _EXPORTS = {
     "load_deepseek_vl2": "backbone.deepseek_vl2",
     "save_deepseek_vl2": "backbone.deepseek_vl2",
     "build_deepseek_vl2": "backbone.deepseek_vl2",
+    "compile_blocks": "backbone.deepseek_vl2",
 }
 
 __all__ = sorted(_EXPORTS)

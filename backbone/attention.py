@@ -149,7 +149,8 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope_BHTN, v_BHTV = kv_BHTC.split([N, self.v_head_dim], dim=-1)
         q = torch.cat((q_nope_BHTN, q_pe_BHTP), dim=-1)
         k = torch.cat((k_nope_BHTN, k_pe_BTP[:, None].expand(B, H, T, -1)), dim=-1)
-        if block_ids_BT is None and bool(key_valid_BT.all()):
+        # the causal kernel when nothing is padded (a data-dependent branch: compiled blocks always take the mask)
+        if block_ids_BT is None and not torch.compiler.is_compiling() and bool(key_valid_BT.all()):
             return F.scaled_dot_product_attention(q, k, v_BHTV, is_causal=True, scale=self.softmax_scale)
         mask_BTT = attention_mask_BTS(slot_pos_BT, slot_pos_BT, key_valid_BT, block_ids_BT)
         return F.scaled_dot_product_attention(q, k, v_BHTV, attn_mask=mask_BTT[:, None], scale=self.softmax_scale)

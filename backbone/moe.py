@@ -88,7 +88,7 @@ class Router(nn.Module):
         weights_TK = weights_TK * self.routed_scaling_factor
         if self.training:
             with torch.no_grad():
-                self.tokens_per_expert_E += torch.bincount(ids_TK.flatten(), minlength=E).float()
+                self.tokens_per_expert_E += expert_counts(ids_TK, E).float()
         return RouterOutput(ids_TK, weights_TK, scores_TE)
 
     def _mask_groups(self, scores_TE: torch.Tensor, group_scores_TG: torch.Tensor) -> torch.Tensor:
@@ -146,10 +146,25 @@ def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
+def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(E,) int64 number of entries of `ids` routed to each expert: bincount with a fixed output size, which
+    torch.compile keeps in the graph (bincount's output size depends on the data)."""
+    flat = ids.reshape(-1)
+    return flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+@torch.compiler.disable
+def _grouped_mm_eager(x_MK: torch.Tensor, w_EKN: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(x_MK, w_EKN, offs=offsets_E)
+
+
 def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, offsets_E: torch.Tensor, counts: list[int] | None = None,
                use_grouped: bool = True) -> torch.Tensor:
     """Rows of x sorted by expert; rows offsets[e-1]:offsets[e] are multiplied by w[e]. Returns (M, N)."""
     if use_grouped and _grouped_mm_supported(x_MK, w_EKN):
+        if x_MK.device.type == "cpu" and torch.compiler.is_compiling():
+            # torch.compile's shape rules for _grouped_mm accept bf16 CUDA inputs only: on CPU it runs eager
+            return _grouped_mm_eager(x_MK, w_EKN, offsets_E)
         return torch._grouped_mm(x_MK, w_EKN, offs=offsets_E)
     # Fallback: one matmul per non-empty expert on its contiguous slice.
     counts = counts if counts is not None else torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist()
@@ -176,7 +191,7 @@ class GroupedExperts(nn.Module):
         K = ids_TK.shape[1]
         flat_ids_M = ids_TK.reshape(-1)
         order_M = torch.argsort(flat_ids_M, stable=True)  # token copies sorted by expert
-        counts_E = torch.bincount(flat_ids_M, minlength=self.num_experts)
+        counts_E = expert_counts(flat_ids_M, self.num_experts)
         offsets_E = counts_E.cumsum(0).to(torch.int32)
         counts = None if (self.use_grouped_mm and _grouped_mm_supported(x_TD, self.down_proj)) else counts_E.tolist()
 

@@ -1,13 +1,17 @@
-"""`vla bench train`: training throughput of the demo-size DeepSeek-VL2 for each stage on this machine.
+"""`vla bench train`: training throughput of the demo's DeepSeek-VL2 for each stage on this machine, and the vla stage's
+step eager against compiled (torch.compile per transformer block: `vla train ... compile=true`) in the same run.
 
-The demo-size model is the CPU `test` preset widened to hidden 192 (4 layers, 8 experts top-2, MLA) with the tiny
-SigLIP tower on 64-px tiles; data is generated scene-language data (64-px images: 2 tiles, 41 image tokens each).
+The model is the demo's (configs/demo.yaml: its language-model overrides of the CPU `test` preset, its vision tower,
+its micro-batch) on 64-px tiles; data is generated scene-language data (64-px images: 2 tiles, 41 image tokens each).
 Each stage (align: vision tower + adaptor only; pretrain: everything, 30% text-only; sft: everything, answers only;
 vla: everything, robot mixture of two embodiments + 25% scene VQA, action tokens counted as sequence tokens)
 runs full optimizer steps through the trainer's step function (forward, backward, clipping, AdamW) after warmup
-steps. Reported: tokens/s (all non-padding tokens, images included), samples/s, seconds per step, and the peak
-resident memory of the process (`resource.getrusage`, a running maximum: the value after a stage covers it and
-every stage before it). Runs on 1 torch thread unless `threads=N` is given.
+steps. The vla stage then runs again from the same seed with its blocks compiled: the row gives its step time after
+the warmup steps (which pay the compilation, reported apart as compile_s) and the largest loss difference from the
+eager run over all its steps (the same batches from the same weights). Reported: tokens/s (all non-padding tokens,
+images included), samples/s, seconds per step, and the peak resident memory of the process (`resource.getrusage`, a
+running maximum: the value after a stage covers it and every stage before it). Runs on 1 torch thread unless
+`threads=N` is given. `compile=false` skips the compiled row.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import torch
 
 from benchmarks._util import print_table, setup
 
-DEMO_LANGUAGE = dict(hidden_size=192, intermediate_size=384, moe_intermediate_size=96, num_hidden_layers=4)
 STAGES = {"align": ["vision"], "pretrain": ["all"], "sft": ["all"], "vla": ["all"]}
 
 
@@ -41,36 +44,52 @@ def vla_data(root: Path, seed: int) -> dict:
             "vqa_path": str(vqa), "vqa_ratio": 0.25}
 
 
-def bench_stage(stage: str, out_dir: Path, micro_batch: int, steps: int, warmup: int, seed: int) -> dict:
+def demo_model() -> tuple[dict, dict, int]:
+    """The demo's language-model and vision-tower overrides and micro-batch (configs/demo.yaml)."""
+    from vla.config import load_config
+
+    demo = load_config("demo")
+    return dict(demo.model), dict(demo.vision or {}), int(demo.micro_batch)
+
+
+def bench_stage(stage: str, out_dir: Path, micro_batch: int, steps: int, warmup: int, seed: int,
+                compiled: bool = False) -> dict:
+    from backbone.deepseek_vl2 import compile_blocks
     from vla.train.stages import StageContext, apply_freezing, make_stage_task
     from vla.train.trainer import OptimConfig, Trainer, TrainerConfig, build_optimizer, seed_everything
 
+    language, vision, _ = demo_model()
     seed_everything(seed)
-    ctx = StageContext(name=stage, out_dir=out_dir, seed=seed, model_language=dict(DEMO_LANGUAGE),
+    ctx = StageContext(name=stage, out_dir=out_dir, seed=seed, model_language=language, model_vision=vision,
                        trainable=STAGES[stage], lr_mult={"vision_tower": 0.1} if stage != "align" else {},
                        data=vla_data(out_dir / "data", seed) if stage == "vla" else {"generate": 64})
     task = make_stage_task(ctx)
     groups = task.parameter_groups()
     apply_freezing(groups)
     task.module.train()
+    if compiled:
+        compile_blocks(task.module)
     trainer = Trainer(task, TrainerConfig(out_dir=out_dir, steps=steps + warmup, micro_batch=micro_batch,
                                           log={"progress": False}, optim=OptimConfig(lr=1e-4)))
     optimizer = build_optimizer(dict(task.module.named_parameters()), groups, trainer.config.optim)
     task.attach(optimizer)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     batches = task.batches(0, 1, micro_batch)
+    losses = []
+    t_start = time.perf_counter()
     for _ in range(warmup):
-        trainer._train_step(task.module, optimizer, batches, trainable)
+        losses.append(trainer._train_step(task.module, optimizer, batches, trainable)[0])
     tokens, t0 = 0.0, time.perf_counter()
     for _ in range(steps):
-        _, _, step_tokens = trainer._train_step(task.module, optimizer, batches, trainable)
+        loss, _, step_tokens = trainer._train_step(task.module, optimizer, batches, trainable)
+        losses.append(loss)
         tokens += step_tokens
     seconds = time.perf_counter() - t0
     n_params = sum(p.numel() for p in task.module.parameters())
     n_train = sum(p.numel() for p in trainable)
     return {"tokens_per_s": tokens / seconds, "samples_per_s": steps * micro_batch / seconds,
             "s_per_step": seconds / steps, "tokens_per_step": tokens / steps, "params": n_params,
-            "trainable_params": n_train, "peak_rss_mb": _peak_rss_mb()}
+            "trainable_params": n_train, "peak_rss_mb": _peak_rss_mb(), "warmup_s": t0 - t_start, "losses": losses}
 
 
 def run(cfg) -> dict:
@@ -80,17 +99,35 @@ def run(cfg) -> dict:
         # multi-threaded step times swing by 10-50x (measured here: 0.05 s vs 0.2-3 s per forward).
         torch.set_num_threads(1)
     quick = bool(cfg.get("quick", False))
-    micro_batch, steps, warmup = (4, 3, 3) if quick else (8, 10, 3)  # the first steps of a process pay one-off setup
+    with_compiled = bool(cfg.get("compile", True))
+    language, vision, demo_micro_batch = demo_model()
+    micro_batch, steps, warmup = (4, 3, 3) if quick else (demo_micro_batch, 10, 3)  # first steps pay one-off setup
+    vla_steps = 3 if quick else 20
+    seed = int(cfg.get("seed", 0) or 0)
     results: dict[str, dict] = {}
+    header = ["stage", "trainable/params", "tokens/step", "tokens/s", "samples/s", "s/step", "peak RSS MB"]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        for stage in STAGES:
-            r = bench_stage(stage, Path(tmp) / stage, micro_batch, steps, warmup, int(cfg.get("seed", 0) or 0))
-            results[stage] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
-            rows.append([stage, f"{r['trainable_params']:,}/{r['params']:,}", r["tokens_per_step"], r["tokens_per_s"],
-                         r["samples_per_s"], r["s_per_step"], r["peak_rss_mb"]])
-            print_table(["stage", "trainable/params", "tokens/step", "tokens/s", "samples/s", "s/step", "peak RSS MB"],
-                        rows) if stage == list(STAGES)[-1] else None
-    return {"benchmark": "train", "quick": quick, "micro_batch": micro_batch, "steps": steps,
-            "threads": torch.get_num_threads(), "model": {"preset": "test", **DEMO_LANGUAGE, "tile": 64},
-            "stages": results}
+        runs = [(stage, stage, False) for stage in STAGES] + ([("vla_compiled", "vla", True)] if with_compiled else [])
+        for name, stage, compiled in runs:
+            r = bench_stage(stage, Path(tmp) / name, micro_batch, vla_steps if stage == "vla" else steps, warmup, seed,
+                            compiled=compiled)
+            results[name] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "losses"}
+            results[name]["losses"] = r["losses"]
+            rows.append([name.replace("_", " "), f"{r['trainable_params']:,}/{r['params']:,}", r["tokens_per_step"],
+                         r["tokens_per_s"], r["samples_per_s"], r["s_per_step"], r["peak_rss_mb"]])
+    print_table(header, rows)
+    summary: dict = {}
+    if with_compiled:
+        eager, comp = results["vla"], results["vla_compiled"]
+        diff = max(abs(a - b) for a, b in zip(eager["losses"], comp["losses"]))
+        summary = {"compiled_speedup": round(eager["s_per_step"] / comp["s_per_step"], 3),
+                   "compile_s": round(comp["warmup_s"] - eager["warmup_s"], 1), "compiled_max_loss_diff": diff,
+                   "compiled_loss_steps": len(comp["losses"])}
+        print(f"vla stage compiled / eager: {summary['compiled_speedup']:.2f}x per step after warmup; compilation "
+              f"~{summary['compile_s']:.0f} s; largest loss difference over {len(comp['losses'])} steps {diff:.2e}")
+    for r in results.values():
+        r.pop("losses")
+    return {"benchmark": "train", "quick": quick, "micro_batch": micro_batch, "steps": steps, "vla_steps": vla_steps,
+            "threads": torch.get_num_threads(), "model": {"preset": "test", **language, "vision": vision, "tile": 64},
+            "stages": results, **summary}

@@ -182,3 +182,28 @@ def test_whole_model_presets_match_published_totals(preset, total_b):
     # SO400M is ~0.428B with timm's attention-pool head (~15M), which DeepSeek-VL2 never uses and we do not build.
     assert vision / 1e9 == pytest.approx(0.413, rel=0.01)
     assert model.num_parameters() / 1e9 == pytest.approx(total_b, rel=0.03)
+
+
+def test_compiled_blocks_give_the_eager_loss_and_gradients(setup):
+    """compile_blocks (vla train ... compile=true): every decoder layer and SigLIP encoder layer compiled in place; a
+    padded two-sample batch (image + text) gives the eager loss and gradients."""
+    from backbone.deepseek_vl2 import compile_blocks
+
+    _, proc, images = setup
+    torch.manual_seed(0)
+    eager, compiled = build_deepseek_vl2("test"), build_deepseek_vl2("test")
+    compiled.load_state_dict(eager.state_dict())
+    assert compile_blocks(compiled) == eager.config.language.num_hidden_layers + eager.config.vision.layers
+    batch = proc.collate([proc.process("<image>\nWhat colour is it?", images[:1], inference=True),
+                          proc.process("Just text.", inference=True)])
+    results = []
+    for model in (eager, compiled):
+        logits = model(**batch).logits
+        loss = logits.float().logsumexp(-1).mean()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_e, grads_e), (loss_c, grads_c) = results
+    torch.testing.assert_close(loss_c, loss_e, atol=1e-5, rtol=1e-5)
+    assert grads_e.keys() == grads_c.keys()
+    for name in grads_e:
+        torch.testing.assert_close(grads_c[name], grads_e[name], atol=1e-4, rtol=1e-3, msg=name)

@@ -55,7 +55,8 @@ def configs_from(cfg: DictConfig, dist) -> tuple[StageContext, TrainerConfig]:
     trainer = TrainerConfig(
         out_dir=out_dir, steps=int(stage["steps"]), micro_batch=int(c["micro_batch"]), grad_accum=int(c["grad_accum"]),
         seed=int(c["seed"]), device=str(c["device"]), precision=str(c["precision"]),
-        activation_checkpointing=bool(c["activation_checkpointing"]), distributed=str(c["distributed"]),
+        activation_checkpointing=bool(c["activation_checkpointing"]), compile=bool(c["compile"]),
+        distributed=str(c["distributed"]),
         resume=bool(c["resume"]), optim=OptimConfig(**optim), schedule=ScheduleConfig(**schedule),
         checkpoint=CheckpointConfig(**c["checkpoint"]), log=LogConfig(**c["log"]),
         extra_info={"stage": stage["name"], "config": c},

@@ -88,6 +88,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on CUDA with bf16, else fp32) | bf16 | fp32
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each transformer block before training (backbone.compile_blocks)
     distributed: str = "ddp"  # ddp | fsdp (used when WORLD_SIZE > 1)
     resume: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -357,6 +358,10 @@ class Trainer:
             task.module.to(dist.device)
         task.module.train()
         task.set_activation_checkpointing(cfg.activation_checkpointing)
+        if cfg.compile:
+            from backbone.deepseek_vl2 import compile_blocks
+
+            self.say(f"torch.compile: {compile_blocks(task.module)} transformer blocks (compiled on their first batches)")
         model = self._wrap(task.module)
 
         named = dict(task.module.named_parameters())
