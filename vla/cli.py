@@ -76,26 +76,28 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         # Bad input (missing file, corrupt checkpoint, wrong shape, unknown name or config key): one clear line, no
         # traceback. VLA_DEBUG=1 shows the traceback.
-        line = one_line_error(e, command)
+        line = one_line_error(e, command, overrides)
         if line is None or os.environ.get("VLA_DEBUG"):
             raise
         print(f"vla {command}: error: {line}", file=sys.stderr)
         return 2
 
 
-def _keys_near(command: str, key: str) -> list[str]:
-    """The config keys beside `key` (a dotted path) in the command's composed config."""
+def _keys_near(command: str, key: str, overrides: list[str]) -> list[str]:
+    """The config keys beside `key` (a dotted path) in the command's config composed with the groups the overrides
+    chose (e.g. stage=vision)."""
     from omegaconf import DictConfig
 
     from vla.config import load_config
 
-    node = load_config(command, [])
+    groups = [o for o in overrides if "=" in o and "." not in o.partition("=")[0] and o.partition("=")[0] in ("stage",)]
+    node = load_config(command, groups)
     for part in key.split(".")[:-1]:
         node = node.get(part) if isinstance(node, DictConfig) else None
     return sorted(node.keys()) if isinstance(node, DictConfig) else []
 
 
-def one_line_error(error: Exception, command: str) -> str | None:
+def one_line_error(error: Exception, command: str, overrides: list[str] = ()) -> str | None:
     """The one line a user sees for an error of their input, or None for an error of the program (a bug: the
     traceback is shown). Hydra's config errors list the valid choices; gymnasium's unknown env id gets the built-in
     ids."""
@@ -112,7 +114,7 @@ def one_line_error(error: Exception, command: str) -> str | None:
             return f"{' '.join(lines[:options])}; {lines[options].rstrip(':').lower()}: {', '.join(choices)}"
         if lines and lines[0].startswith("Could not override '"):  # an unknown key: the keys at its level
             key = lines[0].split("'")[1]
-            return f"{command}: unknown config key {key!r}; known at that level: {', '.join(_keys_near(command, key))}"
+            return f"{command}: unknown config key {key!r}; known at that level: {', '.join(_keys_near(command, key, list(overrides)))}"
         return " ".join(lines)
     if isinstance(error, gymnasium.error.Error):
         from envs import BUILTIN_ENVS

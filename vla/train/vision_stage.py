@@ -39,6 +39,7 @@ from transformers import SiglipTextConfig, SiglipTextModel
 from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
 
 from envs.mixture import SourceSchedule
+from envs.scene import COLOURS, SHAPES
 from vla.train.stages import (LossOutput, ShardedBatches, StageContext, StageTask, StageTaskError, build_vl2_backbone,
                               group_parameters, register_stage_task)
 
@@ -58,6 +59,7 @@ class VisionDataConfig:
     text_layers: int = 2
     text_heads: int = 4
     embed_dim: int = 128  # the joint embedding both towers project to
+    dense_weight: float = 0.0  # weight of the per-patch colour / shape loss on the renderer's labels (0 = contrastive only)
 
 
 class ContrastiveTowers(nn.Module):
@@ -77,24 +79,31 @@ class ContrastiveTowers(nn.Module):
             pad_token_id=pad_id, attention_dropout=0.0))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+        if data.dense_weight > 0:  # per patch: colour (or none) and shape (or none) of the object that covers it
+            self.dense = nn.Linear(vision_config.hidden_size, len(COLOURS) + 1 + len(SHAPES) + 1)
 
     def embed_images(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
-        patches_BLC = self.vision(pixel_values=pixels_BCHW).last_hidden_state
+        return self._embed_patches(self.vision(pixel_values=pixels_BCHW).last_hidden_state)
+
+    def _embed_patches(self, patches_BLC: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_proj(self.pool(patches_BLC)), dim=-1)
 
     def embed_texts(self, ids_NT: torch.Tensor) -> torch.Tensor:
         # SigLIP's text tower pools the last position: captions are padded to a fixed length on the right
         return F.normalize(self.text(input_ids=ids_NT).pooler_output, dim=-1)
 
-    def forward(self, pixels_BCHW: torch.Tensor, captions_NT: torch.Tensor, hard_negatives: int):
+    def forward(self, pixels_BCHW: torch.Tensor, captions_NT: torch.Tensor, hard_negatives: int,
+                dense_BL2: torch.Tensor | None = None):
         """Sigmoid loss of B images against N = B (1 + K) captions (own captions first, then each image's K hard
-        negatives, image by image); returns (loss, metrics)."""
-        img_BE, txt_NE = self.embed_images(pixels_BCHW), self.embed_texts(captions_NT)
+        negatives, image by image), plus, with `dense_BL2` (per patch: colour id, shape id; 0 = no object), the
+        per-patch cross-entropy; returns (terms, metrics)."""
+        patches_BLC = self.vision(pixel_values=pixels_BCHW).last_hidden_state
+        img_BE, txt_NE = self._embed_patches(patches_BLC), self.embed_texts(captions_NT)
         logits_BN = img_BE @ txt_NE.T * self.logit_scale.exp() + self.logit_bias
         B = img_BE.shape[0]
         labels_BN = -torch.ones_like(logits_BN)
         labels_BN[:, :B] += 2 * torch.eye(B, device=logits_BN.device)
-        loss = -F.logsigmoid(labels_BN * logits_BN).sum() / B
+        terms = {"loss": -F.logsigmoid(labels_BN * logits_BN).sum() / B}
         with torch.no_grad():
             own = logits_BN[:, :B].diagonal()
             negatives_BK = logits_BN[:, B:].reshape(B, B, hard_negatives)[torch.arange(B), torch.arange(B)] \
@@ -102,7 +111,34 @@ class ContrastiveTowers(nn.Module):
             metrics = {"binding_acc": float((own[:, None] > negatives_BK).all(-1).float().mean()),
                        "retrieval_acc": float((logits_BN[:, :B].argmax(-1) == torch.arange(B, device=own.device)).float().mean()),
                        "logit_scale": float(self.logit_scale.exp())}
-        return loss, metrics
+        if dense_BL2 is not None and hasattr(self, "dense"):
+            colour_BLC, shape_BLS = self.dense(patches_BLC).split([len(COLOURS) + 1, len(SHAPES) + 1], dim=-1)
+            terms["dense"] = (F.cross_entropy(colour_BLC.flatten(0, 1), dense_BL2[..., 0].flatten())
+                              + F.cross_entropy(shape_BLS.flatten(0, 1), dense_BL2[..., 1].flatten()))
+            with torch.no_grad():
+                on_object = dense_BL2[..., 0] > 0
+                right = (colour_BLC.argmax(-1) == dense_BL2[..., 0]) & (shape_BLS.argmax(-1) == dense_BL2[..., 1])
+                metrics["dense_acc"] = float(right[on_object].float().mean()) if on_object.any() else 0.0
+        return terms, metrics
+
+
+def patch_labels(objects: list[dict[str, Any]], image_size: int, grid: int) -> torch.Tensor:
+    """(grid * grid, 2) int64 per patch (row-major): the colour id and shape id (1-based; 0 = none) of the object
+    whose bounding box covers most of the patch, if it covers at least a quarter of it (the renderer's truth)."""
+    cell = image_size / grid
+    labels = torch.zeros(grid, grid, 2, dtype=torch.long)
+    best = torch.full((grid, grid), 0.25 * cell * cell)
+    colours, shapes = list(COLOURS), list(SHAPES)
+    edges = torch.arange(grid + 1) * cell
+    for o in objects:
+        x1, y1, x2, y2 = o["bbox"]
+        overlap_x = (torch.minimum(edges[1:], torch.tensor(float(x2))) - torch.maximum(edges[:-1], torch.tensor(float(x1)))).clamp(min=0)
+        overlap_y = (torch.minimum(edges[1:], torch.tensor(float(y2))) - torch.maximum(edges[:-1], torch.tensor(float(y1)))).clamp(min=0)
+        area = overlap_y[:, None] * overlap_x[None, :]
+        wins = area > best
+        best = torch.where(wins, area, best)
+        labels[wins] = torch.tensor([colours.index(o["colour"]) + 1, shapes.index(o["shape"]) + 1])
+    return labels.reshape(grid * grid, 2)
 
 
 class VisionStageTask(StageTask):
@@ -162,12 +198,20 @@ class VisionStageTask(StageTask):
         truth = record_truth(record.meta)
         rng = np.random.default_rng([self.ctx.seed, 31337, index])
         texts = [caption(truth)] + hard_negative_captions(truth, rng, self.data.hard_negatives)
-        return {"pixels": image * 2 - 1, "captions": torch.stack([self._encode_caption(t) for t in texts])}
+        sample = {"pixels": image * 2 - 1, "captions": torch.stack([self._encode_caption(t) for t in texts])}
+        if self.data.dense_weight > 0:
+            width = truth["image_size"][0]
+            scaled = [o | {"bbox": [v * self.tile / width for v in o["bbox"]]} for o in truth["objects"]]
+            sample["dense"] = patch_labels(scaled, self.tile, self.backbone.config.vision.grid_side)
+        return sample
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         captions = torch.stack([s["captions"] for s in samples])  # (B, 1 + K, T)
-        return {"pixels": torch.stack([s["pixels"] for s in samples]),
-                "captions": torch.cat([captions[:, 0], captions[:, 1:].reshape(-1, captions.shape[-1])])}
+        batch = {"pixels": torch.stack([s["pixels"] for s in samples]),
+                 "captions": torch.cat([captions[:, 0], captions[:, 1:].reshape(-1, captions.shape[-1])])}
+        if "dense" in samples[0]:
+            batch["dense"] = torch.stack([s["dense"] for s in samples])
+        return batch
 
     def batches(self, rank: int, world: int, micro_batch: int) -> ShardedBatches:
         return ShardedBatches(self.sample, self.collate, rank, world, micro_batch)
@@ -179,15 +223,18 @@ class VisionStageTask(StageTask):
         return group_parameters(self.module, classify, GROUPS, trainable, self.ctx.frozen, self.ctx.lr_mult)
 
     def loss_weights(self, batch: dict[str, Any]) -> dict[str, float]:
-        return {"loss": float(len(batch["pixels"]))}
+        return {name: float(len(batch["pixels"])) for name in (("loss", "dense") if "dense" in batch else ("loss",))}
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
-        loss, metrics = model(batch["pixels"], batch["captions"], self.data.hard_negatives)
-        return LossOutput({"loss": loss}, metrics)
+        terms, metrics = model(batch["pixels"], batch["captions"], self.data.hard_negatives, batch.get("dense"))
+        if "dense" in terms:
+            terms["dense"] = terms["dense"] * self.data.dense_weight
+        return LossOutput(terms, metrics)
 
     def describe(self) -> str:
         return (f"stage vision: {len(self.records)} scenes ({self.data.num_objects[0]}-{self.data.num_objects[1]} "
-                f"objects), each against its caption, the batch's and {self.data.hard_negatives} hard negatives")
+                f"objects), each against its caption, the batch's and {self.data.hard_negatives} hard negatives"
+                + (f"; per-patch colour / shape labels at weight {self.data.dense_weight}" if self.data.dense_weight > 0 else ""))
 
     # ---- weights -----------------------------------------------------------------------------------------------
     def save_weights(self, directory: Path, state_dict: dict[str, torch.Tensor]) -> None:

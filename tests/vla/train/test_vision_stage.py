@@ -3,12 +3,14 @@ checkpoint is an official-format DeepSeek-VL2 folder that the next stage starts 
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import REPO
 from vla.config import load_config
 
 
@@ -79,3 +81,34 @@ def test_vision_stage_resumes_on_the_same_trajectory(tmp_path):
     assert sorted(resumed) == [3, 4]
     for step in (3, 4):
         assert resumed[step] == pytest.approx(full[step], abs=1e-5)
+
+
+def test_patch_labels_name_the_object_covering_each_patch():
+    from envs.scene import COLOURS, SHAPES
+    from vla.train.vision_stage import patch_labels
+
+    objects = [{"colour": "red", "shape": "circle", "bbox": [0, 0, 12, 12]},
+               {"colour": "blue", "shape": "triangle", "bbox": [36, 36, 48, 44]}]
+    labels = patch_labels(objects, image_size=64, grid=8).reshape(8, 8, 2)
+    red = [list(COLOURS).index("red") + 1, SHAPES.index("circle") + 1]
+    blue = [list(COLOURS).index("blue") + 1, SHAPES.index("triangle") + 1]
+    assert labels[0, 0].tolist() == red and labels[0, 1].tolist() == red and labels[1, 0].tolist() == red
+    assert labels[1, 1].tolist() == [0, 0]  # 4 x 4 px of an 8 x 8 patch: a quarter is not more than a quarter
+    assert labels[4, 5].tolist() == blue and labels[5, 5].tolist() == blue and labels[4, 4].tolist() == [0, 0]
+    assert int((labels[..., 0] > 0).sum()) == 5
+    # where two boxes share a patch, the one covering more of it names it
+    both = patch_labels([objects[0], {"colour": "blue", "shape": "square", "bbox": [6, 0, 16, 8]}], 64, 8).reshape(8, 8, 2)
+    assert both[0, 0].tolist() == red and both[0, 1, 0] == list(COLOURS).index("blue") + 1
+
+
+def test_vision_stage_with_dense_labels_trains_both_terms_and_reloads(tmp_path):
+    import subprocess
+    import sys
+
+    summary = _vision(tmp_path / "vision", 3, "stage.data.dense_weight=0.5")
+    header = (tmp_path / "vision" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"loss/loss", "loss/dense", "dense_acc"} <= set(header)
+    out = subprocess.run([sys.executable, "docs/experiments/vision_heldout.py", summary["checkpoint"], "--scenes", "32"],
+                         capture_output=True, text=True, cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"per-patch colour\+shape on object patches 0\.\d{3}", out.stdout)
