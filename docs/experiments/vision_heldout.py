@@ -1,7 +1,7 @@
 """Held-out binding of a `vla train stage=vision` checkpoint: how often an image's own caption outscores all of its
 hard negatives (binding_acc, chance 1 / (1 + K)) and retrieval among a batch of 32, on 2-4-object scenes of seeds
-the stage never saw (700,000+); for a tower trained with per-patch labels (stage.data.dense_weight > 0), also the
-share of object patches whose colour and shape it names right.
+the stage never saw (700,000+); for a tower trained with per-pixel labels (stage.data.dense_weight > 0), also the
+share of object pixels whose colour and shape it names right.
 
     python docs/experiments/vision_heldout.py runs/vision/checkpoints/step-00001500 [--scenes 256]
 """
@@ -43,8 +43,8 @@ def main() -> None:
                 metrics = task.loss(task.module, task.collate([task.sample(i) for i in range(first, first + 32)])).metrics
                 scores.append((metrics["binding_acc"], metrics["retrieval_acc"], metrics.get("dense_acc", float("nan"))))
     binding, retrieval, dense_acc = np.mean(scores, axis=0)
-    print(f"held-out binding_acc {binding:.3f}, retrieval among 32 {retrieval:.3f}, per-patch colour+shape on object "
-          f"patches {dense_acc:.3f} ({32 * len(scores)} scenes)")
+    print(f"held-out binding_acc {binding:.3f}, retrieval among 32 {retrieval:.3f}, per-pixel colour+shape on object "
+          f"pixels {dense_acc:.3f} ({32 * len(scores)} scenes)")
 
 
 if __name__ == "__main__":

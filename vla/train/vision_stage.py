@@ -59,7 +59,7 @@ class VisionDataConfig:
     text_layers: int = 2
     text_heads: int = 4
     embed_dim: int = 128  # the joint embedding both towers project to
-    dense_weight: float = 0.0  # weight of the per-patch colour / shape loss on the renderer's labels (0 = contrastive only)
+    dense_weight: float = 0.0  # weight of the per-pixel colour / shape loss on the rendered labels (0 = contrastive only)
 
 
 class ContrastiveTowers(nn.Module):
@@ -79,8 +79,9 @@ class ContrastiveTowers(nn.Module):
             pad_token_id=pad_id, attention_dropout=0.0))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0))
-        if data.dense_weight > 0:  # per patch: colour (or none) and shape (or none) of the object that covers it
-            self.dense = nn.Linear(vision_config.hidden_size, len(COLOURS) + 1 + len(SHAPES) + 1)
+        if data.dense_weight > 0:  # per pixel of each patch: colour (or none) and shape (or none)
+            self.patch_size = vision_config.patch_size
+            self.dense = nn.Linear(vision_config.hidden_size, self.patch_size ** 2 * (len(COLOURS) + len(SHAPES) + 2))
 
     def embed_images(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
         return self._embed_patches(self.vision(pixel_values=pixels_BCHW).last_hidden_state)
@@ -93,10 +94,10 @@ class ContrastiveTowers(nn.Module):
         return F.normalize(self.text(input_ids=ids_NT).pooler_output, dim=-1)
 
     def forward(self, pixels_BCHW: torch.Tensor, captions_NT: torch.Tensor, hard_negatives: int,
-                dense_BL2: torch.Tensor | None = None):
+                dense_BHW2: torch.Tensor | None = None):
         """Sigmoid loss of B images against N = B (1 + K) captions (own captions first, then each image's K hard
-        negatives, image by image), plus, with `dense_BL2` (per patch: colour id, shape id; 0 = no object), the
-        per-patch cross-entropy; returns (terms, metrics)."""
+        negatives, image by image), plus, with `dense_BHW2` (per pixel: colour id, shape id; 0 = no object), the
+        per-pixel cross-entropy of a linear head that predicts each patch's pixels; returns (terms, metrics)."""
         patches_BLC = self.vision(pixel_values=pixels_BCHW).last_hidden_state
         img_BE, txt_NE = self._embed_patches(patches_BLC), self.embed_texts(captions_NT)
         logits_BN = img_BE @ txt_NE.T * self.logit_scale.exp() + self.logit_bias
@@ -111,34 +112,31 @@ class ContrastiveTowers(nn.Module):
             metrics = {"binding_acc": float((own[:, None] > negatives_BK).all(-1).float().mean()),
                        "retrieval_acc": float((logits_BN[:, :B].argmax(-1) == torch.arange(B, device=own.device)).float().mean()),
                        "logit_scale": float(self.logit_scale.exp())}
-        if dense_BL2 is not None and hasattr(self, "dense"):
-            colour_BLC, shape_BLS = self.dense(patches_BLC).split([len(COLOURS) + 1, len(SHAPES) + 1], dim=-1)
-            terms["dense"] = (F.cross_entropy(colour_BLC.flatten(0, 1), dense_BL2[..., 0].flatten())
-                              + F.cross_entropy(shape_BLS.flatten(0, 1), dense_BL2[..., 1].flatten()))
+        if dense_BHW2 is not None and hasattr(self, "dense"):
+            B, L, _ = patches_BLC.shape
+            G, P, n_colours = math.isqrt(L), self.patch_size, len(COLOURS) + 1
+            logits = self.dense(patches_BLC).view(B, G, G, P, P, -1).permute(0, 1, 3, 2, 4, 5).reshape(B, G * P, G * P, -1)
+            colour_BHWC, shape_BHWS = logits.split([n_colours, logits.shape[-1] - n_colours], dim=-1)
+            terms["dense"] = (F.cross_entropy(colour_BHWC.flatten(0, 2), dense_BHW2[..., 0].flatten())
+                              + F.cross_entropy(shape_BHWS.flatten(0, 2), dense_BHW2[..., 1].flatten()))
             with torch.no_grad():
-                on_object = dense_BL2[..., 0] > 0
-                right = (colour_BLC.argmax(-1) == dense_BL2[..., 0]) & (shape_BLS.argmax(-1) == dense_BL2[..., 1])
+                on_object = dense_BHW2[..., 0] > 0
+                right = (colour_BHWC.argmax(-1) == dense_BHW2[..., 0]) & (shape_BHWS.argmax(-1) == dense_BHW2[..., 1])
                 metrics["dense_acc"] = float(right[on_object].float().mean()) if on_object.any() else 0.0
         return terms, metrics
 
 
-def patch_labels(objects: list[dict[str, Any]], image_size: int, grid: int) -> torch.Tensor:
-    """(grid * grid, 2) int64 per patch (row-major): the colour id and shape id (1-based; 0 = none) of the object
-    whose bounding box covers most of the patch, if it covers at least a quarter of it (the renderer's truth)."""
-    cell = image_size / grid
-    labels = torch.zeros(grid, grid, 2, dtype=torch.long)
-    best = torch.full((grid, grid), 0.25 * cell * cell)
+def pixel_labels(image_HW3: np.ndarray, objects: list[dict[str, Any]]) -> torch.Tensor:
+    """(H, W, 2) int64 per pixel: the colour id and shape id (1-based; 0 = none) of the object drawn there, read off the
+    rendered image itself (objects are painted in flat scene colours, without antialiasing) inside each object's box."""
+    labels = np.zeros(image_HW3.shape[:2] + (2,), dtype=np.int64)
     colours, shapes = list(COLOURS), list(SHAPES)
-    edges = torch.arange(grid + 1) * cell
     for o in objects:
-        x1, y1, x2, y2 = o["bbox"]
-        overlap_x = (torch.minimum(edges[1:], torch.tensor(float(x2))) - torch.maximum(edges[:-1], torch.tensor(float(x1)))).clamp(min=0)
-        overlap_y = (torch.minimum(edges[1:], torch.tensor(float(y2))) - torch.maximum(edges[:-1], torch.tensor(float(y1)))).clamp(min=0)
-        area = overlap_y[:, None] * overlap_x[None, :]
-        wins = area > best
-        best = torch.where(wins, area, best)
-        labels[wins] = torch.tensor([colours.index(o["colour"]) + 1, shapes.index(o["shape"]) + 1])
-    return labels.reshape(grid * grid, 2)
+        x1, y1, x2, y2 = (int(v) for v in o["bbox"])
+        box = image_HW3[y1:y2, x1:x2]
+        painted = (box == np.asarray(COLOURS[o["colour"]], dtype=image_HW3.dtype)).all(-1)
+        labels[y1:y2, x1:x2][painted] = (colours.index(o["colour"]) + 1, shapes.index(o["shape"]) + 1)
+    return torch.from_numpy(labels)
 
 
 class VisionStageTask(StageTask):
@@ -192,7 +190,8 @@ class VisionStageTask(StageTask):
         from envs.scene_language import caption, hard_negative_captions, record_truth
 
         record = self.records[self._schedule(index)[1]]
-        image = torch.from_numpy(np.array(Image.open(record.images[0]).convert("RGB"))).permute(2, 0, 1).float() / 255
+        rgb = np.array(Image.open(record.images[0]).convert("RGB"))
+        image = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
         if image.shape[-2:] != (self.tile, self.tile):
             image = F.interpolate(image[None], size=(self.tile, self.tile), mode="bilinear", antialias=True)[0]
         truth = record_truth(record.meta)
@@ -200,9 +199,11 @@ class VisionStageTask(StageTask):
         texts = [caption(truth)] + hard_negative_captions(truth, rng, self.data.hard_negatives)
         sample = {"pixels": image * 2 - 1, "captions": torch.stack([self._encode_caption(t) for t in texts])}
         if self.data.dense_weight > 0:
-            width = truth["image_size"][0]
-            scaled = [o | {"bbox": [v * self.tile / width for v in o["bbox"]]} for o in truth["objects"]]
-            sample["dense"] = patch_labels(scaled, self.tile, self.backbone.config.vision.grid_side)
+            labels = pixel_labels(rgb, truth["objects"])
+            if labels.shape[:2] != (self.tile, self.tile):
+                labels = F.interpolate(labels.permute(2, 0, 1)[None].float(), size=(self.tile, self.tile),
+                                       mode="nearest")[0].permute(1, 2, 0).long()
+            sample["dense"] = labels
         return sample
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -234,7 +235,7 @@ class VisionStageTask(StageTask):
     def describe(self) -> str:
         return (f"stage vision: {len(self.records)} scenes ({self.data.num_objects[0]}-{self.data.num_objects[1]} "
                 f"objects), each against its caption, the batch's and {self.data.hard_negatives} hard negatives"
-                + (f"; per-patch colour / shape labels at weight {self.data.dense_weight}" if self.data.dense_weight > 0 else ""))
+                + (f"; per-pixel colour / shape labels at weight {self.data.dense_weight}" if self.data.dense_weight > 0 else ""))
 
     # ---- weights -----------------------------------------------------------------------------------------------
     def save_weights(self, directory: Path, state_dict: dict[str, torch.Tensor]) -> None:

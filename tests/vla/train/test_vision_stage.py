@@ -83,22 +83,21 @@ def test_vision_stage_resumes_on_the_same_trajectory(tmp_path):
         assert resumed[step] == pytest.approx(full[step], abs=1e-5)
 
 
-def test_patch_labels_name_the_object_covering_each_patch():
+def test_pixel_labels_name_the_object_drawn_at_each_pixel():
     from envs.scene import COLOURS, SHAPES
-    from vla.train.vision_stage import patch_labels
+    from vla.train.vision_stage import pixel_labels
 
-    objects = [{"colour": "red", "shape": "circle", "bbox": [0, 0, 12, 12]},
-               {"colour": "blue", "shape": "triangle", "bbox": [36, 36, 48, 44]}]
-    labels = patch_labels(objects, image_size=64, grid=8).reshape(8, 8, 2)
-    red = [list(COLOURS).index("red") + 1, SHAPES.index("circle") + 1]
-    blue = [list(COLOURS).index("blue") + 1, SHAPES.index("triangle") + 1]
-    assert labels[0, 0].tolist() == red and labels[0, 1].tolist() == red and labels[1, 0].tolist() == red
-    assert labels[1, 1].tolist() == [0, 0]  # 4 x 4 px of an 8 x 8 patch: a quarter is not more than a quarter
-    assert labels[4, 5].tolist() == blue and labels[5, 5].tolist() == blue and labels[4, 4].tolist() == [0, 0]
-    assert int((labels[..., 0] > 0).sum()) == 5
-    # where two boxes share a patch, the one covering more of it names it
-    both = patch_labels([objects[0], {"colour": "blue", "shape": "square", "bbox": [6, 0, 16, 8]}], 64, 8).reshape(8, 8, 2)
-    assert both[0, 0].tolist() == red and both[0, 1, 0] == list(COLOURS).index("blue") + 1
+    image = np.full((16, 16, 3), 185, dtype=np.uint8)  # the scene's grey floor
+    image[2:5, 2:6] = COLOURS["red"]  # a red square, its box [2, 2, 6, 5]
+    image[10, 10] = COLOURS["blue"]  # one blue pixel of a triangle, inside its box [9, 9, 13, 13]
+    image[12, 12] = COLOURS["red"]  # red inside the triangle's box: not the triangle's colour, not labelled
+    labels = pixel_labels(image, [{"colour": "red", "shape": "square", "bbox": [2, 2, 6, 5]},
+                                  {"colour": "blue", "shape": "triangle", "bbox": [9, 9, 13, 13]}])
+    assert labels.shape == (16, 16, 2)
+    red = [list(COLOURS).index("red") + 1, SHAPES.index("square") + 1]
+    assert labels[2:5, 2:6].reshape(-1, 2).tolist() == [red] * 12
+    assert labels[10, 10].tolist() == [list(COLOURS).index("blue") + 1, SHAPES.index("triangle") + 1]
+    assert labels[12, 12].tolist() == [0, 0] and int((labels[..., 0] > 0).sum()) == 13
 
 
 def test_vision_stage_with_dense_labels_trains_both_terms_and_reloads(tmp_path):
@@ -111,4 +110,4 @@ def test_vision_stage_with_dense_labels_trains_both_terms_and_reloads(tmp_path):
     out = subprocess.run([sys.executable, "docs/experiments/vision_heldout.py", summary["checkpoint"], "--scenes", "32"],
                          capture_output=True, text=True, cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert re.search(r"per-patch colour\+shape on object patches 0\.\d{3}", out.stdout)
+    assert re.search(r"per-pixel colour\+shape on object pixels 0\.\d{3}", out.stdout)
