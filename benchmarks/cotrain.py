@@ -27,12 +27,14 @@ from benchmarks._util import print_table, setup
 
 def run(cfg) -> dict:
     import envs  # noqa: F401  (registers the built-in envs)
-    import vla.policy.env_policy  # noqa: F401  (policy=checkpoint:DIR)
     from envs.rollout import evaluate
+    from vla.commands import register_env_policies
     from vla.policy.checkpoint import resolve_vl2_folder
     from vla.config import load_config
     from vla.commands.demo import (EVAL_SEED, _quiet_libraries, _settings, build_tokenizer, collect, evaluate_language,
                                    language_stages, scene_language, train_vla)
+
+    register_env_policies()  # policy=checkpoint:DIR
 
     setup(cfg)
     _quiet_libraries()

@@ -39,10 +39,12 @@ def _train(out: Path, steps: int, lr: float, datasets: str, micro_batch: int, ex
 
 def run(cfg) -> dict:
     import envs  # noqa: F401  (registers the gym envs)
-    import vla.policy.env_policy  # noqa: F401  (policy=checkpoint:DIR)
     from envs.collect import collect_dataset
     from envs.rollout import evaluate
+    from vla.commands import register_env_policies
     from vla.policy.lora import ADAPTER_WEIGHTS
+
+    register_env_policies()  # policy=checkpoint:DIR
 
     setup(cfg)
     s = QUICK if cfg.get("quick") else FULL

@@ -238,12 +238,12 @@ def _machine() -> str:
 def run(cfg) -> dict:
     os.environ["HF_HUB_OFFLINE"] = "1"
     import envs  # noqa: F401  (registers the gym envs)
-    import vla.policy.env_policy  # noqa: F401  (policy=checkpoint:DIR)
-    import vla.policy.lerobot_checkpoint  # noqa: F401  (policy=lerobot:DIR)
     from envs.rollout import evaluate
-    from vla.commands import demo
+    from vla.commands import demo, register_env_policies
     from vla.config import load_config
     from vla.policy import VLAPolicy
+
+    register_env_policies()  # policy=checkpoint:DIR, lerobot:DIR
 
     setup(cfg)
     s = settings(cfg)

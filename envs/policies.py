@@ -24,8 +24,9 @@ Policy specs (`make_policy`)
 are built in. Extension point: `register_policy_factory(prefix, factory)` makes `prefix` and `prefix:ARG` resolve to
 `factory(ARG, context)`; a spec `package.module:function` imports `function` and calls it as `function("", context)`.
 A factory receives a `PolicyContext` (env id, embodiment, action space, observation space, number of envs, seed,
-options such as `dataset` or `checkpoint`) and returns a policy. Trained checkpoints plug in this way (e.g. the `vla` package
-registering a `ckpt` prefix); nothing here pretends to load one.
+options such as `dataset` or `checkpoint`) and returns a policy. Trained checkpoints plug in this way
+(`vla.commands.register_env_policies` registers `checkpoint:`, `lerobot:` and `remote:`); nothing here pretends to
+load one.
 """
 
 from __future__ import annotations

@@ -690,14 +690,6 @@ def _remote_factory(argument: str, context) -> RemotePolicy:
     return policy
 
 
-def _register() -> None:
-    from envs.rollout import register_policy_factory
-
-    register_policy_factory("remote", _remote_factory, overwrite=True)
-
-
-_register()
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # vla serve

@@ -29,6 +29,7 @@ from helpers import tiny_policy
 from envs.embodiments import get_embodiment
 from envs.normalize import Normalizer
 from envs.rollout import evaluate
+from vla.commands import register_env_policies
 from vla.policy.env_policy import EnvPolicy
 from vla.policy import VLAPolicy
 from vla.serve import (PolicyServer, RemoteClient, RemoteError, ServeOptions, ServerThread, Session, packb, unpackb)
@@ -44,6 +45,8 @@ STATS = {
     "arm3": {"action": {"q01": [-1.0, -0.5, -0.2], "q99": [1.0, 0.5, 0.3]},
              STATE: {"q01": [-3.1, -3.1, -3.1, -1.0, -1.0], "q99": [3.1, 3.1, 3.1, 1.0, 1.0]}},
 }
+
+register_env_policies()  # policy=checkpoint:DIR and remote:URL in evaluate()
 
 
 @pytest.fixture(scope="module")

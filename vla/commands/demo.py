@@ -200,8 +200,10 @@ def listens_test_possible(env_kwargs: dict[str, Any]) -> bool:
 
 def evaluate_policies(c: dict[str, Any], out: Path, policy_dir: str, roots: dict[str, str]) -> dict[str, Any]:
     import envs  # noqa: F401
-    import vla.policy.env_policy  # noqa: F401  (policy=checkpoint:DIR)
     from envs.rollout import evaluate
+    from vla.commands import register_env_policies
+
+    register_env_policies()  # policy=checkpoint:DIR
 
     results: dict[str, Any] = {}
     for robot in c["robots"]:

@@ -38,11 +38,12 @@ def env_ids(value) -> list[str]:
 
 def main(cfg) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import vla.policy.env_policy  # noqa: F401  registers policy=checkpoint:DIR
-    import vla.policy.lerobot_checkpoint  # noqa: F401  registers policy=lerobot:DIR
-    import vla.serve  # noqa: F401  registers policy=remote:ws://HOST:PORT
     from envs.collect import SeedOverlapError
     from envs.rollout import evaluate, markdown_table
+    from vla.commands import register_env_policies
+    from vla.policy import lerobot_checkpoint
+
+    register_env_policies()  # policy=checkpoint:DIR, lerobot:DIR, remote:ws://HOST:PORT
 
     config = OmegaConf.to_container(cfg, resolve=True)
     for module in config["import_modules"]:
@@ -52,8 +53,8 @@ def main(cfg) -> int:
     options.setdefault("dataset", config["dataset"])
     options.setdefault("prior_mode", config["prior_mode"])
     image_size = config["image_size"]
-    if image_size is None and str(config["policy"]).startswith(f"{vla.policy.lerobot_checkpoint.PREFIX}:"):
-        image_size = vla.policy.lerobot_checkpoint.recorded_image_size(config["policy"].split(":", 1)[1])
+    if image_size is None and str(config["policy"]).startswith(f"{lerobot_checkpoint.PREFIX}:"):
+        image_size = lerobot_checkpoint.recorded_image_size(config["policy"].split(":", 1)[1])
     try:
         summary = evaluate(
             config["policy"],

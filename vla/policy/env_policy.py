@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from envs.normalize import Normalizer
-from envs.rollout import PolicyContext, register_policy_factory
+from envs.rollout import PolicyContext
 from vla.policy import VLAPolicy
 
 ACTION, STATE = "action", "observation.state"
@@ -59,5 +59,3 @@ def _checkpoint_factory(argument: str, context: PolicyContext) -> EnvPolicy:
         raise ValueError(f"env {context.env_id} has no known embodiment; the policy cannot pick its action space")
     return EnvPolicy(cache[path], context.embodiment.name)
 
-
-register_policy_factory("checkpoint", _checkpoint_factory, overwrite=True)

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from envs.rollout import PolicyContext, register_policy_factory, to_lerobot_observation
+from envs.rollout import PolicyContext, to_lerobot_observation
 
 PREFIX = "lerobot"
 CONFIG = "config.json"
@@ -211,5 +211,3 @@ def _lerobot_factory(argument: str, context: PolicyContext) -> LeRobotEnvPolicy:
     policy, preprocessor, postprocessor, _ = cache[key]
     return LeRobotEnvPolicy(policy, preprocessor, postprocessor, mapping)
 
-
-register_policy_factory(PREFIX, _lerobot_factory, overwrite=True)

@@ -48,3 +48,19 @@ def test_modules_moved_into_sub_packages_import_under_their_old_names():
     assert register_stage_task is moved
     top = sorted(p.stem for p in Path(vla.__file__).parent.glob("*.py"))
     assert top == ["__init__", "__main__", "cli", "config", "serve"], top
+
+
+def test_vla_policy_specs_are_registered_by_a_call_not_by_imports():
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    code = ("import envs.policies as p, vla.policy.env_policy, vla.policy.lerobot_checkpoint, vla.serve\n"
+            "before = sorted(p.POLICY_FACTORIES)\n"
+            "from vla.commands import register_env_policies\n"
+            "register_env_policies(); register_env_policies()\n"
+            "print(before, sorted(p.POLICY_FACTORIES))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip().splitlines()[-1] == (
+        "['expert', 'prior', 'random'] ['checkpoint', 'expert', 'lerobot', 'prior', 'random', 'remote']")
