@@ -145,12 +145,10 @@ def _train_and_score(train, test, texts: list[str], demo: dict, steps: int, seed
     tower (its size replaces the demo's), frozen with `freeze_tower`."""
     import dataclasses
 
-    import torch.nn.functional as F
-
     from backbone.deepseek_vl2 import build_deepseek_vl2, deepseek_vl2_preset, load_deepseek_vl2, replace_language
     from backbone.processor import DeepseekVL2Processor
     from backbone.tokenizer import build_bpe_tokenizer
-    from vla.train.stages import shifted_targets
+    from vla.train.stages import next_token_loss, shifted_targets
 
     torch.manual_seed(seed)
     tokenizer = build_bpe_tokenizer(texts, vocab_size=int(demo["tokenizer_vocab"]))
@@ -185,11 +183,10 @@ def _train_and_score(train, test, texts: list[str], demo: dict, steps: int, seed
                                                 {"role": "<|Assistant|>", "content": answer}], [image])
         return processed[key]
 
-    def next_token_loss(batch):
+    def loss_logits_labels(batch):
         out = model(**batch)
-        logits, labels = out.logits[:, :-1], shifted_targets(batch)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-        return (loss + out.aux_loss if out.aux_loss is not None else loss), logits, labels
+        loss = next_token_loss(out.logits, batch)  # the stages' language loss
+        return (loss + out.aux_loss if out.aux_loss is not None else loss), out.logits[:, :-1], shifted_targets(batch)
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, steps // 10)))
@@ -198,7 +195,7 @@ def _train_and_score(train, test, texts: list[str], demo: dict, steps: int, seed
     model.train()
     for step in range(steps):
         picks = [int(order[(step * micro_batch + j) % len(order)]) for j in range(micro_batch)]
-        loss, _, _ = next_token_loss(processor.collate([sample(train, i) for i in picks]))
+        loss, _, _ = loss_logits_labels(processor.collate([sample(train, i) for i in picks]))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -210,7 +207,7 @@ def _train_and_score(train, test, texts: list[str], demo: dict, steps: int, seed
     with torch.no_grad():
         for first in range(0, len(test), 32):
             indices = range(first, min(first + 32, len(test)))
-            _, logits, labels = next_token_loss(processor.collate([sample(test, i) for i in indices]))
+            _, logits, labels = loss_logits_labels(processor.collate([sample(test, i) for i in indices]))
             right += int(((logits.argmax(-1) == labels) | (labels == -100)).all(dim=1).sum())
     return right / len(test), float(loss.detach()), seconds
 
