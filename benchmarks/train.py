@@ -53,12 +53,11 @@ def demo_model() -> tuple[dict, dict, int]:
 
 
 def bench_stage(stage: str, out_dir: Path, micro_batch: int, steps: int, warmup: int, seed: int,
-                compiled: bool = False) -> dict:
+                language: dict, vision: dict, compiled: bool = False) -> dict:
     from backbone.deepseek_vl2 import compile_blocks
     from vla.train.stages import StageContext, apply_freezing, make_stage_task
     from vla.train.trainer import OptimConfig, Trainer, TrainerConfig, build_optimizer, seed_everything
 
-    language, vision, _ = demo_model()
     seed_everything(seed)
     ctx = StageContext(name=stage, out_dir=out_dir, seed=seed, model_language=language, model_vision=vision,
                        trainable=STAGES[stage], lr_mult={"vision_tower": 0.1} if stage != "align" else {},
@@ -111,7 +110,7 @@ def run(cfg) -> dict:
         runs = [(stage, stage, False) for stage in STAGES] + ([("vla_compiled", "vla", True)] if with_compiled else [])
         for name, stage, compiled in runs:
             r = bench_stage(stage, Path(tmp) / name, micro_batch, vla_steps if stage == "vla" else steps, warmup, seed,
-                            compiled=compiled)
+                            dict(language), dict(vision), compiled=compiled)
             results[name] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "losses"}
             results[name]["losses"] = r["losses"]
             rows.append([name.replace("_", " "), f"{r['trainable_params']:,}/{r['params']:,}", r["tokens_per_step"],

@@ -90,8 +90,7 @@ def _keys_near(command: str, key: str, overrides: list[str]) -> list[str]:
 
     from vla.config import load_config
 
-    groups = [o for o in overrides if "=" in o and "." not in o.partition("=")[0] and o.partition("=")[0] in ("stage",)]
-    node = load_config(command, groups)
+    node = load_config(command, [o for o in overrides if o.partition("=")[0] == "stage"])
     for part in key.split(".")[:-1]:
         node = node.get(part) if isinstance(node, DictConfig) else None
     return sorted(node.keys()) if isinstance(node, DictConfig) else []

@@ -83,9 +83,6 @@ class ContrastiveTowers(nn.Module):
             self.patch_size = vision_config.patch_size
             self.dense = nn.Linear(vision_config.hidden_size, self.patch_size ** 2 * (len(COLOURS) + len(SHAPES) + 2))
 
-    def embed_images(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
-        return self._embed_patches(self.vision(pixel_values=pixels_BCHW).last_hidden_state)
-
     def _embed_patches(self, patches_BLC: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_proj(self.pool(patches_BLC)), dim=-1)
 
