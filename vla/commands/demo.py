@@ -1,8 +1,10 @@
-"""`vla demo`: one command trains a DeepSeek-VL2 VLA from nothing, rolls it out, and answers questions about scenes.
+"""`vla demo`: one command fine-tunes a DeepSeek-VL2 checkpoint into a VLA, rolls it out, and asks it about scenes.
 
 1. Collect scripted demonstrations for two robots with different action sizes and rates into LeRobotDatasets.
-2. Generate scene-language data and run the DeepSeek-VL2 stages align -> pretrain -> sft, then the vla stage on the
-   robot mixture co-trained with scene VQA.
+2. Start from the shipped mini DeepSeek-VL2 checkpoint (`checkpoints/dsvl2-mini`, checked against its made_by.json),
+   as a user starts from the official weights; `demo.from_scratch=true` first rebuilds it with the project's own code
+   (vla/commands/mini.py: tower, align -> pretrain -> sft). Then the vla stage on the robot mixture, co-trained with
+   scene VQA.
 3. Evaluate on held-out seeds: the policy per robot against the random and no-vision (action prior) baselines; scene
    VQA accuracy and grounding (exactly one box, IoU >= 0.5) on held-out scenes; expert routing per robot (measured
    on training frames).
@@ -54,13 +56,22 @@ class _Clock:
         self._last = now
 
 
+def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` applied key by key, nested dicts merged."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def _settings(cfg) -> dict[str, Any]:
     c = OmegaConf.to_container(cfg, resolve=True)
     quick = bool(c["demo"]["quick"])
+    c["from_scratch"] = bool(c["demo"].get("from_scratch", False))
     if quick:
         overrides = dict(c["quick_overrides"])
         episodes = overrides.pop("episodes", None)
-        c.update(overrides)
+        c = _merged(c, overrides)
         if episodes is not None:  # the same robots, fewer demonstrations each
             c["robots"] = [{**robot, "episodes": int(episodes)} for robot in c["robots"]]
         c["out"] = c["out"].rstrip("/") + "_quick" if c["out"] == "outputs/demo" else c["out"]
@@ -95,14 +106,16 @@ def collect(c: dict[str, Any], out: Path) -> dict[str, str]:
 
 
 def scene_language(c: dict[str, Any], out: Path) -> dict[str, Path]:
+    """The vla stage's scene conversations ("sft": co-training) and the held-out scenes ("eval")."""
     from envs.scene_language import generate_scene_language
 
     paths = {}
     envs_used = [r["env"] for r in c["robots"]]
     for offset, stage in enumerate(("align", "pretrain", "sft")):
-        paths[stage] = generate_scene_language(out / "lang" / stage, stage, int(c["language"][stage]),
-                                               seed=int(c["seed"]) + 10_000 * (offset + 1), env_ids=envs_used,
-                                               image_size=int(c["image_size"]))
+        if stage in c["language"]:
+            paths[stage] = generate_scene_language(out / "lang" / stage, stage, int(c["language"][stage]),
+                                                   seed=int(c["seed"]) + 10_000 * (offset + 1), env_ids=envs_used,
+                                                   image_size=int(c["image_size"]))
     # held-out scenes: seeds far from every training scene
     paths["eval"] = generate_scene_language(out / "lang" / "eval", "sft", int(c["language"]["eval"]), seed=900_000,
                                             env_ids=envs_used, image_size=int(c["image_size"]))
@@ -172,25 +185,44 @@ def train_vla(c: dict[str, Any], out: Path, init: str, roots: dict[str, str], la
                        run_name=run_name, steps=steps)
 
 
+def starting_checkpoint(c: dict[str, Any], out: Path, clock: _Clock | None = None) -> tuple[str, dict[str, Path], set]:
+    """(the DeepSeek-VL2 folder the vla stage starts from, the run folders of the stages that made it in this run,
+    the (env, seed) scenes it was trained on). The shipped one (`start`) is checked against its made_by.json; with
+    `demo.from_scratch` it is first rebuilt under `<out>/mini` into `<out>/dsvl2-mini` (vla/commands/mini.py)."""
+    from vla.commands import mini
+
+    stage_dirs: dict[str, Path] = {}
+    if c["from_scratch"]:
+        folder = mini.build(c, out / "mini", say=_say)
+        stage_dirs = {stage: out / "mini" / "train" / stage for stage in ("vision", "align", "pretrain", "sft")}
+        if clock is not None:
+            clock.lap("mini checkpoint, from scratch")
+    else:
+        folder = Path(c["start"])
+    made_by = mini.verify(folder)
+    _say(f"starting from {folder} (made at {made_by['commit'][:12]}; held-out scene VQA "
+         f"{made_by['held_out']['vqa_accuracy']:.2f}, grounding {made_by['held_out']['grounding_acc']:.2f})")
+    return str(folder), stage_dirs, mini.trained_scene_keys(made_by)
+
+
 def train_policy(c: dict[str, Any], out: Path, clock: _Clock) -> dict[str, Any]:
-    """Steps 1-2: the robot datasets, the scene-language data and tokenizer, the stages align -> pretrain -> sft, then
-    the vla stage on the robot mixture co-trained with scene VQA; the policy is copied to `<out>/policy`. Each phase
-    is a lap of `clock` (the vla stage's: "stage vla"). `vla bench peers` trains "ours" through this function.
-    Returns {"roots", "lang", "stage_dirs", "start", "policy_dir", "vla_summary"} (start: the sft checkpoint the vla
-    stage starts from)."""
+    """Steps 1-2: the robot datasets, the starting checkpoint (shipped, or rebuilt with `demo.from_scratch`), the
+    scene-language data, then the vla stage on the robot mixture co-trained with scene VQA; the policy is copied to
+    `<out>/policy`. Each phase is a lap of `clock` (the vla stage's: "stage vla"). `vla bench peers` trains "ours"
+    through this function. Returns {"roots", "lang", "stage_dirs", "start", "start_scenes", "policy_dir",
+    "vla_summary"} (start: the checkpoint the vla stage starts from; start_scenes: the scenes it was trained on)."""
     roots = collect(c, out)
     clock.lap("collect demonstrations")
+    start, stage_dirs, start_scenes = starting_checkpoint(c, out, clock)
     lang = scene_language(c, out)
-    tokenizer = build_tokenizer(c, lang, out)
-    clock.lap("scene-language data + tokenizer")
-    start, stage_dirs = language_stages(c, out, lang, tokenizer, clock)
+    clock.lap("scene-language data")
     vla_summary = train_vla(c, out, start, roots, lang)
     stage_dirs["vla"] = out / "train" / "vla"
     policy_dir = str(out / "policy")
     shutil.copytree(vla_summary["checkpoint"], policy_dir)
     clock.lap("stage vla")
-    return {"roots": roots, "lang": lang, "stage_dirs": stage_dirs, "start": start, "policy_dir": policy_dir,
-            "vla_summary": vla_summary}
+    return {"roots": roots, "lang": lang, "stage_dirs": stage_dirs, "start": start, "start_scenes": start_scenes,
+            "policy_dir": policy_dir, "vla_summary": vla_summary}
 
 
 def listens_test_possible(env_kwargs: dict[str, Any]) -> bool:
@@ -227,7 +259,9 @@ def evaluate_policies(c: dict[str, Any], out: Path, policy_dir: str, roots: dict
 
 
 def evaluate_language(c: dict[str, Any], out: Path, policy_dir: str, lang: dict[str, Path],
-                      roots: dict[str, str] | None = None) -> dict[str, Any]:
+                      roots: dict[str, str] | None = None, trained_scenes: set = frozenset()) -> dict[str, Any]:
+    """Scene VQA and grounding of `policy_dir` on the held-out scenes `lang["eval"]`, refused when one of them is a
+    scene of `lang`'s training parts, a robot dataset's episodes or `trained_scenes` (the starting checkpoint's)."""
     from backbone.grounding import draw_grounding
     from envs.collect import read_collection_record
     from envs.scene_language import blind_baseline, check_held_out, load_conversations, scene_keys
@@ -236,7 +270,8 @@ def evaluate_language(c: dict[str, Any], out: Path, policy_dir: str, lang: dict[
 
     records = load_conversations(lang["eval"])
     # held out for real: no eval scene is one a training stage or a robot dataset showed (refused otherwise)
-    trained = scene_keys([r for stage in ("align", "pretrain", "sft") for r in load_conversations(lang[stage], check_images=False)])
+    trained = set(trained_scenes) | scene_keys([r for stage, path in lang.items() if stage != "eval"
+                                                for r in load_conversations(path, check_images=False)])
     for root in (roots or {}).values():
         record = read_collection_record(root) or {}
         trained |= {(record["env_id"], int(s)) for s in record.get("episode_seeds", [])}
@@ -244,7 +279,8 @@ def evaluate_language(c: dict[str, Any], out: Path, policy_dir: str, lang: dict[
     model, processor = load_vl2_for_chat(policy_dir)
     result = evaluate_scene_vqa(model, processor, records, progress=False)
     # the language side's "no vision" baseline: the most common training answer per question, the mean training box
-    result["blind"] = blind_baseline([r for stage in ("pretrain", "sft") for r in load_conversations(lang[stage])], records)
+    result["blind"] = blind_baseline([r for stage in ("pretrain", "sft") if stage in lang
+                                      for r in load_conversations(lang[stage])], records)
     # one grounding picture: the model's box (and the question) on a held-out scene
     record = records[0]
     target = record.meta["objects"][0]["name"]
@@ -298,8 +334,8 @@ def plot_results(out: Path, success: dict[str, Any], stage_dirs: dict[str, Path]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(stage_dirs), figsize=(4 * len(stage_dirs), 3))
-    for ax, (stage, folder) in zip(axes, stage_dirs.items()):
+    fig, axes = plt.subplots(1, len(stage_dirs), figsize=(4 * len(stage_dirs), 3), squeeze=False)
+    for ax, (stage, folder) in zip(axes[0], stage_dirs.items()):
         rows = list(csv.DictReader(open(folder / "metrics.csv")))
         ax.plot([int(r["step"]) for r in rows], [float(r["train/loss"]) for r in rows])
         ax.set_title(f"stage {stage}")
@@ -326,7 +362,7 @@ def plot_results(out: Path, success: dict[str, Any], stage_dirs: dict[str, Path]
 
 
 def write_report(out: Path, c: dict[str, Any], success: dict[str, Any], language: dict[str, Any], route: dict[str, Any],
-                 summary: dict[str, Any]) -> str:
+                 summary: dict[str, Any], start: str) -> str:
     rows = ["| robot | policy success | no-vision prior | random | wrong instruction |", "|---|---|---|---|---|"]
     for name in sorted(success):
         s = success[name]
@@ -352,8 +388,9 @@ def write_report(out: Path, c: dict[str, Any], success: dict[str, Any], language
     example = language["grounding_example"]
     report = f"""# DeepSeek-VL2 VLA demo{' (quick smoke run: numbers are not meaningful)' if c['quick'] else ''}
 
-Trained from nothing in this run: {', '.join(f"{r['name']} ({r['episodes']} demos of {r['env']}{_kwargs(r)})" for r in c['robots'])};
-stages align -> pretrain -> sft -> vla ({', '.join(f"{k} {v} steps" for k, v in c['steps'].items())}).
+Robots: {', '.join(f"{r['name']} ({r['episodes']} demos of {r['env']}{_kwargs(r)})" for r in c['robots'])}.
+Started from `{start}` ({'rebuilt in this run: ' if c['from_scratch'] else 'shipped; '}made by the project's own code,
+stages vision -> align -> pretrain -> sft, see its made_by.json), then the vla stage ({c['steps']['vla']} steps).
 
 {table}
 
@@ -424,15 +461,15 @@ def main(cfg) -> int:
 
     success = evaluate_policies(c, out, policy_dir, roots)
     clock.lap("policy + baseline rollouts")
-    language = evaluate_language(c, out, policy_dir, lang, roots)
+    language = evaluate_language(c, out, policy_dir, lang, roots, trained["start_scenes"])
     (out / "start").mkdir(exist_ok=True)  # the checkpoint the vla stage started from, on the same held-out scenes
-    language["start"] = evaluate_language(c, out / "start", trained["start"], lang, roots)
+    language["start"] = evaluate_language(c, out / "start", trained["start"], lang, roots, trained["start_scenes"])
     clock.lap("scene VQA + grounding eval")
     route = routing(c, out, policy_dir, roots)
     plot_results(out, success, stage_dirs)
     clock.lap("routing + plots")
     summary = {"wall_s": time.time() - clock.start, "phase_s": clock.seconds}
-    table = write_report(out, c, success, language, route, summary)
+    table = write_report(out, c, success, language, route, summary, trained["start"])
     import resource
 
     result = {

@@ -117,6 +117,16 @@ def validate_checkpoint(path: Path, hashes: bool = True) -> None:
     for name in (TRAINER_STATE, TRAIN_STATE_JSON):
         if name not in files:
             raise CheckpointCorrupt(f"{path}: the manifest does not list {name}")
+    check_files(path, files, hashes)
+
+
+def file_records(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """{name: {"size", "sha256"}} of files of `folder` (the manifest's schema)."""
+    return {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in names}
+
+
+def check_files(path: Path, files: dict[str, dict[str, Any]], hashes: bool = True) -> None:
+    """Raise CheckpointCorrupt unless every file of `files` ({name: {"size", "sha256"}}) is in `path` as recorded."""
     for name, meta in files.items():
         f = path / name
         if not f.is_file():

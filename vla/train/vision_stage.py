@@ -60,6 +60,7 @@ class VisionDataConfig:
     text_heads: int = 4
     embed_dim: int = 128  # the joint embedding both towers project to
     dense_weight: float = 0.0  # weight of the per-pixel colour / shape loss on the rendered labels (0 = contrastive only)
+    contrastive_weight: float = 1.0  # weight of the sigmoid image-caption loss (0 = dense labels only)
 
 
 class ContrastiveTowers(nn.Module):
@@ -114,12 +115,19 @@ class ContrastiveTowers(nn.Module):
             G, P, n_colours = math.isqrt(L), self.patch_size, len(COLOURS) + 1
             logits = self.dense(patches_BLC).view(B, G, G, P, P, -1).permute(0, 1, 3, 2, 4, 5).reshape(B, G * P, G * P, -1)
             colour_BHWC, shape_BHWS = logits.split([n_colours, logits.shape[-1] - n_colours], dim=-1)
-            terms["dense"] = (F.cross_entropy(colour_BHWC.flatten(0, 2), dense_BHW2[..., 0].flatten())
-                              + F.cross_entropy(shape_BHWS.flatten(0, 2), dense_BHW2[..., 1].flatten()))
+            # object pixels (~6% of a frame) and background pixels weigh half each: a mean over all pixels is
+            # background-dominated and learns shape slowly
+            on_object = dense_BHW2[..., 0] > 0
+            ce_BHW = (F.cross_entropy(colour_BHWC.permute(0, 3, 1, 2), dense_BHW2[..., 0], reduction="none")
+                      + F.cross_entropy(shape_BHWS.permute(0, 3, 1, 2), dense_BHW2[..., 1], reduction="none"))
+            terms["dense"] = 0.5 * (ce_BHW[on_object].mean() if on_object.any() else ce_BHW.sum() * 0) \
+                + 0.5 * ce_BHW[~on_object].mean()
             with torch.no_grad():
-                on_object = dense_BHW2[..., 0] > 0
-                right = (colour_BHWC.argmax(-1) == dense_BHW2[..., 0]) & (shape_BHWS.argmax(-1) == dense_BHW2[..., 1])
-                metrics["dense_acc"] = float(right[on_object].float().mean()) if on_object.any() else 0.0
+                colour_right = colour_BHWC.argmax(-1) == dense_BHW2[..., 0]
+                shape_right = shape_BHWS.argmax(-1) == dense_BHW2[..., 1]
+                for key, right in (("dense_acc", colour_right & shape_right), ("colour_acc", colour_right),
+                                   ("shape_acc", shape_right)):
+                    metrics[key] = float(right[on_object].float().mean()) if on_object.any() else 0.0
         return terms, metrics
 
 
@@ -225,6 +233,7 @@ class VisionStageTask(StageTask):
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
         terms, metrics = model(batch["pixels"], batch["captions"], self.data.hard_negatives, batch.get("dense"))
+        terms["loss"] = terms["loss"] * self.data.contrastive_weight
         if "dense" in terms:
             terms["dense"] = terms["dense"] * self.data.dense_weight
         return LossOutput(terms, metrics)
