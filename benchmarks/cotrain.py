@@ -7,9 +7,9 @@ on robot data only (`vqa_ratio` 0), the same steps and seed. Each policy is roll
 beside the starting checkpoint's own VQA and grounding on the same scenes: co-training should keep what the start
 knew; robot data alone lets it go.
 
-`start`: an official-format DeepSeek-VL2 folder with its tokenizer (the shipped mini checkpoint, official weights,
-a VL stage's checkpoint); `start=null` runs the demo's language stages (align -> pretrain -> sft) first and starts
-from their checkpoint. `steps`: the vla stage's steps (0 = half the demo's). `--quick`: the demo's quick settings
+`start`: an official-format DeepSeek-VL2 folder with its tokenizer (official weights, a VL stage's checkpoint); by
+default the demo's own start, the shipped mini checkpoint (`checkpoints/dsvl2-mini`, checked against its
+made_by.json, whose training scenes the held-out ones are checked against). `steps`: the vla stage's steps (0 = half the demo's). `--quick`: the demo's quick settings
 (numbers meaningless), for CI.
 
 Prints a table, then the JSON summary: `vqa_with`, `vqa_without`, `grounding_with`, `grounding_without`,
@@ -31,8 +31,8 @@ def run(cfg) -> dict:
     from vla.commands import register_env_policies
     from vla.policy.checkpoint import resolve_vl2_folder
     from vla.config import load_config
-    from vla.commands.demo import (EVAL_SEED, _quiet_libraries, _settings, build_tokenizer, collect, evaluate_language,
-                                   language_stages, scene_language, train_vla)
+    from vla.commands import mini
+    from vla.commands.demo import EVAL_SEED, _quiet_libraries, _settings, collect, evaluate_language, scene_language, train_vla
 
     register_env_policies()  # policy=checkpoint:DIR
 
@@ -43,21 +43,20 @@ def run(cfg) -> dict:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    start = cfg.get("start")
-    if start:
-        resolve_vl2_folder(start)  # a clear error before any work when it is not a checkpoint folder
+    start = str(mini.resolve(cfg.get("start") or c["start"]))
+    resolve_vl2_folder(start)  # a clear error before any work when it is not a checkpoint folder
+    # the scenes the start was trained on, where it records them (the held-out ones must not be among them)
+    trained = mini.trained_scene_keys(mini.verify(start)) if (Path(start) / mini.MADE_BY).is_file() else set()
     steps = int(cfg.get("steps") or 0) or max(1, int(c["steps"]["vla"]) // 2)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     roots = collect(c, out)
     lang = scene_language(c, out)
-    if not start:
-        start, _ = language_stages(c, out, lang, build_tokenizer(c, lang, out))
-    seconds["data + start"] = time.perf_counter() - t0
+    seconds["data"] = time.perf_counter() - t0
 
     runs = {"with": float(c["vqa_ratio"]), "without": 0.0}
     success: dict[str, dict[str, float]] = {}
-    language: dict[str, dict] = {"start": evaluate_language(c, _fresh(out / "eval" / "start"), start, lang, roots)}
+    language: dict[str, dict] = {"start": evaluate_language(c, _fresh(out / "eval" / "start"), start, lang, roots, trained)}
     for label, ratio in runs.items():
         t0 = time.perf_counter()
         policy = train_vla(c, out, start, roots, lang, run_name=f"vla-{label}", vqa_ratio=ratio, steps=steps)["checkpoint"]
@@ -69,7 +68,7 @@ def run(cfg) -> dict:
                                progress=False, videos=0, out=out / "eval" / f"{label}-{robot['name']}", env_kwargs={env_id: dict(robot.get("env_kwargs") or {})},
                                train_datasets=list(roots.values()))
             success.setdefault(label, {})[robot["name"]] = summary["overall"]["success_rate"]
-        language[label] = evaluate_language(c, _fresh(out / "eval" / label), policy, lang, roots)
+        language[label] = evaluate_language(c, _fresh(out / "eval" / label), policy, lang, roots, trained)
 
     names = [r["name"] for r in c["robots"]]
     print(f"vla stage from {start}: {steps} steps with scene VQA at {runs['with']:.0%} of the samples and without; "

@@ -4,9 +4,10 @@ For each robot of the demo (the point robot and the 3-link arm, one-object scene
 peer there), on the same LeRobotDatasets:
 
 - **ours**: the demo's pipeline as `vla demo` runs it (`vla.commands.demo.train_policy`, `configs/demo.yaml`): the datasets,
-  the language stages align -> pretrain -> sft, then the vla stage; one model for both robots (which also answers
+  then the vla stage from the shipped mini DeepSeek-VL2 checkpoint; one model for both robots (which also answers
   scene questions). Its training budget is the measured wall-clock of the vla stage (the demo's "stage vla" lap: the
-  stage from start to its saved checkpoint); the language stages before it are not counted.
+  stage from start to its saved checkpoint); what made the starting checkpoint is not counted (as a pretrained
+  backbone is not).
 - **ACT** and **Diffusion Policy**, each trained with the real `lerobot-train` command on one robot's dataset, in two
   configurations (`configs/bench_peers.yaml`, where each changed field says why): LeRobot's defaults (only
   `pretrained_backbone_weights=null`, since nothing may be downloaded; the image size comes from the dataset's

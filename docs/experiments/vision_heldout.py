@@ -41,10 +41,11 @@ def main() -> None:
         with torch.no_grad():
             for first in range(0, args.scenes - 31, 32):
                 metrics = task.loss(task.module, task.collate([task.sample(i) for i in range(first, first + 32)])).metrics
-                scores.append((metrics["binding_acc"], metrics["retrieval_acc"], metrics.get("dense_acc", float("nan"))))
-    binding, retrieval, dense_acc = np.mean(scores, axis=0)
+                scores.append([metrics["binding_acc"], metrics["retrieval_acc"]]
+                              + [metrics.get(k, float("nan")) for k in ("dense_acc", "colour_acc", "shape_acc")])
+    binding, retrieval, dense_acc, colour_acc, shape_acc = np.mean(scores, axis=0)
     print(f"held-out binding_acc {binding:.3f}, retrieval among 32 {retrieval:.3f}, per-pixel colour+shape on object "
-          f"pixels {dense_acc:.3f} ({32 * len(scores)} scenes)")
+          f"pixels {dense_acc:.3f} (colour {colour_acc:.3f}, shape {shape_acc:.3f}) ({32 * len(scores)} scenes)")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ def test_cotrain_quick_runs_both_and_reports(capsys, tmp_path, monkeypatch):
         assert 0.0 <= result[key] <= 1.0, key
     assert set(result["success_with"]) == set(result["success_without"]) == {"nav", "arm"}
     assert result["steps"] >= 1 and result["vqa_ratio"] > 0
+    assert result["start"].endswith("checkpoints/dsvl2-mini")  # the demo's start: the shipped checkpoint
     assert any(line.startswith("vla with co-training") or "vla with co-training" in line for line in out)
     assert (tmp_path / "outputs" / "bench" / "cotrain_quick" / "train" / "vla-without").is_dir()
 

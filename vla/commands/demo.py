@@ -160,19 +160,6 @@ def train_stage(c: dict[str, Any], out: Path, stage: str, init_from: str | None,
     return summary
 
 
-def language_stages(c: dict[str, Any], out: Path, lang: dict[str, Path], tokenizer: Path,
-                    clock: _Clock | None = None) -> tuple[str, dict[str, Path]]:
-    """align -> pretrain -> sft on the scene-language data; returns (the sft checkpoint, each stage's run folder)."""
-    stage_dirs, init = {}, None
-    for stage in ("align", "pretrain", "sft"):
-        data = {"data": {"path": lang[stage], "image_size": c["image_size"]}}
-        summary = train_stage(c, out, stage, init, data, **({"tokenizer": tokenizer} if stage == "align" else {}))
-        init, stage_dirs[stage] = summary["checkpoint"], out / "train" / stage
-        if clock is not None:
-            clock.lap(f"stage {stage}")
-    return init, stage_dirs
-
-
 def train_vla(c: dict[str, Any], out: Path, init: str, roots: dict[str, str], lang: dict[str, Path],
               run_name: str = "vla", vqa_ratio: float | None = None, steps: int | None = None) -> dict[str, Any]:
     """The vla stage on the robot mixture (each robot at its configured weight) co-trained with the sft scene
@@ -198,7 +185,7 @@ def starting_checkpoint(c: dict[str, Any], out: Path, clock: _Clock | None = Non
         if clock is not None:
             clock.lap("mini checkpoint, from scratch")
     else:
-        folder = Path(c["start"])
+        folder = mini.resolve(c["start"])
     made_by = mini.verify(folder)
     _say(f"starting from {folder} (made at {made_by['commit'][:12]}; held-out scene VQA "
          f"{made_by['held_out']['vqa_accuracy']:.2f}, grounding {made_by['held_out']['grounding_acc']:.2f})")
@@ -362,7 +349,7 @@ def plot_results(out: Path, success: dict[str, Any], stage_dirs: dict[str, Path]
 
 
 def write_report(out: Path, c: dict[str, Any], success: dict[str, Any], language: dict[str, Any], route: dict[str, Any],
-                 summary: dict[str, Any], start: str) -> str:
+                 summary: dict[str, Any], start_dir: str) -> str:
     rows = ["| robot | policy success | no-vision prior | random | wrong instruction |", "|---|---|---|---|---|"]
     for name in sorted(success):
         s = success[name]
@@ -389,7 +376,7 @@ def write_report(out: Path, c: dict[str, Any], success: dict[str, Any], language
     report = f"""# DeepSeek-VL2 VLA demo{' (quick smoke run: numbers are not meaningful)' if c['quick'] else ''}
 
 Robots: {', '.join(f"{r['name']} ({r['episodes']} demos of {r['env']}{_kwargs(r)})" for r in c['robots'])}.
-Started from `{start}` ({'rebuilt in this run: ' if c['from_scratch'] else 'shipped; '}made by the project's own code,
+Started from `{start_dir}` ({'rebuilt in this run: ' if c['from_scratch'] else 'shipped; '}made by the project's own code,
 stages vision -> align -> pretrain -> sft, see its made_by.json), then the vla stage ({c['steps']['vla']} steps).
 
 {table}

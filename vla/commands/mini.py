@@ -45,7 +45,7 @@ def verify(folder: str | Path) -> dict[str, Any]:
     """made_by.json of `folder` after checking every file it lists (size and sha256); one-line error otherwise."""
     from vla.train.checkpoint import CheckpointCorrupt, check_files
 
-    folder = Path(folder)
+    folder = resolve(folder)
     if not (folder / MADE_BY).is_file():
         raise MiniCheckpointError(f"{folder}: no {MADE_BY} (not a checkpoint made by `vla demo demo.from_scratch=true`; "
                                   f"rebuild it with that command)")
@@ -57,6 +57,14 @@ def verify(folder: str | Path) -> dict[str, Any]:
     except CheckpointCorrupt as e:
         raise MiniCheckpointError(f"{e} (rebuild with `vla demo demo.from_scratch=true`)") from e
     return made_by
+
+
+def resolve(folder: str | Path) -> Path:
+    """`folder` as given, or, when relative and not found from here, relative to the repository (where
+    `checkpoints/dsvl2-mini` ships), so the demo's default start works from any working directory."""
+    folder = Path(folder)
+    beside = Path(__file__).resolve().parents[2] / folder
+    return beside if not folder.is_absolute() and not folder.exists() and beside.exists() else folder
 
 
 def trained_scene_keys(made_by: dict[str, Any]) -> set[tuple[str, int]]:
@@ -151,7 +159,7 @@ def build(c: dict[str, Any], out: Path, say=print) -> Path:
 
 def check_scores(folder: str | Path, limit: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """(recorded held-out scores, scores of the first `limit` held-out records regenerated from the recorded plan)."""
-    made_by = verify(folder)
+    folder, made_by = resolve(folder), verify(folder)
     with tempfile.TemporaryDirectory() as tmp:
         plan = dict(made_by["data"]["eval"], count=min(limit, made_by["data"]["eval"]["count"]))
         return made_by["held_out"], score(folder, scenes(plan, Path(tmp)))

@@ -66,7 +66,8 @@ def test_quick_keeps_the_configured_robots_with_fewer_episodes():
 def test_report_says_how_grounding_is_scored_and_where_routing_was_measured(tmp_path):
     from vla.commands.demo import write_report
 
-    c = {"quick": True, "robots": [{"name": "p", "episodes": 2, "env": "vla/PointNav-v0"}], "steps": {"vla": 1}}
+    c = {"quick": True, "from_scratch": False, "robots": [{"name": "p", "episodes": 2, "env": "vla/PointNav-v0"}],
+         "steps": {"vla": 1}}
     success = {"point2d": {"policy": 0.5, "no-vision prior": 0.25, "random": 0.0, "videos": []}}
     by_kind = {"count": {"right": 1, "total": 2, "accuracy": 0.5}}
     scores = {"vqa_accuracy": 0.5, "grounding_acc": 0.25, "n_vqa": 2, "n_grounding": 4, "by_kind": by_kind}
@@ -74,7 +75,7 @@ def test_report_says_how_grounding_is_scored_and_where_routing_was_measured(tmp_
     language = {**scores, "blind": dict(scores), "start": start, "examples": [],
                 "grounding_example": {"question": "Locate the red square", "answer": "", "image": "g.png"}}
     table = write_report(tmp_path, c, success, language, {"nmi_mean": 0.125},
-                         {"wall_s": 10.0, "phase_s": {"collect demonstrations": 1.0}})
+                         {"wall_s": 10.0, "phase_s": {"collect demonstrations": 1.0}}, "checkpoints/dsvl2-mini")
     report = (tmp_path / "report.md").read_text()
     held_out, routing = table.split("| expert routing, measured on training frames | model |")
     assert "NMI" not in held_out and "| routing NMI (embodiment vs expert, action tokens of training frames) | 0.125 |" in routing
@@ -83,4 +84,5 @@ def test_report_says_how_grounding_is_scored_and_where_routing_was_measured(tmp_
     grounding_row = next(i for i, line in enumerate(report.splitlines()) if line.startswith("| grounding acc"))
     after = "\n".join(report.splitlines()[grounding_row:grounding_row + 10])
     assert "an answer is right only if it gives exactly one box and that box has IoU >= 0.5" in after
+    assert "Started from `checkpoints/dsvl2-mini` (shipped; " in report
     assert "## Expert routing per robot (training frames)" in report and "Routing NMI is measured on training frames" in report

@@ -1,0 +1,94 @@
+"""The mini DeepSeek-VL2 checkpoint: the shipped one loads, matches the hashes it records and answers at the accuracy
+it records; the builder writes what it records; a damaged copy is refused in one line."""
+
+import json
+import math
+import shutil
+
+import pytest
+
+from vla.commands import mini
+
+SHIPPED = mini.resolve("checkpoints/dsvl2-mini")
+
+
+def _within_noise(measured: float, recorded: float, n: int) -> bool:
+    """|measured - recorded| within 3 binomial standard errors of an n-item sample (+ one item of rounding)."""
+    return abs(measured - recorded) <= 3 * math.sqrt(max(recorded * (1 - recorded), 0.02) / n) + 1 / n
+
+
+def test_shipped_checkpoint_matches_its_hashes_and_loads():
+    from vla.policy.checkpoint import load_vl2_for_chat
+
+    made_by = mini.verify(SHIPPED)
+    assert set(made_by["files"]) == set(mini.WEIGHT_FILES)
+    assert sum(f.stat().st_size for f in SHIPPED.iterdir()) <= 25 * 2**20  # the issue's size limit
+    assert made_by["commit"] and made_by["wall_s"] > 0 and made_by["settings"]["mini"]["steps"]["vision"] > 0
+    assert set(made_by["data"]) == set(mini.SEEDS)
+    model, processor = load_vl2_for_chat(SHIPPED)
+    assert model.config.language.vocab_size >= len(processor.tokenizer)
+
+
+def test_shipped_checkpoint_answers_at_its_recorded_accuracy():
+    recorded, measured = mini.check_scores(SHIPPED, limit=30)
+    assert measured["records"] == 30 and measured["n_vqa"] > 60
+    assert _within_noise(measured["vqa_accuracy"], recorded["vqa_accuracy"], measured["n_vqa"]), (measured, recorded)
+    assert _within_noise(measured["grounding_acc"], recorded["grounding_acc"], measured["n_grounding"]), (measured, recorded)
+
+
+def test_held_out_scenes_are_not_training_scenes():
+    made_by = mini.verify(SHIPPED)
+    trained = mini.trained_scene_keys(made_by)
+    plan = made_by["data"]["eval"]
+    held_out = {(plan["envs"][i % len(plan["envs"])], plan["seed"] + i) for i in range(plan["count"])}
+    assert trained and not trained & held_out
+
+
+def test_a_damaged_or_unmade_copy_is_refused_in_one_line(tmp_path):
+    copy = tmp_path / "mini"
+    shutil.copytree(SHIPPED, copy)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(mini.MiniCheckpointError, match="sha256") as error:
+        mini.verify(copy)
+    assert "\n" not in str(error.value)
+    weights.write_bytes(bytes(data[:-10]))
+    with pytest.raises(mini.MiniCheckpointError, match="truncated"):
+        mini.verify(copy)
+    (copy / mini.MADE_BY).unlink()
+    with pytest.raises(mini.MiniCheckpointError, match="demo.from_scratch=true"):
+        mini.verify(copy)
+
+
+def test_build_records_settings_seeds_scores_and_hashes(tmp_path):
+    from vla.commands.demo import _settings
+    from vla.config import load_config
+
+    c = _settings(load_config("demo", ["demo.quick=true", "demo.from_scratch=true"]))
+    folder = mini.build(c, tmp_path / "mini", say=lambda message: None)
+    made_by = mini.verify(folder)
+    assert folder == tmp_path / "dsvl2-mini"
+    assert made_by["settings"]["mini"] == c["mini"] and made_by["settings"]["vision"] == c["vision"]
+    assert {part: plan["seed"] for part, plan in made_by["data"].items()} == mini.SEEDS
+    assert made_by["data"]["vision"]["count"] == c["mini"]["scenes"]["vision"]
+    assert set(made_by["final_loss"]) == {"vision", "align", "pretrain", "sft"}
+    assert made_by["held_out"]["records"] == c["mini"]["scenes"]["eval"]
+    # the recorded score is what scoring the recorded held-out scenes gives
+    recorded, measured = mini.check_scores(folder, limit=c["mini"]["scenes"]["eval"])
+    assert measured == recorded
+    assert json.loads((folder / "config.json").read_text())["vision_config"]["width"] == c["vision"]["width"]
+
+
+def test_vla_vqa_answers_and_draws_boxes_from_the_shipped_checkpoint(tmp_path, capsys):
+    from vla.cli import main
+
+    made_by = mini.verify(SHIPPED)
+    plan = dict(made_by["data"]["eval"], count=1)
+    record = json.loads(mini.scenes(plan, tmp_path / "scene").read_text().splitlines()[0])
+    image, target = tmp_path / "scene" / record["images"][0], record["meta"]["objects"][0]["name"]
+    assert main(["vqa", f"checkpoint={SHIPPED}", f"image={image}", "draw=" + str(tmp_path / "boxes.png"),
+                 f"question=Locate <|ref|>the {target}<|/ref|> in the given image."]) == 0
+    printed = capsys.readouterr().out
+    assert "<|det|>" in printed and "drew " in printed and (tmp_path / "boxes.png").stat().st_size > 0
