@@ -1,7 +1,7 @@
 """`vla vqa`: ask a DeepSeek-VL2 checkpoint (or a policy checkpoint) a question about an image.
 
     vla vqa checkpoint=DIR image=scene.png question="Where is the red block?"
-    vla vqa checkpoint=DIR image=scene.png question="Locate <|ref|>the red block<|/ref|>." draw=boxes.png
+    vla vqa checkpoint=DIR image=scene.png question="'Locate <|ref|>the red block<|/ref|>.'" draw=boxes.png
 
 Prints the answer. With `draw=OUT.png`, `<|ref|>label<|/ref|><|det|>[[x1,y1,x2,y2]]<|/det|>` boxes (0-999
 coordinates relative to the original image) are rescaled and drawn; malformed box output is reported, not fatal.

@@ -89,6 +89,6 @@ def test_vla_vqa_answers_and_draws_boxes_from_the_shipped_checkpoint(tmp_path, c
     record = json.loads(mini.scenes(plan, tmp_path / "scene").read_text().splitlines()[0])
     image, target = tmp_path / "scene" / record["images"][0], record["meta"]["objects"][0]["name"]
     assert main(["vqa", f"checkpoint={SHIPPED}", f"image={image}", "draw=" + str(tmp_path / "boxes.png"),
-                 f"question=Locate <|ref|>the {target}<|/ref|> in the given image."]) == 0
+                 f"question='Locate <|ref|>the {target}<|/ref|> in the given image.'"]) == 0
     printed = capsys.readouterr().out
     assert "<|det|>" in printed and "drew " in printed and (tmp_path / "boxes.png").stat().st_size > 0
