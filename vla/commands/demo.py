@@ -56,22 +56,17 @@ class _Clock:
         self._last = now
 
 
-def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """`base` with `overrides` applied key by key, nested dicts merged."""
-    out = dict(base)
-    for key, value in overrides.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def _settings(cfg) -> dict[str, Any]:
+    from vla.config import with_settings
+
+    quick = bool(cfg.demo.quick)
+    if quick:  # quick_overrides merged in by the training API's rules (nested sections merge)
+        overrides = OmegaConf.to_container(cfg.quick_overrides, resolve=True)
+        episodes = overrides.pop("episodes", None)
+        cfg = with_settings(cfg, overrides)
     c = OmegaConf.to_container(cfg, resolve=True)
-    quick = bool(c["demo"]["quick"])
     c["from_scratch"] = bool(c["demo"].get("from_scratch", False))
     if quick:
-        overrides = dict(c["quick_overrides"])
-        episodes = overrides.pop("episodes", None)
-        c = _merged(c, overrides)
         if episodes is not None:  # the same robots, fewer demonstrations each
             c["robots"] = [{**robot, "episodes": int(episodes)} for robot in c["robots"]]
         c["out"] = c["out"].rstrip("/") + "_quick" if c["out"] == "outputs/demo" else c["out"]
@@ -109,33 +104,14 @@ def scene_language(c: dict[str, Any], out: Path) -> dict[str, Path]:
     """The vla stage's scene conversations ("sft": co-training) and the held-out scenes ("eval")."""
     from envs.scene_language import generate_scene_language
 
-    paths = {}
     envs_used = [r["env"] for r in c["robots"]]
-    for offset, stage in enumerate(("align", "pretrain", "sft")):
-        if stage in c["language"]:
-            paths[stage] = generate_scene_language(out / "lang" / stage, stage, int(c["language"][stage]),
-                                                   seed=int(c["seed"]) + 10_000 * (offset + 1), env_ids=envs_used,
-                                                   image_size=int(c["image_size"]))
+    paths = {"sft": generate_scene_language(out / "lang" / "sft", "sft", int(c["language"]["sft"]),
+                                            seed=int(c["seed"]) + 30_000, env_ids=envs_used,
+                                            image_size=int(c["image_size"]))}
     # held-out scenes: seeds far from every training scene
     paths["eval"] = generate_scene_language(out / "lang" / "eval", "sft", int(c["language"]["eval"]), seed=900_000,
                                             env_ids=envs_used, image_size=int(c["image_size"]))
     return paths
-
-
-def build_tokenizer(c: dict[str, Any], lang: dict[str, Path], out: Path) -> Path:
-    """A byte-level BPE with every DeepSeek-VL2 special token, trained on this run's texts (tasks included)."""
-    from backbone.tokenizer import BUILTIN_CORPUS, build_bpe_tokenizer
-    from envs.scene_language import load_conversations
-
-    texts = BUILTIN_CORPUS.splitlines()
-    for stage in ("align", "pretrain", "sft"):
-        for record in load_conversations(lang[stage], check_images=False):
-            texts += [m["content"].replace("<image>", "") for m in record.conversation]
-            texts.append(record.meta.get("task", ""))
-    tokenizer = build_bpe_tokenizer(texts, vocab_size=int(c["tokenizer_vocab"]))
-    folder = out / "tokenizer"
-    tokenizer.save(folder)
-    return folder
 
 
 def train_stage(c: dict[str, Any], out: Path, stage: str, init_from: str | None, stage_settings: dict[str, Any],
@@ -257,8 +233,7 @@ def evaluate_language(c: dict[str, Any], out: Path, policy_dir: str, lang: dict[
 
     records = load_conversations(lang["eval"])
     # held out for real: no eval scene is one a training stage or a robot dataset showed (refused otherwise)
-    trained = set(trained_scenes) | scene_keys([r for stage, path in lang.items() if stage != "eval"
-                                                for r in load_conversations(path, check_images=False)])
+    trained = set(trained_scenes) | scene_keys(load_conversations(lang["sft"], check_images=False))
     for root in (roots or {}).values():
         record = read_collection_record(root) or {}
         trained |= {(record["env_id"], int(s)) for s in record.get("episode_seeds", [])}
@@ -266,8 +241,7 @@ def evaluate_language(c: dict[str, Any], out: Path, policy_dir: str, lang: dict[
     model, processor = load_vl2_for_chat(policy_dir)
     result = evaluate_scene_vqa(model, processor, records, progress=False)
     # the language side's "no vision" baseline: the most common training answer per question, the mean training box
-    result["blind"] = blind_baseline([r for stage in ("pretrain", "sft") if stage in lang
-                                      for r in load_conversations(lang[stage])], records)
+    result["blind"] = blind_baseline(load_conversations(lang["sft"]), records)
     # one grounding picture: the model's box (and the question) on a held-out scene
     record = records[0]
     target = record.meta["objects"][0]["name"]

@@ -3,9 +3,9 @@ the project's own scene-language data, the way DeepSeek-VL2 was made at full siz
 
 1. scenes: 2-4-object frames of the robots' envs with their ground truth, from recorded seeds (`SEEDS`);
 2. a byte-level BPE tokenizer with DeepSeek-VL2's special tokens, trained on the scenes' texts and the robots' tasks;
-3. stage vision: the SigLIP tower alone, on per-pixel colour / shape labels read off the rendered frames beside
-   SigLIP's sigmoid caption loss (weights in `mini.vision_data`; docs/experiments.md "A tower the language model can
-   read" for why both);
+3. stage vision: the SigLIP tower alone, on per-pixel colour / shape labels read off the rendered frames, and SigLIP's
+   sigmoid caption loss at `mini.vision_data.contrastive_weight` (0 in the shipped recipe: docs/experiments.md, "The
+   tower at scale" and "A tower the language model can read", for why);
 4. align -> pretrain -> sft: the adaptor and the language model learn to read the tower (the tower at
    `mini.tower_lr_mult`, the recipe's 0.1 for a pretrained tower);
 5. scored on held-out scenes (seeds no stage saw): scene VQA and grounding.
@@ -67,13 +67,15 @@ def resolve(folder: str | Path) -> Path:
     return beside if not folder.is_absolute() and not folder.exists() and beside.exists() else folder
 
 
+def plan_scene_keys(plan: dict[str, Any]) -> set[tuple[str, int]]:
+    """(env id, seed) of every scene of one part of the data plan (record i: env i mod the envs, seed `seed + i`, as
+    `envs.scene_language.generate_scene_language` makes them)."""
+    return {(plan["envs"][i % len(plan["envs"])], plan["seed"] + i) for i in range(plan["count"])}
+
+
 def trained_scene_keys(made_by: dict[str, Any]) -> set[tuple[str, int]]:
     """(env id, seed) of every scene the checkpoint was trained on, from its recorded data plan."""
-    keys = set()
-    for part, plan in made_by["data"].items():
-        if part != "eval":
-            keys |= {(plan["envs"][i % len(plan["envs"])], plan["seed"] + i) for i in range(plan["count"])}
-    return keys
+    return set().union(*(plan_scene_keys(plan) for part, plan in made_by["data"].items() if part != "eval"))
 
 
 def scenes(plan: dict[str, Any], out: Path) -> Path:
@@ -99,6 +101,23 @@ def score(folder: str | Path, eval_jsonl: str | Path, limit: int | None = None) 
             "by_kind": {k: round(v["accuracy"], 4) for k, v in result["by_kind"].items()}}
 
 
+def build_tokenizer(c: dict[str, Any], lang: dict[str, Path], out: Path) -> Path:
+    """A byte-level BPE with every DeepSeek-VL2 special token, trained on the texts of the align, pretrain and sft
+    scenes (the robots' tasks included), saved to `out / "tokenizer"`."""
+    from backbone.tokenizer import BUILTIN_CORPUS, build_bpe_tokenizer
+    from envs.scene_language import load_conversations
+
+    texts = BUILTIN_CORPUS.splitlines()
+    for stage in ("align", "pretrain", "sft"):
+        for record in load_conversations(lang[stage], check_images=False):
+            texts += [m["content"].replace("<image>", "") for m in record.conversation]
+            texts.append(record.meta.get("task", ""))
+    tokenizer = build_bpe_tokenizer(texts, vocab_size=int(c["tokenizer_vocab"]))
+    folder = out / "tokenizer"
+    tokenizer.save(folder)
+    return folder
+
+
 def _commit() -> str:
     try:
         root = Path(__file__).resolve().parents[2]
@@ -113,7 +132,7 @@ def _commit() -> str:
 def build(c: dict[str, Any], out: Path, say=print) -> Path:
     """Make the mini checkpoint with the demo settings `c` (its `mini` section, `model`, `seed`, `image_size`,
     `tokenizer_vocab`, the robots' envs) under `out` (scenes, stage runs) into `out.parent / "dsvl2-mini"`."""
-    from vla.commands.demo import build_tokenizer, train_stage
+    from vla.commands.demo import train_stage
 
     start, m = time.time(), c["mini"]
     env_ids = sorted({r["env"] for r in c["robots"]})

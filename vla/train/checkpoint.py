@@ -90,12 +90,12 @@ def write_checkpoint_dir(root: Path, step: int, write_files: Callable[[Path], No
     tmp.mkdir()
     write_files(tmp)
     (tmp / TRAIN_STATE_JSON).write_text(json.dumps(info | {"step": step, "time": time.time()}, indent=2))
-    files = {}
+    names = []
     for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
         with f.open("rb+") as handle:
             os.fsync(handle.fileno())
-        files[str(f.relative_to(tmp))] = {"size": f.stat().st_size, "sha256": _sha256(f)}
-    _write_json_atomic(tmp / MANIFEST, {"step": step, "files": files})
+        names.append(str(f.relative_to(tmp)))
+    _write_json_atomic(tmp / MANIFEST, {"step": step, "files": file_records(tmp, names)})
     _fsync_dir(tmp)
     if final.exists():  # a re-run of the same step (e.g. after resume): replace it
         shutil.rmtree(final)
