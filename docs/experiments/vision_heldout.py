@@ -1,7 +1,9 @@
 """Held-out binding of a `vla train stage=vision` checkpoint: how often an image's own caption outscores all of its
 hard negatives (binding_acc, chance 1 / (1 + K)) and retrieval among a batch of 32, on 2-4-object scenes of seeds
 the stage never saw (700,000+); for a tower trained with per-pixel labels (stage.data.dense_weight > 0), also the
-share of object pixels whose colour and shape it names right.
+share of object pixels whose colour and shape it names right, and with box labels (stage.data.box_weight > 0) the
+share of object pixels whose predicted object box has IoU >= 0.5 with the true one. Terms a tower was not trained
+with print as nan.
 
     python docs/experiments/vision_heldout.py runs/vision/checkpoints/step-00001500 [--scenes 256]
 """
@@ -41,11 +43,12 @@ def main() -> None:
         with torch.no_grad():
             for first in range(0, args.scenes - 31, 32):
                 metrics = task.loss(task.module, task.collate([task.sample(i) for i in range(first, first + 32)])).metrics
-                scores.append([metrics["binding_acc"], metrics["retrieval_acc"]]
-                              + [metrics.get(k, float("nan")) for k in ("dense_acc", "colour_acc", "shape_acc")])
-    binding, retrieval, dense_acc, colour_acc, shape_acc = np.mean(scores, axis=0)
+                scores.append([metrics.get(k, float("nan")) for k in
+                               ("binding_acc", "retrieval_acc", "dense_acc", "colour_acc", "shape_acc", "box_iou50")])
+    binding, retrieval, dense_acc, colour_acc, shape_acc, box = np.mean(scores, axis=0)
     print(f"held-out binding_acc {binding:.3f}, retrieval among 32 {retrieval:.3f}, per-pixel colour+shape on object "
-          f"pixels {dense_acc:.3f} (colour {colour_acc:.3f}, shape {shape_acc:.3f}) ({32 * len(scores)} scenes)")
+          f"pixels {dense_acc:.3f} (colour {colour_acc:.3f}, shape {shape_acc:.3f}), object box IoU >= 0.5 on object "
+          f"pixels {box:.3f} ({32 * len(scores)} scenes)")
 
 
 if __name__ == "__main__":

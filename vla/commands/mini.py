@@ -3,9 +3,10 @@ the project's own scene-language data, the way DeepSeek-VL2 was made at full siz
 
 1. scenes: 2-4-object frames of the robots' envs with their ground truth, from recorded seeds (`SEEDS`);
 2. a byte-level BPE tokenizer with DeepSeek-VL2's special tokens, trained on the scenes' texts and the robots' tasks;
-3. stage vision: the SigLIP tower alone, on per-pixel colour / shape labels read off the rendered frames, and SigLIP's
-   sigmoid caption loss at `mini.vision_data.contrastive_weight` (0 in the shipped recipe: docs/experiments.md, "The
-   tower at scale" and "A tower the language model can read", for why);
+3. stage vision: the SigLIP tower alone, on per-pixel colour / shape labels read off the rendered frames and the box
+   of the object drawn at each pixel (so each image token carries where its object is), and SigLIP's sigmoid caption
+   loss at `mini.vision_data.contrastive_weight` (0 in the shipped recipe: docs/experiments.md, "The tower at scale",
+   "A tower the language model can read" and "Boxes in the tower's tokens", for why);
 4. align -> pretrain -> sft: the adaptor and the language model learn to read the tower (the tower at
    `mini.tower_lr_mult`, the recipe's 0.1 for a pretrained tower);
 5. scored on held-out scenes (seeds no stage saw): scene VQA and grounding.

@@ -18,8 +18,13 @@ Loss (sigmoid, SigLIP): logits_ij = exp(t) <img_i, txt_j> + b over the B images 
 share of images whose own caption outscores all of its hard negatives (`binding_acc`), and of the whole batch's
 captions (`retrieval_acc`).
 
+Per-pixel labels read off the rendered frames can replace or join it (`dense_weight`: each pixel's colour and shape
+from a linear head on its patch's token; `box_weight`: the box of the object drawn at each pixel, L1 in patch units,
+so a token carries where its object is in the frame). With `contrastive_weight: 0` no text tower is built.
+
 A checkpoint is an official-format DeepSeek-VL2 folder (the trained tower, the rest as initialised, the tokenizer)
-that `align` starts from, plus `contrastive_heads.safetensors` (pooling head, text tower, t and b) for resuming.
+that `align` starts from, plus `contrastive_heads.safetensors` (the heads it built: pooling head, text tower, t and b;
+per-pixel heads) for resuming.
 """
 
 from __future__ import annotations
@@ -60,29 +65,42 @@ class VisionDataConfig:
     text_heads: int = 4
     embed_dim: int = 128  # the joint embedding both towers project to
     dense_weight: float = 0.0  # weight of the per-pixel colour / shape loss on the rendered labels (0 = contrastive only)
-    contrastive_weight: float = 1.0  # weight of the sigmoid image-caption loss (0 = dense labels only)
+    contrastive_weight: float = 1.0  # weight of the sigmoid image-caption loss (0 = no text tower at all)
+    box_weight: float = 0.0  # weight of the per-pixel L1 loss on the box of the object drawn there (patch units)
 
 
 class ContrastiveTowers(nn.Module):
     """The backbone's SigLIP vision model (shared, not copied) + SigLIP's attention-pooling head + a SigLIP text
-    tower + the learned temperature t and bias b (initialised as in SigLIP: t = log 10, b = -10)."""
+    tower + the learned temperature t and bias b (initialised as in SigLIP: t = log 10, b = -10); the per-pixel
+    heads (colour / shape, box) when their weights are on. A head whose weight is 0 is not built."""
 
     def __init__(self, vision: nn.Module, vocab_size: int, pad_id: int, data: VisionDataConfig):
         super().__init__()
+        if max(data.contrastive_weight, data.dense_weight, data.box_weight) <= 0:
+            raise StageTaskError("stage vision: contrastive_weight, dense_weight and box_weight are all 0: nothing to learn")
         self.vision = vision
         vision_config = vision.config
-        self.pool = SiglipMultiheadAttentionPoolingHead(vision_config)
-        self.image_proj = nn.Linear(vision_config.hidden_size, data.embed_dim)
-        self.text = SiglipTextModel(SiglipTextConfig(
-            vocab_size=vocab_size, hidden_size=data.text_width, intermediate_size=4 * data.text_width,
-            num_hidden_layers=data.text_layers, num_attention_heads=data.text_heads,
-            max_position_embeddings=data.max_caption_tokens, projection_size=data.embed_dim,
-            pad_token_id=pad_id, attention_dropout=0.0))
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-        self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+        self.patch_size = vision_config.patch_size
+        if data.contrastive_weight > 0:
+            self.pool = SiglipMultiheadAttentionPoolingHead(vision_config)
+            self.image_proj = nn.Linear(vision_config.hidden_size, data.embed_dim)
+            self.text = SiglipTextModel(SiglipTextConfig(
+                vocab_size=vocab_size, hidden_size=data.text_width, intermediate_size=4 * data.text_width,
+                num_hidden_layers=data.text_layers, num_attention_heads=data.text_heads,
+                max_position_embeddings=data.max_caption_tokens, projection_size=data.embed_dim,
+                pad_token_id=pad_id, attention_dropout=0.0))
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+            self.logit_bias = nn.Parameter(torch.tensor(-10.0))
         if data.dense_weight > 0:  # per pixel of each patch: colour (or none) and shape (or none)
-            self.patch_size = vision_config.patch_size
             self.dense = nn.Linear(vision_config.hidden_size, self.patch_size ** 2 * (len(COLOURS) + len(SHAPES) + 2))
+        if data.box_weight > 0:  # per pixel of each patch: x1, y1, x2, y2 of the object drawn there
+            self.box = nn.Linear(vision_config.hidden_size, self.patch_size ** 2 * 4)
+
+    def _per_pixel(self, head: nn.Linear, patches_BLC: torch.Tensor) -> torch.Tensor:
+        """A linear head's per-patch outputs laid out as pixels: (B, L, P*P*K) -> (B, H, W, K)."""
+        B, L, _ = patches_BLC.shape
+        G, P = math.isqrt(L), self.patch_size
+        return head(patches_BLC).view(B, G, G, P, P, -1).permute(0, 1, 3, 2, 4, 5).reshape(B, G * P, G * P, -1)
 
     def _embed_patches(self, patches_BLC: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_proj(self.pool(patches_BLC)), dim=-1)
@@ -91,33 +109,36 @@ class ContrastiveTowers(nn.Module):
         # SigLIP's text tower pools the last position: captions are padded to a fixed length on the right
         return F.normalize(self.text(input_ids=ids_NT).pooler_output, dim=-1)
 
-    def forward(self, pixels_BCHW: torch.Tensor, captions_NT: torch.Tensor, hard_negatives: int,
-                dense_BHW2: torch.Tensor | None = None):
+    def forward(self, pixels_BCHW: torch.Tensor, captions_NT: torch.Tensor | None, hard_negatives: int,
+                dense_BHW2: torch.Tensor | None = None, boxes_BHW4: torch.Tensor | None = None):
         """Sigmoid loss of B images against N = B (1 + K) captions (own captions first, then each image's K hard
         negatives, image by image), plus, with `dense_BHW2` (per pixel: colour id, shape id; 0 = no object), the
-        per-pixel cross-entropy of a linear head that predicts each patch's pixels; returns (terms, metrics)."""
+        per-pixel cross-entropy of a linear head that predicts each patch's pixels, and with `boxes_BHW4` (per pixel:
+        the box of the object drawn there, in patch units) the L1 error of a linear head that predicts it on object
+        pixels; returns (terms, metrics)."""
         patches_BLC = self.vision(pixel_values=pixels_BCHW).last_hidden_state
-        img_BE, txt_NE = self._embed_patches(patches_BLC), self.embed_texts(captions_NT)
-        logits_BN = img_BE @ txt_NE.T * self.logit_scale.exp() + self.logit_bias
-        B = img_BE.shape[0]
-        labels_BN = -torch.ones_like(logits_BN)
-        labels_BN[:, :B] += 2 * torch.eye(B, device=logits_BN.device)
-        terms = {"loss": -F.logsigmoid(labels_BN * logits_BN).sum() / B}
-        with torch.no_grad():
-            own = logits_BN[:, :B].diagonal()
-            negatives_BK = logits_BN[:, B:].reshape(B, B, hard_negatives)[torch.arange(B), torch.arange(B)] \
-                if hard_negatives else own[:, None] - 1
-            metrics = {"binding_acc": float((own[:, None] > negatives_BK).all(-1).float().mean()),
-                       "retrieval_acc": float((logits_BN[:, :B].argmax(-1) == torch.arange(B, device=own.device)).float().mean()),
-                       "logit_scale": float(self.logit_scale.exp())}
-        if dense_BHW2 is not None and hasattr(self, "dense"):
-            B, L, _ = patches_BLC.shape
-            G, P, n_colours = math.isqrt(L), self.patch_size, len(COLOURS) + 1
-            logits = self.dense(patches_BLC).view(B, G, G, P, P, -1).permute(0, 1, 3, 2, 4, 5).reshape(B, G * P, G * P, -1)
+        terms, metrics = {}, {}
+        if hasattr(self, "text"):
+            img_BE, txt_NE = self._embed_patches(patches_BLC), self.embed_texts(captions_NT)
+            logits_BN = img_BE @ txt_NE.T * self.logit_scale.exp() + self.logit_bias
+            B = img_BE.shape[0]
+            labels_BN = -torch.ones_like(logits_BN)
+            labels_BN[:, :B] += 2 * torch.eye(B, device=logits_BN.device)
+            terms["loss"] = -F.logsigmoid(labels_BN * logits_BN).sum() / B
+            with torch.no_grad():
+                own = logits_BN[:, :B].diagonal()
+                negatives_BK = logits_BN[:, B:].reshape(B, B, hard_negatives)[torch.arange(B), torch.arange(B)] \
+                    if hard_negatives else own[:, None] - 1
+                metrics |= {"binding_acc": float((own[:, None] > negatives_BK).all(-1).float().mean()),
+                            "retrieval_acc": float((logits_BN[:, :B].argmax(-1) == torch.arange(B, device=own.device)).float().mean()),
+                            "logit_scale": float(self.logit_scale.exp())}
+        on_object = dense_BHW2[..., 0] > 0 if dense_BHW2 is not None else None
+        if on_object is not None and hasattr(self, "dense"):
+            logits = self._per_pixel(self.dense, patches_BLC)
+            n_colours = len(COLOURS) + 1
             colour_BHWC, shape_BHWS = logits.split([n_colours, logits.shape[-1] - n_colours], dim=-1)
             # object pixels (~6% of a frame) and background pixels weigh half each: a mean over all pixels is
             # background-dominated and learns shape slowly
-            on_object = dense_BHW2[..., 0] > 0
             ce_BHW = (F.cross_entropy(colour_BHWC.permute(0, 3, 1, 2), dense_BHW2[..., 0], reduction="none")
                       + F.cross_entropy(shape_BHWS.permute(0, 3, 1, 2), dense_BHW2[..., 1], reduction="none"))
             terms["dense"] = 0.5 * (ce_BHW[on_object].mean() if on_object.any() else ce_BHW.sum() * 0) \
@@ -128,7 +149,21 @@ class ContrastiveTowers(nn.Module):
                 for key, right in (("dense_acc", colour_right & shape_right), ("colour_acc", colour_right),
                                    ("shape_acc", shape_right)):
                     metrics[key] = float(right[on_object].float().mean()) if on_object.any() else 0.0
+        if boxes_BHW4 is not None and hasattr(self, "box"):
+            # the object's box at each of its pixels: the tokens then carry where their object is (its column and
+            # row in the frame, which a causal language model otherwise has to count off the token order)
+            box_NP4, true_N4 = self._per_pixel(self.box, patches_BLC)[on_object], boxes_BHW4[on_object]
+            terms["box"] = (box_NP4 - true_N4).abs().mean() if len(true_N4) else box_NP4.sum() * 0
+            with torch.no_grad():
+                metrics["box_iou50"] = float((_box_iou(box_NP4, true_N4) >= 0.5).float().mean()) if len(true_N4) else 0.0
         return terms, metrics
+
+
+def _box_iou(a_N4: torch.Tensor, b_N4: torch.Tensor) -> torch.Tensor:
+    wh_N2 = (torch.minimum(a_N4[:, 2:], b_N4[:, 2:]) - torch.maximum(a_N4[:, :2], b_N4[:, :2])).clamp(min=0)
+    inter = wh_N2.prod(-1)
+    area = lambda box: (box[:, 2:] - box[:, :2]).clamp(min=0).prod(-1)  # noqa: E731
+    return inter / (area(a_N4) + area(b_N4) - inter).clamp(min=1e-9)
 
 
 def pixel_labels(image_HW3: np.ndarray, objects: list[dict[str, Any]]) -> torch.Tensor:
@@ -144,6 +179,21 @@ def pixel_labels(image_HW3: np.ndarray, objects: list[dict[str, Any]]) -> torch.
     return torch.from_numpy(labels)
 
 
+def pixel_boxes(labels_HW2: torch.Tensor, objects: list[dict[str, Any]], image_hw: tuple[int, int],
+                grid: float) -> torch.Tensor:
+    """(H, W, 4) float per pixel: the box (x1, y1, x2, y2) of the object drawn there, in patch units (0..grid across the
+    frame; `image_hw` is the size the objects' boxes are given in), zeros where no object is. The object at a pixel is
+    the one of `pixel_labels`' colour and shape (scenes never repeat one)."""
+    boxes = torch.zeros(labels_HW2.shape[:2] + (4,))
+    colours, shapes = list(COLOURS), list(SHAPES)
+    h, w = image_hw
+    scale = torch.tensor([grid / w, grid / h, grid / w, grid / h])
+    for o in objects:
+        drawn = (labels_HW2[..., 0] == colours.index(o["colour"]) + 1) & (labels_HW2[..., 1] == shapes.index(o["shape"]) + 1)
+        boxes[drawn] = torch.tensor(o["bbox"], dtype=torch.float32) * scale
+    return boxes
+
+
 class VisionStageTask(StageTask):
     """Contrastive pretraining of the backbone's vision tower on scene captions (see the module docstring)."""
 
@@ -157,6 +207,7 @@ class VisionStageTask(StageTask):
         self.data = VisionDataConfig(**data)
         self.backbone, self.tokenizer = build_vl2_backbone(ctx)
         self.tile = self.backbone.config.vision.image_size
+        self.patch_size = self.backbone.config.vision.patch_size
         self.records = [r for r in load_conversations(self._data_path()) if r.meta.get("objects")]
         if not self.records:
             raise StageTaskError(f"stage vision: no records with scene meta (objects) in {self._data_path()}")
@@ -203,20 +254,23 @@ class VisionStageTask(StageTask):
         rng = np.random.default_rng([self.ctx.seed, 31337, index])
         texts = [caption(truth)] + hard_negative_captions(truth, rng, self.data.hard_negatives)
         sample = {"pixels": image * 2 - 1, "captions": torch.stack([self._encode_caption(t) for t in texts])}
-        if self.data.dense_weight > 0:
+        if self.data.dense_weight > 0 or self.data.box_weight > 0:
             labels = pixel_labels(rgb, truth["objects"])
             if labels.shape[:2] != (self.tile, self.tile):
                 labels = F.interpolate(labels.permute(2, 0, 1)[None].float(), size=(self.tile, self.tile),
                                        mode="nearest")[0].permute(1, 2, 0).long()
             sample["dense"] = labels
+        if self.data.box_weight > 0:
+            sample["boxes"] = pixel_boxes(sample["dense"], truth["objects"], rgb.shape[:2], self.tile / self.patch_size)
         return sample
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         captions = torch.stack([s["captions"] for s in samples])  # (B, 1 + K, T)
         batch = {"pixels": torch.stack([s["pixels"] for s in samples]),
                  "captions": torch.cat([captions[:, 0], captions[:, 1:].reshape(-1, captions.shape[-1])])}
-        if "dense" in samples[0]:
-            batch["dense"] = torch.stack([s["dense"] for s in samples])
+        for key in ("dense", "boxes"):
+            if key in samples[0]:
+                batch[key] = torch.stack([s[key] for s in samples])
         return batch
 
     def batches(self, rank: int, world: int, micro_batch: int) -> ShardedBatches:
@@ -228,20 +282,25 @@ class VisionStageTask(StageTask):
         trainable = ["vision_tower", "contrastive_heads"] if "all" in self.ctx.trainable else list(self.ctx.trainable)
         return group_parameters(self.module, classify, GROUPS, trainable, self.ctx.frozen, self.ctx.lr_mult)
 
+    def _weights(self) -> dict[str, float]:
+        """The loss terms this stage computes and their weights (a term whose weight is 0 is not computed)."""
+        named = {"loss": self.data.contrastive_weight, "dense": self.data.dense_weight, "box": self.data.box_weight}
+        return {name: weight for name, weight in named.items() if weight > 0}
+
     def loss_weights(self, batch: dict[str, Any]) -> dict[str, float]:
-        return {name: float(len(batch["pixels"])) for name in (("loss", "dense") if "dense" in batch else ("loss",))}
+        return {name: float(len(batch["pixels"])) for name in self._weights()}
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
-        terms, metrics = model(batch["pixels"], batch["captions"], self.data.hard_negatives, batch.get("dense"))
-        terms["loss"] = terms["loss"] * self.data.contrastive_weight
-        if "dense" in terms:
-            terms["dense"] = terms["dense"] * self.data.dense_weight
-        return LossOutput(terms, metrics)
+        captions = batch["captions"] if self.data.contrastive_weight > 0 else None
+        terms, metrics = model(batch["pixels"], captions, self.data.hard_negatives, batch.get("dense"), batch.get("boxes"))
+        return LossOutput({name: terms[name] * weight for name, weight in self._weights().items()}, metrics)
 
     def describe(self) -> str:
+        parts = {"loss": f"each against its caption, the batch's and {self.data.hard_negatives} hard negatives",
+                 "dense": f"per-pixel colour / shape labels at weight {self.data.dense_weight}",
+                 "box": f"per-pixel object boxes at weight {self.data.box_weight}"}
         return (f"stage vision: {len(self.records)} scenes ({self.data.num_objects[0]}-{self.data.num_objects[1]} "
-                f"objects), each against its caption, the batch's and {self.data.hard_negatives} hard negatives"
-                + (f"; per-pixel colour / shape labels at weight {self.data.dense_weight}" if self.data.dense_weight > 0 else ""))
+                f"objects); " + "; ".join(parts[name] for name in self._weights()))
 
     # ---- weights -----------------------------------------------------------------------------------------------
     def save_weights(self, directory: Path, state_dict: dict[str, torch.Tensor]) -> None:

@@ -111,3 +111,42 @@ def test_vision_stage_with_dense_labels_trains_both_terms_and_reloads(tmp_path):
                          capture_output=True, text=True, cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert re.search(r"per-pixel colour\+shape on object pixels 0\.\d{3}", out.stdout)
+
+
+def test_pixel_boxes_give_each_object_pixel_its_objects_box_in_patch_units():
+    from envs.scene import COLOURS
+    from vla.train.vision_stage import pixel_boxes, pixel_labels
+
+    image = np.full((16, 16, 3), 185, dtype=np.uint8)
+    image[2:5, 2:6] = COLOURS["red"]
+    image[9:13, 9:13] = COLOURS["blue"]
+    objects = [{"colour": "red", "shape": "square", "bbox": [2, 2, 6, 5]},
+               {"colour": "blue", "shape": "triangle", "bbox": [9, 9, 13, 13]}]
+    boxes = pixel_boxes(pixel_labels(image, objects), objects, (16, 16), grid=4)  # 4 patches of 4 px across
+    assert boxes.shape == (16, 16, 4)
+    assert boxes[3, 3].tolist() == [0.5, 0.5, 1.5, 1.25] and boxes[10, 10].tolist() == [2.25, 2.25, 3.25, 3.25]
+    assert boxes[0, 0].tolist() == [0, 0, 0, 0]
+
+
+def test_vision_stage_without_captions_builds_no_text_tower_and_learns_boxes(tmp_path):
+    from safetensors.torch import load_file
+
+    from vla.train.vision_stage import HEADS_FILE
+
+    summary = _vision(tmp_path / "vision", 3, "stage.data.dense_weight=1", "stage.data.box_weight=1",
+                      "stage.data.contrastive_weight=0")
+    header = (tmp_path / "vision" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"loss/dense", "loss/box", "box_iou50"} <= set(header) and "loss/loss" not in header
+    assert "binding_acc" not in header
+    heads = load_file(os.path.join(summary["checkpoint"], HEADS_FILE))
+    assert {k.split(".")[0] for k in heads} == {"dense", "box"}  # no text tower, pooling head, t or b
+    resumed = _vision(tmp_path / "vision", 4, "stage.data.dense_weight=1", "stage.data.box_weight=1",
+                      "stage.data.contrastive_weight=0", "resume=true")
+    assert sorted(resumed["losses"]) == [4]
+
+
+def test_vision_stage_with_nothing_to_learn_is_refused(tmp_path):
+    from vla.train.stages import StageTaskError
+
+    with pytest.raises(StageTaskError, match="nothing to learn"):
+        _vision(tmp_path / "vision", 1, "stage.data.contrastive_weight=0")
