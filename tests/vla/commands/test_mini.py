@@ -6,6 +6,7 @@ import math
 import shutil
 
 import pytest
+from omegaconf import OmegaConf
 
 from vla.commands import mini
 
@@ -78,6 +79,9 @@ def test_build_records_settings_seeds_scores_and_hashes(tmp_path):
     recorded, measured = mini.check_scores(folder, limit=c["mini"]["scenes"]["eval"])
     assert measured == recorded
     assert json.loads((folder / "config.json").read_text())["vision_config"]["width"] == c["vision"]["width"]
+    # the tower trains from random init at the stage's whole lr; the stages after read it at the recipe's 0.1x
+    lr_mult = lambda stage: OmegaConf.load(tmp_path / "mini" / "train" / stage / "config.yaml").stage.lr_mult  # noqa: E731
+    assert dict(lr_mult("vision")) == {} and dict(lr_mult("sft")) == {"vision_tower": c["mini"]["tower_lr_mult"]}
 
 
 def test_vla_vqa_answers_and_draws_boxes_from_the_shipped_checkpoint(tmp_path, capsys):
