@@ -167,6 +167,17 @@ def box_iou(boxes_a: Sequence[Sequence[float]], boxes_b: Sequence[Sequence[float
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
+def paired_box_iou(boxes_a: Sequence[Sequence[float]], boxes_b: Sequence[Sequence[float]]) -> np.ndarray:
+    """IoU of boxes_a[i] with boxes_b[i] for each i: (N,) (no N x N matrix, for many pairs). Zero-area pairs give 0."""
+    a = np.asarray(boxes_a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(boxes_b, dtype=np.float64).reshape(-1, 4)
+    area = lambda box: np.clip(box[:, 2] - box[:, 0], 0, None) * np.clip(box[:, 3] - box[:, 1], 0, None)  # noqa: E731
+    inter = (np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+             * np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None))
+    union = area(a) + area(b) - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
 def iou(box_a: Sequence[float], box_b: Sequence[float]) -> float:
     """IoU of two boxes."""
     return float(box_iou([box_a], [box_b])[0, 0])

@@ -43,6 +43,7 @@ from torch import nn
 from transformers import SiglipTextConfig, SiglipTextModel
 from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
 
+from backbone.grounding import paired_box_iou
 from envs.mixture import SourceSchedule
 from envs.scene import COLOURS, SHAPES
 from vla.train.stages import (LossOutput, ShardedBatches, StageContext, StageTask, StageTaskError, build_vl2_backbone,
@@ -155,15 +156,9 @@ class ContrastiveTowers(nn.Module):
             box_NP4, true_N4 = self._per_pixel(self.box, patches_BLC)[on_object], boxes_BHW4[on_object]
             terms["box"] = (box_NP4 - true_N4).abs().mean() if len(true_N4) else box_NP4.sum() * 0
             with torch.no_grad():
-                metrics["box_iou50"] = float((_box_iou(box_NP4, true_N4) >= 0.5).float().mean()) if len(true_N4) else 0.0
+                iou_N = paired_box_iou(box_NP4.float().cpu().numpy(), true_N4.float().cpu().numpy())
+                metrics["box_iou50"] = float((iou_N >= 0.5).mean()) if len(true_N4) else 0.0
         return terms, metrics
-
-
-def _box_iou(a_N4: torch.Tensor, b_N4: torch.Tensor) -> torch.Tensor:
-    wh_N2 = (torch.minimum(a_N4[:, 2:], b_N4[:, 2:]) - torch.maximum(a_N4[:, :2], b_N4[:, :2])).clamp(min=0)
-    inter = wh_N2.prod(-1)
-    area = lambda box: (box[:, 2:] - box[:, :2]).clamp(min=0).prod(-1)  # noqa: E731
-    return inter / (area(a_N4) + area(b_N4) - inter).clamp(min=1e-9)
 
 
 def pixel_labels(image_HW3: np.ndarray, objects: list[dict[str, Any]]) -> torch.Tensor:
@@ -240,7 +235,8 @@ class VisionStageTask(StageTask):
         return torch.tensor(ids + [self.tokenizer.pad_id] * (self.data.max_caption_tokens - len(ids)))
 
     def sample(self, index: int) -> dict[str, Any]:
-        """The image (one tile, [-1, 1]), its caption and its hard negatives (token ids, right padded)."""
+        """The image (one tile, [-1, 1]); with the caption loss on, its caption and its hard negatives (token ids,
+        right padded); with per-pixel losses on, the pixel labels and boxes."""
         from PIL import Image
 
         from envs.scene_language import caption, hard_negative_captions, record_truth
@@ -251,9 +247,11 @@ class VisionStageTask(StageTask):
         if image.shape[-2:] != (self.tile, self.tile):
             image = F.interpolate(image[None], size=(self.tile, self.tile), mode="bilinear", antialias=True)[0]
         truth = record_truth(record.meta)
-        rng = np.random.default_rng([self.ctx.seed, 31337, index])
-        texts = [caption(truth)] + hard_negative_captions(truth, rng, self.data.hard_negatives)
-        sample = {"pixels": image * 2 - 1, "captions": torch.stack([self._encode_caption(t) for t in texts])}
+        sample = {"pixels": image * 2 - 1}
+        if self.data.contrastive_weight > 0:
+            rng = np.random.default_rng([self.ctx.seed, 31337, index])
+            texts = [caption(truth)] + hard_negative_captions(truth, rng, self.data.hard_negatives)
+            sample["captions"] = torch.stack([self._encode_caption(t) for t in texts])
         if self.data.dense_weight > 0 or self.data.box_weight > 0:
             labels = pixel_labels(rgb, truth["objects"])
             if labels.shape[:2] != (self.tile, self.tile):
@@ -265,9 +263,10 @@ class VisionStageTask(StageTask):
         return sample
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        captions = torch.stack([s["captions"] for s in samples])  # (B, 1 + K, T)
-        batch = {"pixels": torch.stack([s["pixels"] for s in samples]),
-                 "captions": torch.cat([captions[:, 0], captions[:, 1:].reshape(-1, captions.shape[-1])])}
+        batch = {"pixels": torch.stack([s["pixels"] for s in samples])}
+        if "captions" in samples[0]:
+            captions = torch.stack([s["captions"] for s in samples])  # (B, 1 + K, T)
+            batch["captions"] = torch.cat([captions[:, 0], captions[:, 1:].reshape(-1, captions.shape[-1])])
         for key in ("dense", "boxes"):
             if key in samples[0]:
                 batch[key] = torch.stack([s[key] for s in samples])
@@ -291,8 +290,8 @@ class VisionStageTask(StageTask):
         return {name: float(len(batch["pixels"])) for name in self._weights()}
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
-        captions = batch["captions"] if self.data.contrastive_weight > 0 else None
-        terms, metrics = model(batch["pixels"], captions, self.data.hard_negatives, batch.get("dense"), batch.get("boxes"))
+        terms, metrics = model(batch["pixels"], batch.get("captions"), self.data.hard_negatives, batch.get("dense"),
+                               batch.get("boxes"))
         return LossOutput({name: terms[name] * weight for name, weight in self._weights().items()}, metrics)
 
     def describe(self) -> str:
