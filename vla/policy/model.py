@@ -8,6 +8,8 @@ One control step is one sequence through the unchanged DeepSeek-VL2 backbone:
 so action tokens flow through the same MoE layers (and experts) as text and image tokens. Robots differ in their
 action size, chunk length, cameras and rate; each emits its own H*A action positions. See heads/action_head.py for
 the parallel / autoregressive decoding, the offset head, the state token and the router prior.
+With `instruction_first` the instruction comes before the images (`<|User|>: {instruction}\\n [images] <|emb:ROBOT|>
+...`), so the image tokens see which object it names.
 
 The policy works in normalized units: states and actions are normalized per dataset (quantile q01/q99 -> [-1, 1] by
 default) before they reach it, by the mixture loader in training, by `EnvPolicy` in our rollouts and by lerobot's
@@ -66,6 +68,9 @@ class VLAPolicyConfig:
     max_chunk_len: int = 64
     max_action_dim: int = 32
     vqa_loss_weight: float = 1.0  # co-training weight of the scene-VQA language loss
+    # the instruction before the camera images instead of after them: the image tokens then see which object is
+    # meant (a causal model's image tokens otherwise cannot), at no cost in tokens
+    instruction_first: bool = False
 
     def __post_init__(self) -> None:
         if self.decoding not in ("parallel", "autoregressive"):
@@ -179,9 +184,12 @@ class VLAPolicy(nn.Module):
 
         rows = []  # per sample: list of (kind, ids or embeddings)
         for b, (emb, task) in enumerate(zip(embodiments, tasks)):
-            segments: list[tuple[int, Any]] = [(TEXT, [tok.bos_id] + self._encode_text("<|User|>: "))]
+            task = str(task).strip()
+            # <|User|>: [images] \n{task} <|emb|> ..., or with instruction_first <|User|>: {task}\n [images] <|emb|> ...
+            head, tail = ("<|User|>: " + task + "\n", "") if self.config.instruction_first else ("<|User|>: ", "\n" + task)
+            segments: list[tuple[int, Any]] = [(TEXT, [tok.bos_id] + self._encode_text(head))]
             segments += [(IMAGE, f) for f in frames[b]]
-            segments.append((TEXT, self._encode_text("\n" + str(task).strip()) + [self.embodiment_token_id[emb.name]]))
+            segments.append((TEXT, self._encode_text(tail) + [self.embodiment_token_id[emb.name]]))
             segments.append((STATE, self.state_proj(emb.name, state[b, : emb.state_dim].to(self.device))[None]))
             segments.append((TEXT, self._encode_text("\n\n<|Assistant|>:")))
             if with_actions:

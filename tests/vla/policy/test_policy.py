@@ -48,6 +48,23 @@ def test_sequence_has_each_robots_own_action_count():
     assert (seq.block_ids[seq.kinds == ACTION] == 0).all() and (seq.block_ids[seq.kinds != ACTION] == -1).all()
 
 
+def test_instruction_first_moves_only_the_instruction_before_the_images():
+    from vla.policy.model import IMAGE, TEXT
+
+    batch = make_batch()
+    policy, first = make_policy(), make_policy(instruction_first=True)  # same seed: same weights
+    for b, task in enumerate(batch["task"]):
+        last_word = policy.backbone.language.embed(torch.tensor(policy.tokenizer.encode(task)[-1:]))[0]
+        for model, before_images in ((policy, False), (first, True)):
+            seq = model.build_sequences(batch)
+            kinds = seq.kinds[b].tolist()
+            # the same image and action tokens (the text is tokenized in other pieces, so its count may differ by one)
+            assert [kinds.count(k) for k in (IMAGE, ACTION)] == [
+                (policy.build_sequences(batch).kinds[b] == k).sum().item() for k in (IMAGE, ACTION)]
+            at = [t for t, kind in enumerate(kinds) if kind == TEXT and torch.equal(seq.inputs_embeds[b, t], last_word)]
+            assert at and all((t < kinds.index(IMAGE)) == before_images for t in at)
+
+
 def test_padded_steps_do_not_count_in_the_loss():
     policy = make_policy()
     batch = make_batch()
