@@ -95,3 +95,17 @@ def test_vla_vqa_answers_and_draws_boxes_from_the_shipped_checkpoint(tmp_path, c
                  f"question='Locate <|ref|>the {target}<|/ref|> in the given image.'"]) == 0
     printed = capsys.readouterr().out
     assert "<|det|>" in printed and "drew " in printed and (tmp_path / "boxes.png").stat().st_size > 0
+
+
+def test_grounding_errors_script_scores_the_shipped_checkpoint():
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    out = subprocess.run([sys.executable, "docs/experiments/grounding_errors.py", "checkpoints/dsvl2-mini", "--scenes", "4"],
+                         capture_output=True, text=True, cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"\d+ boxes \(4 held-out scenes\): x1 within 40 units [01]\.\d\d, y1 within 40 [01]\.\d\d", out.stdout)
