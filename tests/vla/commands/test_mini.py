@@ -3,6 +3,7 @@ it records; the builder writes what it records; a damaged copy is refused in one
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -97,15 +98,26 @@ def test_vla_vqa_answers_and_draws_boxes_from_the_shipped_checkpoint(tmp_path, c
     assert "<|det|>" in printed and "drew " in printed and (tmp_path / "boxes.png").stat().st_size > 0
 
 
-def test_grounding_errors_script_scores_the_shipped_checkpoint():
+
+def _script(*args: str) -> str:
+    """Run one of docs/experiments' scripts on the shipped checkpoint; its stdout."""
     import os
-    import re
     import subprocess
     import sys
 
     from helpers import REPO
 
-    out = subprocess.run([sys.executable, "docs/experiments/grounding_errors.py", "checkpoints/dsvl2-mini", "--scenes", "4"],
-                         capture_output=True, text=True, cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)})
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO,
+                         env=os.environ | {"PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert re.search(r"\d+ boxes \(4 held-out scenes\): x1 within 40 units [01]\.\d\d, y1 within 40 [01]\.\d\d", out.stdout)
+    return out.stdout
+
+
+def test_grounding_errors_script_scores_the_shipped_checkpoint():
+    out = _script("docs/experiments/grounding_errors.py", "checkpoints/dsvl2-mini", "--scenes", "4")
+    assert re.search(r"\d+ boxes \(4 held-out scenes\): x1 within 40 units [01]\.\d\d, y1 within 40 [01]\.\d\d", out)
+
+
+def test_token_probe_script_reads_the_shipped_checkpoints_tokens():
+    out = _script("docs/experiments/token_probe.py", "checkpoints/dsvl2-mini", "--train", "60", "--test", "20")
+    assert re.search(r"\d+ held-out objects \(\d+ to fit\): x1 within 40 units [01]\.\d\d \(R\^2 -?\d+\.\d\d\)", out)
