@@ -1,9 +1,10 @@
 """Does an object's image token say where the object is? A ridge-regression probe from the adaptor's output token
 that holds an object's centre (the 4x4 global-view grid of a 64-px frame, what the language model reads) to the
 object's x1 and y1 (0..999), fit on `--train` scenes and scored on `--test` others: the share within 40 units and R^2,
-for x1 (the column) and y1 (the row). The token's index is not an input: only its content.
+for x1 (the column) and y1 (the row). The token's index is not an input: only its content. `--tokens tower` probes
+the SigLIP tower's patch token (8x8 grid) at the centre instead, before the adaptor.
 
-    python docs/experiments/token_probe.py checkpoints/dsvl2-mini [--train 2000 --test 500]
+    python docs/experiments/token_probe.py checkpoints/dsvl2-mini [--train 2000 --test 500] [--tokens tower]
 """
 
 from __future__ import annotations
@@ -15,19 +16,20 @@ import numpy as np
 import torch
 
 
-def tokens_and_targets(model, records, size: int) -> tuple[np.ndarray, np.ndarray]:
+def tokens_and_targets(model, records, size: int, tokens: str) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image
 
     from envs.scene_language import to_det
 
     encoder, feats, targets = model.vision_encoder, [], []
-    grid = int(np.sqrt(encoder.tokens_per_tile))
+    grid = encoder.vision_config.grid_side if tokens == "tower" else int(np.sqrt(encoder.tokens_per_tile))
     for first in range(0, len(records), 64):
         batch = records[first:first + 64]
         pixels = torch.stack([torch.from_numpy(np.array(Image.open(r.images[0]).convert("RGB"))).permute(2, 0, 1)
                               for r in batch]).float() / 255 * 2 - 1
         with torch.no_grad():
-            tokens_NLD = encoder.encode_tiles(pixels)
+            tokens_NLD = (encoder.vision(pixel_values=pixels).last_hidden_state if tokens == "tower"
+                          else encoder.encode_tiles(pixels))
         for record, tokens_LD in zip(batch, tokens_NLD):
             for obj in record.meta["objects"]:
                 cx, cy = obj["center"]
@@ -46,6 +48,7 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--test", type=int, default=500)
     parser.add_argument("--seed", type=int, default=900_000)
+    parser.add_argument("--tokens", choices=("adaptor", "tower"), default="adaptor")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, _ = load_vl2_for_chat(args.checkpoint)
@@ -55,15 +58,15 @@ def main() -> None:
                                        env_ids=["vla/ArmReach-v0", "vla/PointNav-v0"],
                                        env_kwargs={"num_objects": [2, 4]})
         records = load_conversations(path)
-        X_train, y_train = tokens_and_targets(model, records[:args.train], size)
-        X_test, y_test = tokens_and_targets(model, records[args.train:], size)
+        X_train, y_train = tokens_and_targets(model, records[:args.train], size, args.tokens)
+        X_test, y_test = tokens_and_targets(model, records[args.train:], size, args.tokens)
     mean, scale = X_train.mean(0), X_train.std(0) + 1e-6
     A = np.c_[(X_train - mean) / scale, np.ones(len(X_train))]
     W = np.linalg.solve(A.T @ A + 1.0 * np.eye(A.shape[1]), A.T @ y_train)
     pred = np.c_[(X_test - mean) / scale, np.ones(len(X_test))] @ W
     within = (np.abs(pred - y_test) <= 40).mean(0)
     r2 = 1 - ((pred - y_test) ** 2).sum(0) / ((y_test - y_test.mean(0)) ** 2).sum(0)
-    print(f"{len(y_test)} held-out objects ({len(y_train)} to fit): x1 within 40 units {within[0]:.2f} (R^2 {r2[0]:.2f}), "
+    print(f"{args.tokens} tokens, {len(y_test)} held-out objects ({len(y_train)} to fit): x1 within 40 units {within[0]:.2f} (R^2 {r2[0]:.2f}), "
           f"y1 within 40 {within[1]:.2f} (R^2 {r2[1]:.2f})")
 
 
