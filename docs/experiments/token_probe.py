@@ -66,8 +66,8 @@ def main() -> None:
     pred = np.c_[(X_test - mean) / scale, np.ones(len(X_test))] @ W
     within = (np.abs(pred - y_test) <= 40).mean(0)
     r2 = 1 - ((pred - y_test) ** 2).sum(0) / ((y_test - y_test.mean(0)) ** 2).sum(0)
-    print(f"{args.tokens} tokens, {len(y_test)} held-out objects ({len(y_train)} to fit): x1 within 40 units {within[0]:.2f} (R^2 {r2[0]:.2f}), "
-          f"y1 within 40 {within[1]:.2f} (R^2 {r2[1]:.2f})")
+    print(f"{args.tokens} tokens, {len(y_test)} held-out objects ({len(y_train)} to fit): x1 within 40 units "
+          f"{within[0]:.2f} (R^2 {r2[0]:.2f}), y1 within 40 {within[1]:.2f} (R^2 {r2[1]:.2f})")
 
 
 if __name__ == "__main__":

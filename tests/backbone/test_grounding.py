@@ -92,13 +92,13 @@ def test_iou():
     assert matrix[0, 1] == pytest.approx(0.25) and matrix[1, 1] == 1.0 and matrix[1, 2] == 0.0
 
 
-
 def test_paired_iou_is_the_diagonal_of_the_pairwise_one():
     rng = np.random.default_rng(0)
     corners = rng.uniform(0, 10, size=(2, 50, 2, 2))
     a, b = (np.concatenate([c.min(1), c.max(1)], axis=-1) for c in corners)  # (50, 4) valid boxes
     a[0] = b[0] = 0  # zero-area pair
     assert np.allclose(paired_box_iou(a, b), np.diag(box_iou(a, b))) and paired_box_iou(a, b)[0] == 0.0
+
 
 def test_draw(tmp_path):
     image = Image.new("RGB", (200, 100), (255, 255, 255))

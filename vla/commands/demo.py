@@ -127,8 +127,9 @@ def train_stage(c: dict[str, Any], out: Path, stage: str, init_from: str | None,
         "checkpoint": {"every": 0, "keep_last": 1}, "log": {"progress": True, "tensorboard": False},
         "stage": {"steps": steps, "optim": {"lr": c["lr"][stage]},
                   "schedule": {"warmup_steps": max(1, steps // 10)},
-                  # the recipe's 0.1x vision-tower learning rate is for a pretrained SigLIP; this one starts random
-                  "lr_mult": c["vision_lr_mult"], **stage_settings},
+                  # the recipe's 0.1x vision-tower learning rate is for a pretrained tower: every stage after the one
+                  # that makes it (stage vision trains a random tower at the whole lr)
+                  "lr_mult": {} if stage == "vision" else c["vision_lr_mult"], **stage_settings},
         **({"init_from": init_from} if init_from else {}), **settings,
     }
     summary = run(stage_config(stage, config))

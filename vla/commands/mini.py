@@ -144,10 +144,9 @@ def build(c: dict[str, Any], out: Path, say=print) -> Path:
     say(f"mini: {sum(p['count'] for p in plan.values())} scenes generated, tokenizer of {c['tokenizer_vocab']} tokens")
     # the stages with the mini's own steps, learning rates, batch sizes and tower
     mc = {**c, "steps": m["steps"], "lr": m["lr"]}
-    # the tower starts random here: the whole lr (the recipe's 0.1x is for a pretrained tower, in the stages after)
     summary = train_stage({**mc, "micro_batch": m["micro_batch"]["vision"]}, out, "vision", None,
-                          {"data": {"path": paths["vision"], "image_size": c["image_size"], **m["vision_data"]},
-                           "lr_mult": {}}, tokenizer=tokenizer)
+                          {"data": {"path": paths["vision"], "image_size": c["image_size"], **m["vision_data"]}},
+                          tokenizer=tokenizer)
     init, losses = summary["checkpoint"], {"vision": summary["final_loss"]}
     for stage in ("align", "pretrain", "sft"):
         summary = train_stage({**mc, "micro_batch": m["micro_batch"]["language"]}, out, stage, init,

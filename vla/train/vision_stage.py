@@ -153,10 +153,10 @@ class ContrastiveTowers(nn.Module):
         if boxes_BHW4 is not None and hasattr(self, "box"):
             # the object's box at each of its pixels: the tokens then carry where their object is (its column and
             # row in the frame, which a causal language model otherwise has to count off the token order)
-            box_NP4, true_N4 = self._per_pixel(self.box, patches_BLC)[on_object], boxes_BHW4[on_object]
-            terms["box"] = (box_NP4 - true_N4).abs().mean() if len(true_N4) else box_NP4.sum() * 0
+            pred_N4, true_N4 = self._per_pixel(self.box, patches_BLC)[on_object], boxes_BHW4[on_object]
+            terms["box"] = (pred_N4 - true_N4).abs().mean() if len(true_N4) else pred_N4.sum() * 0
             with torch.no_grad():
-                iou_N = paired_box_iou(box_NP4.float().cpu().numpy(), true_N4.float().cpu().numpy())
+                iou_N = paired_box_iou(pred_N4.float().cpu().numpy(), true_N4.float().cpu().numpy())
                 metrics["box_iou50"] = float((iou_N >= 0.5).mean()) if len(true_N4) else 0.0
         return terms, metrics
 
