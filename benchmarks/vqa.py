@@ -230,6 +230,10 @@ def run(cfg) -> dict:
         raise SystemExit(f"vla bench vqa: unknown rows {unknown}; known: {[s.label for s in SETTINGS]}")
     settings = [s for s in SETTINGS if not wanted or s.label in wanted]
     tower, freeze_tower = cfg.get("tower"), bool(cfg.get("freeze_tower", False))
+    language = OmegaConf.to_container(cfg.get("language") or OmegaConf.create({}))
+    if language:
+        demo["model"] = {**demo["model"], **language}
+        print(f"language model: {demo['model']}")
     if tower:  # the oracle rows have no tower to replace
         settings = [s for s in settings if not s.oracle_tokens]
         print(f"tower: {tower}{' (frozen)' if freeze_tower else ''}")
@@ -268,4 +272,4 @@ def run(cfg) -> dict:
             print(f"{label:<28} {steps:>6} {len(test):>10} {blind:>7.2f} {accuracy:>8.2f} {loss:>7.3f} {seconds:>8.1f}",
                   flush=True)
     return {"benchmark": "vqa", "quick": quick, "steps": steps, "tower": tower, "freeze_tower": freeze_tower,
-            "results": rows}
+            "language": demo["model"], "results": rows}

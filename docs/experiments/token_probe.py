@@ -1,7 +1,8 @@
 """Does an object's image token say where the object is? A ridge-regression probe from the adaptor's output token
 that holds an object's centre (the 4x4 global-view grid of a 64-px frame, what the language model reads) to the
 object's x1 and y1 (0..999), fit on `--train` scenes and scored on `--test` others: the share within 40 units and R^2,
-for x1 (the column) and y1 (the row). The token's index is not an input: only its content. `--tokens tower` probes
+for x1 (the column) and y1 (the row); and the same probe to the object's colour and shape (one-hot targets, argmax):
+the share read right. The token's index is not an input: only its content. `--tokens tower` probes
 the SigLIP tower's patch token (8x8 grid) at the centre instead, before the adaptor.
 
     python docs/experiments/token_probe.py checkpoints/dsvl2-mini [--train 2000 --test 500] [--tokens tower]
@@ -21,6 +22,8 @@ def tokens_and_targets(model, records, size: int, tokens: str) -> tuple[np.ndarr
 
     from envs.scene_language import to_det
 
+    from envs.scene import COLOURS, SHAPES
+
     encoder, feats, targets = model.vision_encoder, [], []
     grid = encoder.vision_config.grid_side if tokens == "tower" else int(np.sqrt(encoder.tokens_per_tile))
     for first in range(0, len(records), 64):
@@ -35,11 +38,14 @@ def tokens_and_targets(model, records, size: int, tokens: str) -> tuple[np.ndarr
                 cx, cy = obj["center"]
                 row, col = min(int(cy * grid / size), grid - 1), min(int(cx * grid / size), grid - 1)
                 feats.append(tokens_LD[row * grid + col].numpy())
-                targets.append(to_det(obj["bbox"], size, size)[:2])
+                colour_1h = np.eye(len(COLOURS))[list(COLOURS).index(obj["colour"])]
+                shape_1h = np.eye(len(SHAPES))[SHAPES.index(obj["shape"])]
+                targets.append(np.r_[to_det(obj["bbox"], size, size)[:2], colour_1h, shape_1h])
     return np.asarray(feats, dtype=np.float64), np.asarray(targets, dtype=np.float64)
 
 
 def main() -> None:
+    from envs.scene import COLOURS
     from envs.scene_language import generate_scene_language, load_conversations
     from vla.policy.checkpoint import load_vl2_for_chat
 
@@ -64,10 +70,14 @@ def main() -> None:
     A = np.c_[(X_train - mean) / scale, np.ones(len(X_train))]
     W = np.linalg.solve(A.T @ A + 1.0 * np.eye(A.shape[1]), A.T @ y_train)
     pred = np.c_[(X_test - mean) / scale, np.ones(len(X_test))] @ W
-    within = (np.abs(pred - y_test) <= 40).mean(0)
-    r2 = 1 - ((pred - y_test) ** 2).sum(0) / ((y_test - y_test.mean(0)) ** 2).sum(0)
+    within = (np.abs(pred[:, :2] - y_test[:, :2]) <= 40).mean(0)
+    r2 = 1 - ((pred[:, :2] - y_test[:, :2]) ** 2).sum(0) / ((y_test[:, :2] - y_test[:, :2].mean(0)) ** 2).sum(0)
+    n_colours = len(COLOURS)
+    colour_acc = (pred[:, 2:2 + n_colours].argmax(1) == y_test[:, 2:2 + n_colours].argmax(1)).mean()
+    shape_acc = (pred[:, 2 + n_colours:].argmax(1) == y_test[:, 2 + n_colours:].argmax(1)).mean()
     print(f"{args.tokens} tokens, {len(y_test)} held-out objects ({len(y_train)} to fit): x1 within 40 units "
-          f"{within[0]:.2f} (R^2 {r2[0]:.2f}), y1 within 40 {within[1]:.2f} (R^2 {r2[1]:.2f})")
+          f"{within[0]:.2f} (R^2 {r2[0]:.2f}), y1 within 40 {within[1]:.2f} (R^2 {r2[1]:.2f}); "
+          f"colour {colour_acc:.2f}, shape {shape_acc:.2f}")
 
 
 if __name__ == "__main__":

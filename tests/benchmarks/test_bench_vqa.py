@@ -92,3 +92,22 @@ def test_tower_option_starts_from_a_stage_vision_tower(tmp_path):
     assert tower.config.hidden_size == 48
     for name, value in tower.state_dict().items():  # frozen: still the pretrained weights after training
         assert torch.equal(value, pretrained[name]), name
+
+
+def test_language_option_changes_the_rows_language_model(monkeypatch):
+    """`language={...}` overrides the demo's language model in every row (a capacity probe) and is reported."""
+    import backbone.deepseek_vl2 as bdv
+    import benchmarks.vqa as bench
+
+    built, original = [], bdv.build_deepseek_vl2
+
+    def capture(config, *a, **k):
+        built.append(original(config, *a, **k))
+        return built[-1]
+
+    monkeypatch.setattr(bdv, "build_deepseek_vl2", capture)
+    result = bench.run(OmegaConf.create({"quick": True, "steps": 1, "rows": ["every kind, oracle"],
+                                         "language": {"kv_lora_rank": 16, "num_hidden_layers": 2}}))
+    language = built[-1].config.language
+    assert (language.kv_lora_rank, language.num_hidden_layers) == (16, 2)
+    assert result["language"]["kv_lora_rank"] == 16 and result["language"]["hidden_size"] == language.hidden_size

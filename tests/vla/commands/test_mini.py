@@ -120,7 +120,8 @@ def test_grounding_errors_script_scores_the_shipped_checkpoint():
 
 def test_token_probe_script_reads_the_shipped_checkpoints_tokens():
     out = _script("docs/experiments/token_probe.py", "checkpoints/dsvl2-mini", "--train", "60", "--test", "20")
-    assert re.search(r"adaptor tokens, \d+ held-out objects \(\d+ to fit\): x1 within 40 units [01]\.\d\d \(R\^2 -?\d+\.\d\d\)", out)
+    assert re.search(r"adaptor tokens, \d+ held-out objects \(\d+ to fit\): x1 within 40 units [01]\.\d\d \(R\^2 -?\d+\.\d\d\), "
+                     r"y1 within 40 [01]\.\d\d \(R\^2 -?\d+\.\d\d\); colour [01]\.\d\d, shape [01]\.\d\d$", out.strip())
     out = _script("docs/experiments/token_probe.py", "checkpoints/dsvl2-mini", "--train", "60", "--test", "20",
                   "--tokens", "tower")
     assert out.startswith("tower tokens, ")
