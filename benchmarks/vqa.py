@@ -23,6 +23,10 @@ Settings (rows):
   every kind           every short-answer kind the demo scores (counts, binding, "Which shape is furthest to the
                        left?", "Is the <a> left of the <b>?", "Is there a <colour shape>?"), 2-4 objects
   every kind, oracle   the same with oracle image tokens: the ceiling of the language model at this step count
+  binding, tower shares the binding questions with image tokens made from the tower's own predictions: a `tower=`
+                       folder made by stage vision with `share_weight` has a head that reads each patch's object
+                       kinds (colour-shape pairs) off the frozen tower; its softmax, pooled per token cell, through a
+                       learned embedding, as the oracle's. What the tower knows, handed over without the adaptor.
   ..., q first         the question before the image in the prompt: with a causal model the image tokens then
                        see the question, so each can carry "am I what is asked about" to the answer
 """
@@ -40,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from envs.scene_language import QUESTION_KINDS
@@ -53,6 +58,7 @@ class Setting:
     mixed_in: tuple[int, int] | None = None  # object counts of extra training scenes (curriculum)
     oracle_tokens: bool = False  # replace the tower by OracleImageTokens
     question_first: bool = False  # "<question>\n<image>" instead of DeepSeek-VL2's usual "<image>\n<question>"
+    tower_shares: bool = False  # replace the adaptor by TowerShareTokens (needs tower= with a share head)
 
 
 BINDING = ("colour_of_shape", "shape_of_colour")
@@ -63,6 +69,7 @@ SETTINGS = (
     Setting("2-4 objects: count", (2, 4), ("count", "count_colour")),
     Setting("binding + 1-object", (2, 4), BINDING, mixed_in=(1, 1)),
     Setting("binding, oracle tokens", (2, 4), BINDING, oracle_tokens=True),
+    Setting("binding, tower shares", (2, 4), BINDING, tower_shares=True),
     Setting("every kind", (2, 4), QUESTION_KINDS),
     Setting("every kind, oracle", (2, 4), QUESTION_KINDS, oracle_tokens=True),
     Setting("every kind, oracle, q first", (2, 4), QUESTION_KINDS, oracle_tokens=True, question_first=True),
@@ -112,6 +119,30 @@ class OracleImageTokens(nn.Module):
         return self.feature_embed(shares_NLF) + self.position_embed
 
 
+class TowerShareTokens(nn.Module):
+    """Stands in for `VisionEncoder.encode_tiles`: tiles -> (N, cells*cells, D) tokens from a frozen tower's per-patch
+    object-kind predictions (the softmax of stage vision's share head), averaged over each token cell, object kinds
+    only (not the floor), through a learned embedding, plus a learned position (as `OracleImageTokens`)."""
+
+    def __init__(self, vision: nn.Module, share_weight_KC: torch.Tensor, share_bias_K: torch.Tensor, ratio: int,
+                 cells: int, dim: int):
+        super().__init__()
+        self.vision, self.ratio = [vision], ratio  # a list: the frozen tower is not this module's parameter
+        self.register_buffer("share_weight_KC", share_weight_KC)
+        self.register_buffer("share_bias_K", share_bias_K)
+        self.feature_embed = nn.Linear(share_weight_KC.shape[0] - 1, dim, bias=False)
+        self.position_embed = nn.Parameter(torch.randn(cells * cells, dim) * 0.02)
+
+    def forward(self, tiles_NCHW: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            patches_NLC = self.vision[0](pixel_values=tiles_NCHW).last_hidden_state
+            shares_NLK = torch.softmax(patches_NLC @ self.share_weight_KC.T + self.share_bias_K, dim=-1)
+            N, L, K = shares_NLK.shape
+            side = math.isqrt(L)
+            cells_NKL = F.avg_pool2d(shares_NLK.transpose(1, 2).reshape(N, K, side, side), self.ratio).flatten(2)
+        return self.feature_embed(cells_NKL.transpose(1, 2)[..., 1:]) + self.position_embed
+
+
 def _questions(records: list, kinds: tuple[str, ...], seed: int) -> list[tuple[str, str, str, str]]:
     """(image path, question, answer, kind) for every question of `kinds` about each scene of `records`."""
     from envs.scene_language import question_turns
@@ -138,11 +169,14 @@ def _blind_accuracy(train, test) -> float:
 def _train_and_score(train, test, texts: list[str], demo: dict, steps: int, seed: int,
                      oracle_objects: dict[str, list[dict]] | None = None,
                      question_first: bool = False, tower: str | None = None,
-                     freeze_tower: bool = False) -> tuple[float, float, float]:
+                     freeze_tower: bool = False, adaptor: bool = False, freeze_adaptor: bool = False,
+                     tower_shares: bool = False) -> tuple[float, float, float]:
     """(held-out accuracy, final training loss, seconds) of a fresh demo-size model trained on `train`; with
     `oracle_objects` (image path -> ground-truth objects) the tower is replaced by `OracleImageTokens`; with `tower`
     (a DeepSeek-VL2 folder, e.g. a `vla train stage=vision` checkpoint) the model starts from that folder's SigLIP
-    tower (its size replaces the demo's), frozen with `freeze_tower`."""
+    tower (its size replaces the demo's), frozen with `freeze_tower`, and with `adaptor` its adaptor (projector) too
+    (e.g. one stage vision trained with `adaptor_weight`; frozen with `freeze_adaptor`); with `tower_shares` the adaptor is replaced by
+    `TowerShareTokens` on that tower's share head."""
     import dataclasses
 
     from backbone.deepseek_vl2 import build_deepseek_vl2, deepseek_vl2_preset, load_deepseek_vl2, replace_language
@@ -159,7 +193,29 @@ def _train_and_score(train, test, texts: list[str], demo: dict, steps: int, seed
     if pretrained is not None:
         model.vision_encoder.vision.load_state_dict(pretrained.vision_encoder.vision.state_dict())
         model.vision_encoder.vision.requires_grad_(not freeze_tower)
+        if adaptor:
+            width = pretrained.config.projector.n_embed
+            if width != config.language.hidden_size:
+                raise SystemExit(f"vla bench vqa: the adaptor of {tower} maps to width {width}, the benchmark's language "
+                                 f"model is {config.language.hidden_size} wide")
+            model.vision_encoder.projector.load_state_dict(pretrained.vision_encoder.projector.state_dict())
+            model.vision_encoder.projector.requires_grad_(not freeze_adaptor)
     processor = DeepseekVL2Processor(tokenizer, config.processor_config(mask_prompt=True))
+    if tower_shares:
+        from safetensors.torch import load_file
+
+        from vla.train.vision_stage import HEADS_FILE
+
+        heads = load_file(str(Path(tower) / HEADS_FILE)) if (Path(tower) / HEADS_FILE).is_file() else {}
+        if "share.weight" not in heads:
+            raise SystemExit(f"vla bench vqa: {tower} has no share head (make it with stage vision "
+                             f"stage.data.share_weight > 0) for the 'tower shares' rows")
+        encoder = model.vision_encoder
+        encoder.vision.requires_grad_(False)
+        encoder.shares = TowerShareTokens(encoder.vision, heads["share.weight"], heads["share.bias"],
+                                          config.projector.downsample_ratio, math.isqrt(encoder.tokens_per_tile),
+                                          config.language.hidden_size)
+        encoder.encode_tiles = lambda tiles_NCHW: encoder.shares(tiles_NCHW)  # as for the oracle below
     if oracle_objects is not None:
         encoder = model.vision_encoder
         cells = math.isqrt(encoder.tokens_per_tile)
@@ -230,13 +286,19 @@ def run(cfg) -> dict:
         raise SystemExit(f"vla bench vqa: unknown rows {unknown}; known: {[s.label for s in SETTINGS]}")
     settings = [s for s in SETTINGS if not wanted or s.label in wanted]
     tower, freeze_tower = cfg.get("tower"), bool(cfg.get("freeze_tower", False))
+    adaptor, freeze_adaptor = bool(cfg.get("adaptor", False)), bool(cfg.get("freeze_adaptor", False))
+    if adaptor and not tower:
+        raise SystemExit("vla bench vqa: adaptor=true takes the adaptor of the tower= folder; give tower=")
     language = OmegaConf.to_container(cfg.get("language") or OmegaConf.create({}))
     if language:
         demo["model"] = {**demo["model"], **language}
         print(f"language model: {demo['model']}")
     if tower:  # the oracle rows have no tower to replace
         settings = [s for s in settings if not s.oracle_tokens]
-        print(f"tower: {tower}{' (frozen)' if freeze_tower else ''}")
+    else:  # the tower-shares rows need one
+        settings = [s for s in settings if not s.tower_shares]
+        print(f"tower: {tower}{' (frozen)' if freeze_tower else ''}{', and its adaptor' if adaptor else ''}"
+              f"{' (frozen)' if adaptor and freeze_adaptor else ''}")
     rows = []
     print(f"{'setting':<28} {'steps':>6} {'questions':>10} {'blind':>7} {'trained':>8} {'loss':>7} {'train s':>8}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -263,13 +325,16 @@ def run(cfg) -> dict:
                       if setting.oracle_tokens else None)
             accuracy, loss, seconds = _train_and_score(train, test, texts, demo, steps, seed, oracle,
                                                        question_first=setting.question_first, tower=tower,
-                                                       freeze_tower=freeze_tower)
+                                                       freeze_tower=freeze_tower, adaptor=adaptor,
+                                                       freeze_adaptor=freeze_adaptor,
+                                                       tower_shares=setting.tower_shares)
             blind = _blind_accuracy(train, test)
             rows.append({"setting": label, "kinds": list(kinds), "oracle_tokens": setting.oracle_tokens,
+                         "tower_shares": setting.tower_shares,
                          "question_first": setting.question_first, "steps": steps,
                          "test_questions": len(test), "blind_accuracy": round(blind, 3), "accuracy": round(accuracy, 3),
                          "final_loss": round(loss, 3), "train_s": round(seconds, 1)})
             print(f"{label:<28} {steps:>6} {len(test):>10} {blind:>7.2f} {accuracy:>8.2f} {loss:>7.3f} {seconds:>8.1f}",
                   flush=True)
     return {"benchmark": "vqa", "quick": quick, "steps": steps, "tower": tower, "freeze_tower": freeze_tower,
-            "language": demo["model"], "results": rows}
+            "adaptor": adaptor, "freeze_adaptor": freeze_adaptor, "language": demo["model"], "results": rows}

@@ -111,3 +111,63 @@ def test_language_option_changes_the_rows_language_model(monkeypatch):
     language = built[-1].config.language
     assert (language.kv_lora_rank, language.num_hidden_layers) == (16, 2)
     assert result["language"]["kv_lora_rank"] == 16 and result["language"]["hidden_size"] == language.hidden_size
+
+
+def test_adaptor_option_starts_from_the_towers_folders_adaptor(tmp_path, monkeypatch):
+    """`adaptor=true` takes the tower folder's adaptor too (after one AdamW step at lr 1e-3 each weight is within
+    ~1e-3 of it; a fresh adaptor differs by far more); without `tower=` it is refused."""
+    import torch
+
+    import backbone.deepseek_vl2 as bdv
+    import benchmarks.vqa as bench
+    from backbone.deepseek_vl2 import load_deepseek_vl2
+    from vla.config import load_config
+    from vla.train import run as train
+
+    with pytest.raises(SystemExit, match="give tower="):
+        bench.run(OmegaConf.create({"quick": True, "adaptor": True}))
+    vision = train(load_config("train", ["stage=vision", f"out={tmp_path / 'vision'}", "stage.steps=2",
+                                         "stage.data.generate=8", "micro_batch=4", "checkpoint.every=0",
+                                         "log.progress=false", "log.tensorboard=false", "log.plot=false",
+                                         "stage.data.contrastive_weight=0", "stage.data.adaptor_weight=1",
+                                         "model.language={hidden_size: 128}"]))  # the demo's width, which the bench uses
+    saved = load_deepseek_vl2(vision["checkpoint"]).vision_encoder.projector.state_dict()
+    built, original = [], bdv.build_deepseek_vl2
+
+    def capture(config, *a, **k):
+        built.append(original(config, *a, **k))
+        return built[-1]
+
+    monkeypatch.setattr(bdv, "build_deepseek_vl2", capture)
+    result = bench.run(OmegaConf.create({"quick": True, "steps": 1, "tower": vision["checkpoint"], "adaptor": True,
+                                         "rows": ["2-4 objects: binding"]}))
+    assert result["adaptor"]
+    used = built[-1].vision_encoder.projector.state_dict()
+    assert max(float((used[k] - saved[k]).abs().max()) for k in saved) < 5e-3
+    bench.run(OmegaConf.create({"quick": True, "steps": 1, "tower": vision["checkpoint"], "adaptor": True,
+                                "freeze_adaptor": True, "rows": ["2-4 objects: binding"]}))
+    used = built[-1].vision_encoder.projector.state_dict()
+    assert all(torch.equal(used[k], saved[k]) for k in saved)  # frozen: exactly the folder's
+
+
+def test_tower_shares_row_reads_the_towers_share_head_and_needs_one(tmp_path):
+    """The 'binding, tower shares' row builds its image tokens from the tower folder's share head (the tower frozen);
+    it is left out without `tower=` and refused for a folder without a share head."""
+    import benchmarks.vqa as bench
+    from vla.config import load_config
+    from vla.train import run as train
+
+    def vision(out, *extra):
+        return train(load_config("train", ["stage=vision", f"out={out}", "stage.steps=1", "stage.data.generate=8",
+                                           "micro_batch=4", "checkpoint.every=0", "log.progress=false",
+                                           "log.tensorboard=false", "log.plot=false", "stage.data.contrastive_weight=0",
+                                           *extra]))["checkpoint"]
+
+    row = ["binding, tower shares"]
+    assert bench.run(OmegaConf.create({"quick": True, "steps": 1, "rows": row}))["results"] == []
+    with pytest.raises(SystemExit, match="no share head"):
+        bench.run(OmegaConf.create({"quick": True, "steps": 1, "rows": row,
+                                    "tower": vision(tmp_path / "dense", "stage.data.dense_weight=1")}))
+    result = bench.run(OmegaConf.create({"quick": True, "steps": 1, "rows": row,
+                                         "tower": vision(tmp_path / "share", "stage.data.share_weight=1")}))
+    assert [(r["setting"], r["tower_shares"]) for r in result["results"]] == [("binding, tower shares", True)]

@@ -6,9 +6,10 @@ the project's own scene-language data, the way DeepSeek-VL2 was made at full siz
 3. stage vision: the SigLIP tower alone, on per-pixel colour / shape labels read off the rendered frames and the box
    of the object drawn at each pixel (so each image token carries where its object is), and SigLIP's sigmoid caption
    loss at `mini.vision_data.contrastive_weight` (0 in the shipped recipe: docs/experiments.md, "The tower at scale",
-   "A tower the language model can read" and "Boxes in the tower's tokens", for why);
+   "A tower the language model can read" and "Boxes in the tower's tokens", for why); with
+   `mini.vision_data.adaptor_weight` it also trains the adaptor to name each token cell's objects;
 4. align -> pretrain -> sft: the adaptor and the language model learn to read the tower (the tower at
-   `mini.tower_lr_mult`, the recipe's 0.1 for a pretrained tower);
+   `mini.tower_lr_mult`, the recipe's 0.1 for a pretrained tower; the adaptor at `mini.adaptor_lr_mult`, 0 = frozen);
 5. scored on held-out scenes (seeds no stage saw): scene VQA and grounding.
 
 The folder is an official-format DeepSeek-VL2 checkpoint (config.json, model.safetensors, the tokenizer) plus
@@ -148,10 +149,14 @@ def build(c: dict[str, Any], out: Path, say=print) -> Path:
                           {"data": {"path": paths["vision"], "image_size": c["image_size"], **m["vision_data"]}},
                           tokenizer=tokenizer)
     init, losses = summary["checkpoint"], {"vision": summary["final_loss"]}
+    # the adaptor's lr there, relative: 0 keeps the one stage vision made (`vision_data.adaptor_weight`) frozen
+    adaptor = float(m.get("adaptor_lr_mult", 1.0))
     for stage in ("align", "pretrain", "sft"):
         summary = train_stage({**mc, "micro_batch": m["micro_batch"]["language"]}, out, stage, init,
                               {"data": {"path": paths[stage], "image_size": c["image_size"]},
-                               "lr_mult": {"vision_tower": float(m["tower_lr_mult"])}})
+                               "lr_mult": {"vision_tower": float(m["tower_lr_mult"])}
+                               | ({"projector": adaptor} if adaptor not in (0.0, 1.0) else {}),
+                               **({"frozen": ["projector"]} if adaptor == 0 else {})})
         init, losses[stage] = summary["checkpoint"], summary["final_loss"]
     folder = out.parent / "dsvl2-mini"
     if folder.exists():

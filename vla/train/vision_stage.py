@@ -20,7 +20,18 @@ captions (`retrieval_acc`).
 
 Per-pixel labels read off the rendered frames can replace or join it (`dense_weight`: each pixel's colour and shape
 from a linear head on its patch's token; `box_weight`: the box of the object drawn at each pixel, L1 in patch units,
-so a token carries where its object is in the frame). With `contrastive_weight: 0` no text tower is built.
+so a token carries where its object is in the frame; `share_weight`: the share of the patch's pixels that each kind of
+object, a colour-shape pair, covers, soft cross-entropy of a linear head, so a token says which objects it holds in
+one direction each, as the oracle image tokens of `vla bench vqa` do). With `contrastive_weight: 0` no text tower is
+built.
+
+`adaptor_weight` trains the adaptor (the 2x2 merge and its MLP, which DeepSeek-VL2 trains only from its align stage on)
+here too: each output token regresses, squared error, the mean over its cell's pixels of a fixed code of the object
+drawn there (a random unit direction per kind of object, a colour-shape pair, and its box in [0, 1] frame units on
+four more), so
+the language model starts from tokens that name the objects of their cell, each in a direction of its own; a
+language model reads those at once, where it does not learn to read the same facts off an untrained adaptor in
+thousands of steps (docs/experiments.md, "The adaptor, not the tower, loses the objects").
 
 A checkpoint is an official-format DeepSeek-VL2 folder (the trained tower, the rest as initialised, the tokenizer)
 that `align` starts from, plus `contrastive_heads.safetensors` (the heads it built: pooling head, text tower, t and b;
@@ -50,7 +61,8 @@ from vla.train.stages import (LossOutput, ShardedBatches, StageContext, StageTas
                               group_parameters, register_stage_task)
 
 HEADS_FILE = "contrastive_heads.safetensors"
-GROUPS = ("vision_tower", "contrastive_heads")
+GROUPS = ("vision_tower", "projector", "contrastive_heads")
+WEIGHTS = ("contrastive_weight", "dense_weight", "box_weight", "share_weight", "adaptor_weight")
 
 
 @dataclass
@@ -68,6 +80,8 @@ class VisionDataConfig:
     dense_weight: float = 0.0  # weight of the per-pixel colour / shape loss on the rendered labels (0 = contrastive only)
     contrastive_weight: float = 1.0  # weight of the sigmoid image-caption loss (0 = no text tower at all)
     box_weight: float = 0.0  # weight of the per-pixel L1 loss on the box of the object drawn there (patch units)
+    share_weight: float = 0.0  # weight of the per-patch loss on the share of its pixels each colour-shape pair covers
+    adaptor_weight: float = 0.0  # weight of the adaptor's loss (its tokens -> the fixed code of their cell's objects)
 
 
 class ContrastiveTowers(nn.Module):
@@ -75,10 +89,11 @@ class ContrastiveTowers(nn.Module):
     tower + the learned temperature t and bias b (initialised as in SigLIP: t = log 10, b = -10); the per-pixel
     heads (colour / shape, box) when their weights are on. A head whose weight is 0 is not built."""
 
-    def __init__(self, vision: nn.Module, vocab_size: int, pad_id: int, data: VisionDataConfig):
+    def __init__(self, vision: nn.Module, vocab_size: int, pad_id: int, data: VisionDataConfig,
+                 projector: nn.Module | None = None, center_tokens: bool = False):
         super().__init__()
-        if max(data.contrastive_weight, data.dense_weight, data.box_weight) <= 0:
-            raise StageTaskError("stage vision: contrastive_weight, dense_weight and box_weight are all 0: nothing to learn")
+        if max(getattr(data, w) for w in WEIGHTS) <= 0:
+            raise StageTaskError(f"stage vision: {', '.join(WEIGHTS)} are all 0: nothing to learn")
         self.vision = vision
         vision_config = vision.config
         self.patch_size = vision_config.patch_size
@@ -96,6 +111,15 @@ class ContrastiveTowers(nn.Module):
             self.dense = nn.Linear(vision_config.hidden_size, self.patch_size ** 2 * (len(COLOURS) + len(SHAPES) + 2))
         if data.box_weight > 0:  # per pixel of each patch: x1, y1, x2, y2 of the object drawn there
             self.box = nn.Linear(vision_config.hidden_size, self.patch_size ** 2 * 4)
+        if data.share_weight > 0:  # per patch: background and each colour-shape pair
+            self.share = nn.Linear(vision_config.hidden_size, 1 + len(COLOURS) * len(SHAPES))
+        if data.adaptor_weight > 0:  # the backbone's adaptor (shared, not copied) and the fixed object code it learns
+            if projector is None:
+                raise StageTaskError("stage vision: adaptor_weight > 0 needs the backbone's projector")
+            self.projector, self.center_tokens = projector, center_tokens
+            code = torch.randn(len(COLOURS) * len(SHAPES) + 4, projector.config.n_embed,
+                               generator=torch.Generator().manual_seed(0))
+            self.register_buffer("object_code", F.normalize(code, dim=-1), persistent=False)
 
     def _per_pixel(self, head: nn.Linear, patches_BLC: torch.Tensor) -> torch.Tensor:
         """A linear head's per-patch outputs laid out as pixels: (B, L, P*P*K) -> (B, H, W, K)."""
@@ -158,7 +182,53 @@ class ContrastiveTowers(nn.Module):
             with torch.no_grad():
                 iou_N = paired_box_iou(pred_N4.float().cpu().numpy(), true_N4.float().cpu().numpy())
                 metrics["box_iou50"] = float((iou_N >= 0.5).mean()) if len(true_N4) else 0.0
+        if dense_BHW2 is not None and hasattr(self, "share"):
+            shares_BLK = patch_shares(dense_BHW2, self.patch_size)
+            logits_BLK = self.share(patches_BLC)
+            terms["share"] = -(shares_BLK * F.log_softmax(logits_BLK, dim=-1)).sum(-1).mean()
+            with torch.no_grad():  # patches holding an object: is the kind covering most of them the head's top one
+                holds = shares_BLK[..., 0] < 1
+                top_right = logits_BLK[..., 1:].argmax(-1) == shares_BLK[..., 1:].argmax(-1)
+                metrics["share_acc"] = float(top_right[holds].float().mean()) if holds.any() else 0.0
+        if dense_BHW2 is not None and boxes_BHW4 is not None and hasattr(self, "projector"):
+            tokens_BLD = self.projector(patches_BLC)
+            cell = self.patch_size * self.projector.config.downsample_ratio
+            target_BLD = cell_codes(dense_BHW2, boxes_BHW4, self.object_code, cell, dense_BHW2.shape[1] / self.patch_size)
+            if self.center_tokens:  # as the backbone's VisionEncoder hands them to the language model
+                tokens_BLD = tokens_BLD - tokens_BLD.mean(dim=1, keepdim=True)
+                target_BLD = target_BLD - target_BLD.mean(dim=1, keepdim=True)
+            terms["adaptor"] = (tokens_BLD - target_BLD).pow(2).sum(-1).mean()
+            with torch.no_grad():  # how much of the code's variance the tokens give
+                metrics["adaptor_r2"] = float(1 - (tokens_BLD - target_BLD).pow(2).sum()
+                                              / (target_BLD - target_BLD.mean((0, 1))).pow(2).sum().clamp_min(1e-8))
         return terms, metrics
+
+
+def object_kinds(labels_BHW2: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) per pixel: 0 for the floor, else 1 + colour * shapes + shape (0-based ids) of the object drawn there."""
+    colour, shape = labels_BHW2[..., 0], labels_BHW2[..., 1]
+    return torch.where(colour > 0, 1 + (colour - 1) * len(SHAPES) + (shape - 1), 0)
+
+
+def patch_shares(labels_BHW2: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, L, 1 + colours * shapes) per patch (row-major): the share of its pixels that are background (column 0) and
+    that each kind of object covers (column `object_kinds`), from `pixel_labels`."""
+    one_hot = F.one_hot(object_kinds(labels_BHW2), 1 + len(COLOURS) * len(SHAPES)).float().permute(0, 3, 1, 2)
+    return F.avg_pool2d(one_hot, patch_size).flatten(2).transpose(1, 2)
+
+
+def cell_codes(labels_BHW2: torch.Tensor, boxes_BHW4: torch.Tensor, code_KD: torch.Tensor, cell: int,
+               grid: float) -> torch.Tensor:
+    """(B, L, D) per adaptor cell (`cell` px, row-major): the mean over its pixels of the code of the object drawn there
+    (the row `object_kinds` - 1 of `code_KD`, its kind (a colour-shape pair), plus its box, `boxes_BHW4`
+    in patch units over a `grid` of patches, as [0, 1] frame units on the last four rows); zero for floor pixels.
+    Kinds, not a colour row plus a shape row: a cell holding parts of a red triangle and a blue circle then differs
+    from one holding a blue triangle and a red circle."""
+    on_BHW = (labels_BHW2[..., 0] > 0).float()
+    facts_BHWK = torch.cat([F.one_hot(object_kinds(labels_BHW2), 1 + len(COLOURS) * len(SHAPES))[..., 1:].float(),
+                            boxes_BHW4 / grid * on_BHW[..., None]], dim=-1)
+    pooled_BKL = F.avg_pool2d(facts_BHWK.permute(0, 3, 1, 2), cell).flatten(2)
+    return pooled_BKL.transpose(1, 2) @ code_KD
 
 
 def pixel_labels(image_HW3: np.ndarray, objects: list[dict[str, Any]]) -> torch.Tensor:
@@ -206,8 +276,9 @@ class VisionStageTask(StageTask):
         self.records = [r for r in load_conversations(self._data_path()) if r.meta.get("objects")]
         if not self.records:
             raise StageTaskError(f"stage vision: no records with scene meta (objects) in {self._data_path()}")
-        self.module = ContrastiveTowers(self.backbone.vision_encoder.vision, len(self.tokenizer), self.tokenizer.pad_id,
-                                        self.data)
+        encoder = self.backbone.vision_encoder
+        self.module = ContrastiveTowers(encoder.vision, len(self.tokenizer), self.tokenizer.pad_id, self.data,
+                                        encoder.projector, encoder.center_tokens)
         self._schedule = SourceSchedule([len(self.records)], [1.0], ctx.seed, salts=[5], names=["scene captions"])
         self.ddp_find_unused_parameters = False
 
@@ -252,13 +323,13 @@ class VisionStageTask(StageTask):
             rng = np.random.default_rng([self.ctx.seed, 31337, index])
             texts = [caption(truth)] + hard_negative_captions(truth, rng, self.data.hard_negatives)
             sample["captions"] = torch.stack([self._encode_caption(t) for t in texts])
-        if self.data.dense_weight > 0 or self.data.box_weight > 0:
+        if max(self.data.dense_weight, self.data.box_weight, self.data.share_weight, self.data.adaptor_weight) > 0:
             labels = pixel_labels(rgb, truth["objects"])
             if labels.shape[:2] != (self.tile, self.tile):
                 labels = F.interpolate(labels.permute(2, 0, 1)[None].float(), size=(self.tile, self.tile),
                                        mode="nearest")[0].permute(1, 2, 0).long()
             sample["dense"] = labels
-        if self.data.box_weight > 0:
+        if self.data.box_weight > 0 or self.data.adaptor_weight > 0:
             sample["boxes"] = pixel_boxes(sample["dense"], truth["objects"], rgb.shape[:2], self.tile / self.patch_size)
         return sample
 
@@ -277,13 +348,17 @@ class VisionStageTask(StageTask):
 
     # ---- model -------------------------------------------------------------------------------------------------
     def parameter_groups(self):
-        classify = lambda name: "vision_tower" if name.startswith("vision.") else "contrastive_heads"  # noqa: E731
-        trainable = ["vision_tower", "contrastive_heads"] if "all" in self.ctx.trainable else list(self.ctx.trainable)
+        def classify(name: str) -> str:
+            return ("vision_tower" if name.startswith("vision.") else "projector" if name.startswith("projector.")
+                    else "contrastive_heads")
+
+        trainable = list(GROUPS) if "all" in self.ctx.trainable else list(self.ctx.trainable)
         return group_parameters(self.module, classify, GROUPS, trainable, self.ctx.frozen, self.ctx.lr_mult)
 
     def _weights(self) -> dict[str, float]:
         """The loss terms this stage computes and their weights (a term whose weight is 0 is not computed)."""
-        named = {"loss": self.data.contrastive_weight, "dense": self.data.dense_weight, "box": self.data.box_weight}
+        named = {"loss": self.data.contrastive_weight, "dense": self.data.dense_weight, "box": self.data.box_weight,
+                 "share": self.data.share_weight, "adaptor": self.data.adaptor_weight}
         return {name: weight for name, weight in named.items() if weight > 0}
 
     def loss_weights(self, batch: dict[str, Any]) -> dict[str, float]:
@@ -297,21 +372,26 @@ class VisionStageTask(StageTask):
     def describe(self) -> str:
         parts = {"loss": f"each against its caption, the batch's and {self.data.hard_negatives} hard negatives",
                  "dense": f"per-pixel colour / shape labels at weight {self.data.dense_weight}",
-                 "box": f"per-pixel object boxes at weight {self.data.box_weight}"}
+                 "box": f"per-pixel object boxes at weight {self.data.box_weight}",
+                 "share": f"per-patch object shares at weight {self.data.share_weight}",
+                 "adaptor": f"the adaptor's tokens -> their cell's object code at weight {self.data.adaptor_weight}"}
         return (f"stage vision: {len(self.records)} scenes ({self.data.num_objects[0]}-{self.data.num_objects[1]} "
                 f"objects); " + "; ".join(parts[name] for name in self._weights()))
 
     # ---- weights -----------------------------------------------------------------------------------------------
     def save_weights(self, directory: Path, state_dict: dict[str, torch.Tensor]) -> None:
-        """The backbone with this tower, as an official-format folder + tokenizer; the heads beside it."""
+        """The backbone with this tower (and adaptor, when trained here), as an official-format folder + tokenizer; the
+        heads beside it."""
         from backbone.checkpoint import write_checkpoint
         from backbone.convert import deepseek_vl2_to_official
 
         backbone = dict(self.backbone.state_dict())
-        backbone |= {f"vision_encoder.vision.{k[len('vision.'):]}": v for k, v in state_dict.items() if k.startswith("vision.")}
+        for part in ("vision", "projector"):
+            backbone |= {f"vision_encoder.{k}": v for k, v in state_dict.items() if k.startswith(f"{part}.")}
         write_checkpoint(directory, self.backbone.config.to_official(), deepseek_vl2_to_official(backbone))
         self.tokenizer.save(directory)
-        heads = {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if not k.startswith("vision.")}
+        heads = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()
+                 if not k.startswith(("vision.", "projector."))}
         save_file(heads, str(Path(directory) / HEADS_FILE))
 
     def load_weights(self, directory: Path) -> None:
@@ -322,7 +402,7 @@ class VisionStageTask(StageTask):
         load_into(self.backbone, state, str(directory))
         self.backbone.vision_encoder.reset_buffers()
         missing, unexpected = self.module.load_state_dict(load_file(str(Path(directory) / HEADS_FILE)), strict=False)
-        if unexpected or [k for k in missing if not k.startswith("vision.")]:
+        if unexpected or [k for k in missing if not k.startswith(("vision.", "projector."))]:
             raise StageTaskError(f"{directory / HEADS_FILE}: missing {missing}, unexpected {unexpected}")
 
 

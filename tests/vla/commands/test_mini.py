@@ -7,6 +7,7 @@ import re
 import shutil
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from vla.commands import mini
@@ -83,6 +84,21 @@ def test_build_records_settings_seeds_scores_and_hashes(tmp_path):
     # the tower trains from random init at the stage's whole lr; the stages after read it at the recipe's 0.1x
     lr_mult = lambda stage: OmegaConf.load(tmp_path / "mini" / "train" / stage / "config.yaml").stage.lr_mult  # noqa: E731
     assert dict(lr_mult("vision")) == {} and dict(lr_mult("sft")) == {"vision_tower": c["mini"]["tower_lr_mult"]}
+
+
+def test_build_keeps_an_adaptor_made_by_stage_vision_frozen_with_adaptor_lr_mult_0(tmp_path):
+    from backbone.deepseek_vl2 import load_deepseek_vl2
+    from vla.commands.demo import _settings
+    from vla.config import load_config
+
+    c = _settings(load_config("demo", ["demo.quick=true", "demo.from_scratch=true", "mini.adaptor_lr_mult=0",
+                                       "+mini.vision_data.adaptor_weight=1"]))
+    folder = mini.build(c, tmp_path / "mini", say=lambda message: None)
+    assert list(OmegaConf.load(tmp_path / "mini" / "train" / "sft" / "config.yaml").stage.frozen) == ["projector"]
+    made = load_deepseek_vl2(next((tmp_path / "mini" / "train" / "vision" / "checkpoints").glob("step-*")))
+    shipped = load_deepseek_vl2(folder)
+    for name, value in made.vision_encoder.projector.state_dict().items():  # what stage vision made, unchanged
+        assert torch.equal(value, shipped.vision_encoder.projector.state_dict()[name]), name
 
 
 def test_vla_vqa_answers_and_draws_boxes_from_the_shipped_checkpoint(tmp_path, capsys):

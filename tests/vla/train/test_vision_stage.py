@@ -150,3 +150,66 @@ def test_vision_stage_with_nothing_to_learn_is_refused(tmp_path):
 
     with pytest.raises(StageTaskError, match="nothing to learn"):
         _vision(tmp_path / "vision", 1, "stage.data.contrastive_weight=0")
+
+
+def test_patch_shares_give_each_patch_the_share_of_each_objects_kind():
+    from envs.scene import COLOURS, SHAPES
+    from vla.train.vision_stage import patch_shares, pixel_labels
+
+    image = np.full((8, 8, 3), 185, dtype=np.uint8)
+    image[0:2, 0:4] = COLOURS["red"]  # 8 red-square pixels in the top-left 4x4 patch
+    image[6:8, 4:8] = COLOURS["blue"]  # 8 blue-triangle pixels in the bottom-right one
+    image[4, 0] = COLOURS["blue"]  # outside the triangle's box: not labelled
+    objects = [{"colour": "red", "shape": "square", "bbox": [0, 0, 4, 2]},
+               {"colour": "blue", "shape": "triangle", "bbox": [4, 6, 8, 8]}]
+    shares = patch_shares(pixel_labels(image, objects)[None], patch_size=4)
+    assert shares.shape == (1, 4, 1 + len(COLOURS) * len(SHAPES))
+    torch.testing.assert_close(shares.sum(-1), torch.ones(1, 4))
+    red_square = 1 + list(COLOURS).index("red") * len(SHAPES) + SHAPES.index("square")
+    blue_triangle = 1 + list(COLOURS).index("blue") * len(SHAPES) + SHAPES.index("triangle")
+    assert shares[0, 0, red_square] == 0.5 and shares[0, 0, 0] == 0.5
+    assert shares[0, 3, blue_triangle] == 0.5 and shares[0, 3, red_square] == 0
+    assert shares[0, 1, 0] == 1 and shares[0, 2, 0] == 1  # no object (the stray blue pixel is floor)
+
+
+def test_vision_stage_with_object_shares_alone_trains_only_that_head(tmp_path):
+    from safetensors.torch import load_file
+
+    from vla.train.vision_stage import HEADS_FILE
+
+    summary = _vision(tmp_path / "vision", 2, "stage.data.share_weight=1", "stage.data.contrastive_weight=0")
+    header = (tmp_path / "vision" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"loss/share", "share_acc"} <= set(header) and not {"loss/dense", "loss/box", "loss/loss"} & set(header)
+    assert {k.split(".")[0] for k in load_file(os.path.join(summary["checkpoint"], HEADS_FILE))} == {"share"}
+
+
+def test_cell_codes_average_the_code_of_the_objects_drawn_in_each_cell():
+    from envs.scene import COLOURS, SHAPES
+    from vla.train.vision_stage import cell_codes, pixel_boxes, pixel_labels
+
+    image = np.full((8, 8, 3), 185, dtype=np.uint8)
+    image[0:4, 0:2] = COLOURS["red"]  # 8 of the top-left cell's 16 pixels: a red square
+    objects = [{"colour": "red", "shape": "square", "bbox": [0, 0, 2, 4]}]
+    labels = pixel_labels(image, objects)
+    boxes = pixel_boxes(labels, objects, (8, 8), grid=4)  # patches of 2 px: 4 across
+    code = torch.eye(len(COLOURS) * len(SHAPES) + 4)
+    codes = cell_codes(labels[None], boxes[None], code, cell=4, grid=4)
+    assert codes.shape == (1, 4, code.shape[1])
+    expected = torch.zeros(code.shape[1])
+    expected[list(COLOURS).index("red") * len(SHAPES) + SHAPES.index("square")] = 0.5  # its kind, half the cell
+    expected[-4:] = 0.5 * torch.tensor([0, 0, 2 / 8, 4 / 8])  # its box in frame units, times its share of the cell
+    torch.testing.assert_close(codes[0, 0], expected)
+    assert codes[0, 1:].abs().sum() == 0
+
+
+def test_vision_stage_with_the_adaptor_target_trains_and_saves_the_adaptor(tmp_path):
+    from backbone.deepseek_vl2 import load_deepseek_vl2
+
+    summary = _vision(tmp_path / "vision", 2, "stage.data.adaptor_weight=1", "stage.data.contrastive_weight=0")
+    header = (tmp_path / "vision" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"loss/adaptor", "adaptor_r2"} <= set(header) and "loss/dense" not in header
+    # the same seed without the target: the same backbone init, and the adaptor is saved as initialised
+    initial = _vision(tmp_path / "untrained", 1, "stage.data.dense_weight=1", "stage.data.contrastive_weight=0")
+    trained = load_deepseek_vl2(summary["checkpoint"]).vision_encoder.projector.state_dict()
+    untouched = load_deepseek_vl2(initial["checkpoint"]).vision_encoder.projector.state_dict()
+    assert any(not torch.equal(trained[k], untouched[k]) for k in trained)  # the saved folder holds the trained adaptor
