@@ -175,8 +175,8 @@ def _train_and_score(train, test, texts: list[str], demo: dict, steps: int, seed
     `oracle_objects` (image path -> ground-truth objects) the tower is replaced by `OracleImageTokens`; with `tower`
     (a DeepSeek-VL2 folder, e.g. a `vla train stage=vision` checkpoint) the model starts from that folder's SigLIP
     tower (its size replaces the demo's), frozen with `freeze_tower`, and with `adaptor` its adaptor (projector) too
-    (e.g. one stage vision trained with `adaptor_weight`; frozen with `freeze_adaptor`); with `tower_shares` the adaptor is replaced by
-    `TowerShareTokens` on that tower's share head."""
+    (e.g. one stage vision trained with `adaptor_weight`; frozen with `freeze_adaptor`); with `tower_shares` the
+    adaptor is replaced by `TowerShareTokens` on that tower's share head."""
     import dataclasses
 
     from backbone.deepseek_vl2 import build_deepseek_vl2, deepseek_vl2_preset, load_deepseek_vl2, replace_language
@@ -295,10 +295,10 @@ def run(cfg) -> dict:
         print(f"language model: {demo['model']}")
     if tower:  # the oracle rows have no tower to replace
         settings = [s for s in settings if not s.oracle_tokens]
-    else:  # the tower-shares rows need one
-        settings = [s for s in settings if not s.tower_shares]
         print(f"tower: {tower}{' (frozen)' if freeze_tower else ''}{', and its adaptor' if adaptor else ''}"
               f"{' (frozen)' if adaptor and freeze_adaptor else ''}")
+    else:  # the tower-shares rows need one
+        settings = [s for s in settings if not s.tower_shares]
     rows = []
     print(f"{'setting':<28} {'steps':>6} {'questions':>10} {'blind':>7} {'trained':>8} {'loss':>7} {'train s':>8}")
     with tempfile.TemporaryDirectory() as tmp:

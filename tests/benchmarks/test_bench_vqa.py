@@ -113,7 +113,7 @@ def test_language_option_changes_the_rows_language_model(monkeypatch):
     assert result["language"]["kv_lora_rank"] == 16 and result["language"]["hidden_size"] == language.hidden_size
 
 
-def test_adaptor_option_starts_from_the_towers_folders_adaptor(tmp_path, monkeypatch):
+def test_adaptor_option_starts_from_the_towers_folders_adaptor(tmp_path, monkeypatch, capsys):
     """`adaptor=true` takes the tower folder's adaptor too (after one AdamW step at lr 1e-3 each weight is within
     ~1e-3 of it; a fresh adaptor differs by far more); without `tower=` it is refused."""
     import torch
@@ -148,6 +148,7 @@ def test_adaptor_option_starts_from_the_towers_folders_adaptor(tmp_path, monkeyp
                                 "freeze_adaptor": True, "rows": ["2-4 objects: binding"]}))
     used = built[-1].vision_encoder.projector.state_dict()
     assert all(torch.equal(used[k], saved[k]) for k in saved)  # frozen: exactly the folder's
+    assert f"tower: {vision['checkpoint']}, and its adaptor (frozen)" in capsys.readouterr().out
 
 
 def test_tower_shares_row_reads_the_towers_share_head_and_needs_one(tmp_path):

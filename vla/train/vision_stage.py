@@ -28,10 +28,9 @@ built.
 `adaptor_weight` trains the adaptor (the 2x2 merge and its MLP, which DeepSeek-VL2 trains only from its align stage on)
 here too: each output token regresses, squared error, the mean over its cell's pixels of a fixed code of the object
 drawn there (a random unit direction per kind of object, a colour-shape pair, and its box in [0, 1] frame units on
-four more), so
-the language model starts from tokens that name the objects of their cell, each in a direction of its own; a
-language model reads those at once, where it does not learn to read the same facts off an untrained adaptor in
-thousands of steps (docs/experiments.md, "The adaptor, not the tower, loses the objects").
+four more), so the language model starts from tokens that name the objects of their cell, each in a direction of its
+own; a language model reads those at once, where it does not learn to read the same facts off an untrained adaptor
+in thousands of steps (docs/experiments.md, "The adaptor, not the tower, loses the objects").
 
 A checkpoint is an official-format DeepSeek-VL2 folder (the trained tower, the rest as initialised, the tokenizer)
 that `align` starts from, plus `contrastive_heads.safetensors` (the heads it built: pooling head, text tower, t and b;
@@ -87,7 +86,8 @@ class VisionDataConfig:
 class ContrastiveTowers(nn.Module):
     """The backbone's SigLIP vision model (shared, not copied) + SigLIP's attention-pooling head + a SigLIP text
     tower + the learned temperature t and bias b (initialised as in SigLIP: t = log 10, b = -10); the per-pixel
-    heads (colour / shape, box) when their weights are on. A head whose weight is 0 is not built."""
+    heads (colour / shape, box), the per-patch share head and the backbone's adaptor when their weights are on. A head
+    whose weight is 0 is not built."""
 
     def __init__(self, vision: nn.Module, vocab_size: int, pad_id: int, data: VisionDataConfig,
                  projector: nn.Module | None = None, center_tokens: bool = False):
