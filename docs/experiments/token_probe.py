@@ -20,9 +20,8 @@ import torch
 def tokens_and_targets(model, records, size: int, tokens: str) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image
 
-    from envs.scene_language import to_det
-
     from envs.scene import COLOURS, SHAPES
+    from envs.scene_language import to_det
 
     encoder, feats, targets = model.vision_encoder, [], []
     grid = encoder.vision_config.grid_side if tokens == "tower" else int(np.sqrt(encoder.tokens_per_tile))
