@@ -81,6 +81,7 @@ class VisionDataConfig:
     box_weight: float = 0.0  # weight of the per-pixel L1 loss on the box of the object drawn there (patch units)
     share_weight: float = 0.0  # weight of the per-patch loss on the share of its pixels each colour-shape pair covers
     adaptor_weight: float = 0.0  # weight of the adaptor's loss (its tokens -> the fixed code of their cell's objects)
+    box_bins: int = 0  # the code's box: 0 = its 4 coordinates on 4 directions; n = each on n directions (soft one-hot)
 
 
 class ContrastiveTowers(nn.Module):
@@ -117,7 +118,10 @@ class ContrastiveTowers(nn.Module):
             if projector is None:
                 raise StageTaskError("stage vision: adaptor_weight > 0 needs the backbone's projector")
             self.projector, self.center_tokens = projector, center_tokens
-            code = torch.randn(len(COLOURS) * len(SHAPES) + 4, projector.config.n_embed,
+            if data.box_bins == 1 or data.box_bins < 0:
+                raise StageTaskError(f"stage vision: box_bins is {data.box_bins}; 0 (4 coordinates) or >= 2 bins")
+            self.box_bins = data.box_bins
+            code = torch.randn(len(COLOURS) * len(SHAPES) + 4 * max(data.box_bins, 1), projector.config.n_embed,
                                generator=torch.Generator().manual_seed(0))
             self.register_buffer("object_code", F.normalize(code, dim=-1), persistent=False)
 
@@ -193,7 +197,8 @@ class ContrastiveTowers(nn.Module):
         if dense_BHW2 is not None and boxes_BHW4 is not None and hasattr(self, "projector"):
             tokens_BLD = self.projector(patches_BLC)
             cell = self.patch_size * self.projector.config.downsample_ratio
-            target_BLD = cell_codes(dense_BHW2, boxes_BHW4, self.object_code, cell, dense_BHW2.shape[1] / self.patch_size)
+            target_BLD = cell_codes(dense_BHW2, boxes_BHW4, self.object_code, cell, dense_BHW2.shape[1] / self.patch_size,
+                                    self.box_bins)
             if self.center_tokens:  # as the backbone's VisionEncoder hands them to the language model
                 tokens_BLD = tokens_BLD - tokens_BLD.mean(dim=1, keepdim=True)
                 target_BLD = target_BLD - target_BLD.mean(dim=1, keepdim=True)
@@ -218,15 +223,25 @@ def patch_shares(labels_BHW2: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 def cell_codes(labels_BHW2: torch.Tensor, boxes_BHW4: torch.Tensor, code_KD: torch.Tensor, cell: int,
-               grid: float) -> torch.Tensor:
+               grid: float, box_bins: int = 0) -> torch.Tensor:
     """(B, L, D) per adaptor cell (`cell` px, row-major): the mean over its pixels of the code of the object drawn there
     (the row `object_kinds` - 1 of `code_KD`, its kind (a colour-shape pair), plus its box, `boxes_BHW4`
-    in patch units over a `grid` of patches, as [0, 1] frame units on the last four rows); zero for floor pixels.
+    in patch units over a `grid` of patches, as [0, 1] frame units on the last rows); zero for floor pixels.
     Kinds, not a colour row plus a shape row: a cell holding parts of a red triangle and a blue circle then differs
-    from one holding a blue triangle and a red circle."""
+    from one holding a blue triangle and a red circle. The box: with `box_bins` = 0 its four coordinates on the last
+    four rows, a weak signal beside the kind's 1 (they span ~0.15 across objects); with n bins each coordinate is a
+    soft one-hot over n rows (linear interpolation between the two nearest of n evenly spaced values), halved so the
+    box weighs about as much as the kind: where an object is stays as readable as what it is."""
     on_BHW = (labels_BHW2[..., 0] > 0).float()
+    box_BHW4 = boxes_BHW4 / grid
+    if box_bins > 0:
+        position = box_BHW4.clamp(0, 1) * (box_bins - 1)
+        below = position.floor().long().clamp(max=box_bins - 2)
+        above_share = (position - below)[..., None]
+        tent_BHW4N = F.one_hot(below, box_bins) * (1 - above_share) + F.one_hot(below + 1, box_bins) * above_share
+        box_BHW4 = 0.5 * tent_BHW4N.flatten(-2)
     facts_BHWK = torch.cat([F.one_hot(object_kinds(labels_BHW2), 1 + len(COLOURS) * len(SHAPES))[..., 1:].float(),
-                            boxes_BHW4 / grid * on_BHW[..., None]], dim=-1)
+                            box_BHW4 * on_BHW[..., None]], dim=-1)
     pooled_BKL = F.avg_pool2d(facts_BHWK.permute(0, 3, 1, 2), cell).flatten(2)
     return pooled_BKL.transpose(1, 2) @ code_KD
 

@@ -200,6 +200,14 @@ def test_cell_codes_average_the_code_of_the_objects_drawn_in_each_cell():
     expected[-4:] = 0.5 * torch.tensor([0, 0, 2 / 8, 4 / 8])  # its box in frame units, times its share of the cell
     torch.testing.assert_close(codes[0, 0], expected)
     assert codes[0, 1:].abs().sum() == 0
+    # with 3 bins per coordinate (at 0, 0.5, 1): x1 = y1 = 0 on the first bin, x2 = 1/4 halfway between the first two,
+    # y2 = 1/2 on the middle one; halved, times the share of the cell
+    binned = torch.eye(len(COLOURS) * len(SHAPES) + 4 * 3)
+    codes = cell_codes(labels[None], boxes[None], binned, cell=4, grid=4, box_bins=3)
+    expected = torch.zeros(binned.shape[1])
+    expected[list(COLOURS).index("red") * len(SHAPES) + SHAPES.index("square")] = 0.5
+    expected[-12:] = 0.5 * 0.5 * torch.tensor([1, 0, 0, 1, 0, 0, 0.5, 0.5, 0, 0, 1, 0])
+    torch.testing.assert_close(codes[0, 0], expected)
 
 
 def test_vision_stage_with_the_adaptor_target_trains_and_saves_the_adaptor(tmp_path):
