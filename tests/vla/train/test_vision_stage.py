@@ -213,7 +213,8 @@ def test_cell_codes_average_the_code_of_the_objects_drawn_in_each_cell():
 def test_vision_stage_with_the_adaptor_target_trains_and_saves_the_adaptor(tmp_path):
     from backbone.deepseek_vl2 import load_deepseek_vl2
 
-    summary = _vision(tmp_path / "vision", 2, "stage.data.adaptor_weight=1", "stage.data.contrastive_weight=0")
+    summary = _vision(tmp_path / "vision", 2, "stage.data.adaptor_weight=1", "stage.data.box_bins=4",
+                      "stage.data.contrastive_weight=0")
     header = (tmp_path / "vision" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"loss/adaptor", "adaptor_r2"} <= set(header) and "loss/dense" not in header
     # the same seed without the target: the same backbone init, and the adaptor is saved as initialised
