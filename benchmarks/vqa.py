@@ -23,6 +23,11 @@ Settings (rows):
   every kind           every short-answer kind the demo scores (counts, binding, "Which shape is furthest to the
                        left?", "Is the <a> left of the <b>?", "Is there a <colour shape>?"), 2-4 objects
   every kind, oracle   the same with oracle image tokens: the ceiling of the language model at this step count
+  2-4 objects: grounding "Locate <|ref|>the <colour shape><|/ref|> in the given image.": the answer is the object's
+                       box (0..999, digit by digit); right when the box read off the argmax tokens has IoU >= 0.5
+                       (teacher-forced as everywhere here: each digit given the true ones before it)
+  grounding, oracle tokens the same with oracle image tokens (colour / shape shares and a learned position per cell:
+                       where an object is only to the cell, 16 px)
   binding, tower shares the binding questions with image tokens made from the tower's own predictions: a `tower=`
                        folder made by stage vision with `share_weight` has a head that reads each patch's object
                        kinds (colour-shape pairs) off the frozen tower; its softmax, pooled per token cell, through a
@@ -69,6 +74,8 @@ SETTINGS = (
     Setting("2-4 objects: count", (2, 4), ("count", "count_colour")),
     Setting("binding + 1-object", (2, 4), BINDING, mixed_in=(1, 1)),
     Setting("binding, oracle tokens", (2, 4), BINDING, oracle_tokens=True),
+    Setting("2-4 objects: grounding", (2, 4), ("grounding",)),
+    Setting("grounding, oracle tokens", (2, 4), ("grounding",), oracle_tokens=True),
     Setting("binding, tower shares", (2, 4), BINDING, tower_shares=True),
     Setting("every kind", (2, 4), QUESTION_KINDS),
     Setting("every kind, oracle", (2, 4), QUESTION_KINDS, oracle_tokens=True),
@@ -144,16 +151,28 @@ class TowerShareTokens(nn.Module):
 
 
 def _questions(records: list, kinds: tuple[str, ...], seed: int) -> list[tuple[str, str, str, str]]:
-    """(image path, question, answer, kind) for every question of `kinds` about each scene of `records`."""
-    from envs.scene_language import question_turns
+    """(image path, question, answer, kind) for every question of `kinds` about each scene of `records` (kind
+    "grounding": one per object)."""
+    from envs.scene_language import grounding_turn, question_turns
 
     rng = np.random.default_rng(seed)
     items = []
     for record in records:
         truth = {"objects": record.meta["objects"], "image_size": record.meta["image_size"]}
-        items += [(str(record.images[0]), t.question, t.answer, t.meta["kind"])
-                  for t in question_turns(truth, rng) if t.meta["kind"] in kinds]
+        turns = question_turns(truth, rng)
+        if "grounding" in kinds:
+            turns += [grounding_turn(o, *record.meta["image_size"]) for o in record.meta["objects"]]
+        items += [(str(record.images[0]), t.question, t.answer, t.meta["kind"]) for t in turns if t.meta["kind"] in kinds]
     return items
+
+
+def _right(prediction: str, answer: str, kind: str) -> bool:
+    """A grounding answer by its box (IoU >= 0.5 against the true one, `score_answer`); others by exact text."""
+    from envs.scene_language import parse_grounding, score_answer
+
+    if kind != "grounding":
+        return prediction == answer
+    return score_answer(prediction, {"kind": kind, "det": parse_grounding(answer)[0][1][0]})
 
 
 def _blind_accuracy(train, test) -> float:
@@ -163,7 +182,7 @@ def _blind_accuracy(train, test) -> float:
         by_question[question][answer] += 1
     fallback = collections.Counter(answer for *_, answer, _ in train).most_common(1)[0][0]
     guess = {q: c.most_common(1)[0][0] for q, c in by_question.items()}
-    return float(np.mean([guess.get(q, fallback) == a for _, q, a, _ in test]))
+    return float(np.mean([_right(guess.get(q, fallback), a, kind) for _, q, a, kind in test]))
 
 
 def _train_and_score(train, test, texts: list[str], demo: dict, steps: int, seed: int,
@@ -264,7 +283,12 @@ def _train_and_score(train, test, texts: list[str], demo: dict, steps: int, seed
         for first in range(0, len(test), 32):
             indices = range(first, min(first + 32, len(test)))
             _, logits, labels = loss_logits_labels(processor.collate([sample(test, i) for i in indices]))
-            right += int(((logits.argmax(-1) == labels) | (labels == -100)).all(dim=1).sum())
+            hits = ((logits.argmax(-1) == labels) | (labels == -100)).all(dim=1)
+            for row, i in enumerate(indices):
+                if test[i][3] == "grounding":  # the box the argmax tokens spell, scored by IoU
+                    hits[row] = _right(processor.tokenizer.decode(logits[row].argmax(-1)[labels[row] != -100].tolist()),
+                                       test[i][2], "grounding")
+            right += int(hits.sum())
     return right / len(test), float(loss.detach()), seconds
 
 

@@ -172,3 +172,25 @@ def test_tower_shares_row_reads_the_towers_share_head_and_needs_one(tmp_path):
     result = bench.run(OmegaConf.create({"quick": True, "steps": 1, "rows": row,
                                          "tower": vision(tmp_path / "share", "stage.data.share_weight=1")}))
     assert [(r["setting"], r["tower_shares"]) for r in result["results"]] == [("binding, tower shares", True)]
+
+
+def test_grounding_rows_ask_for_every_object_and_score_the_box_by_iou(tmp_path):
+    """The grounding rows ask one "Locate ..." per object; an answer is right by its box (IoU >= 0.5), so a box off
+    by a few units still counts and a far one does not, and the decoded tokens of the true answer score right."""
+    from backbone.tokenizer import build_bpe_tokenizer
+    from benchmarks.vqa import _questions, _right
+
+    path = generate_scene_language(tmp_path, "sft", 3, seed=5, image_size=64, env_ids=["vla/PointNav-v0"])
+    records = load_conversations(path)
+    items = _questions(records, ("grounding",), seed=0)
+    assert len(items) == sum(len(r.meta["objects"]) for r in records) and {i[3] for i in items} == {"grounding"}
+    _, question, answer, _ = items[0]
+    assert question.startswith("Locate <|ref|>") and "<|det|>[[" in answer
+    x1, y1, x2, y2 = (int(v) for v in answer.split("[[")[1].split("]]")[0].split(","))
+    near = answer.replace(f"[[{x1},", f"[[{x1 + 5},")
+    far = answer.replace(f"[[{x1},{y1},{x2},{y2}]]", f"[[{(x1 + 500) % 900},{y1},{(x1 + 500) % 900 + x2 - x1},{y2}]]")
+    assert _right(near, answer, "grounding") and not _right(far, answer, "grounding")
+    tokenizer = build_bpe_tokenizer([answer], vocab_size=300)
+    spelled = tokenizer.decode(tokenizer.encode(answer) + [tokenizer.eos_id])  # as the argmax tokens are decoded
+    assert _right(spelled, answer, "grounding")
+    assert _right("blue", "blue", "colour_of_shape") and not _right("red", "blue", "colour_of_shape")
