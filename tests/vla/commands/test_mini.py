@@ -81,7 +81,7 @@ def test_build_records_settings_seeds_scores_and_hashes(tmp_path):
     recorded, measured = mini.check_scores(folder, limit=c["mini"]["scenes"]["eval"])
     assert measured == recorded
     assert json.loads((folder / "config.json").read_text())["vision_config"]["width"] == c["vision"]["width"]
-    # the tower trains from random init at the stage's whole lr; the stages after read it at the recipe's 0.1x
+    # the tower trains from random init at the stage's whole lr; the stages after at `tower_lr_mult` (0: kept)
     lr_mult = lambda stage: OmegaConf.load(tmp_path / "mini" / "train" / stage / "config.yaml").stage.lr_mult  # noqa: E731
     assert dict(lr_mult("vision")) == {} and dict(lr_mult("sft")) == {"vision_tower": c["mini"]["tower_lr_mult"]}
 
@@ -92,7 +92,7 @@ def test_build_keeps_an_adaptor_made_by_stage_vision_frozen_with_adaptor_lr_mult
     from vla.config import load_config
 
     c = _settings(load_config("demo", ["demo.quick=true", "demo.from_scratch=true", "mini.adaptor_lr_mult=0",
-                                       "+mini.vision_data.adaptor_weight=1"]))
+                                       "mini.vision_data.adaptor_weight=1"]))
     folder = mini.build(c, tmp_path / "mini", say=lambda message: None)
     assert list(OmegaConf.load(tmp_path / "mini" / "train" / "sft" / "config.yaml").stage.frozen) == ["projector"]
     made = load_deepseek_vl2(next((tmp_path / "mini" / "train" / "vision" / "checkpoints").glob("step-*")))
