@@ -229,7 +229,7 @@ def cell_codes(labels_BHW2: torch.Tensor, boxes_BHW4: torch.Tensor, code_KD: tor
     in patch units over a `grid` of patches, as [0, 1] frame units on the last rows); zero for floor pixels.
     Kinds, not a colour row plus a shape row: a cell holding parts of a red triangle and a blue circle then differs
     from one holding a blue triangle and a red circle. The box: with `box_bins` = 0 its four coordinates on the last
-    four rows, a weak signal beside the kind's 1 (they span ~0.15 across objects); with n bins each coordinate is a
+    four rows (a position is one amplitude per direction, easily lost in what the fit leaves); with n bins each is a
     soft one-hot over n rows (linear interpolation between the two nearest of n evenly spaced values), halved so the
     box weighs about as much as the kind: where an object is stays as readable as what it is."""
     on_BHW = (labels_BHW2[..., 0] > 0).float()
