@@ -145,7 +145,8 @@ def train_vla(c: dict[str, Any], out: Path, init: str, roots: dict[str, str], la
     data = {"datasets": [{"root": root, "weight": weights[name]} for name, root in roots.items()],
             "chunk_len": c["chunk_len"], "image_size": c["image_size"], "vqa_path": lang["sft"],
             "vqa_ratio": c["vqa_ratio"] if vqa_ratio is None else vqa_ratio, "cache_frames": bool(c["cache_frames"])}
-    return train_stage(c, out, "vla", init, {"data": data, "options": {"policy": c["policy"]}},
+    return train_stage(c, out, "vla", init, {"data": data, "options": {"policy": c["policy"]},
+                                             "frozen": list(c.get("vla_frozen") or [])},
                        run_name=run_name, steps=steps)
 
 
