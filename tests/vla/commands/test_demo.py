@@ -47,6 +47,11 @@ def test_demo_quick_writes_report_and_json(tmp_path, capsys):
     assert json.loads((out / "result.json").read_text()) == result
     assert list((out / "eval").glob("*/videos/*.gif")), "rollout GIFs"
     assert (out / "eval" / "nav-wrong").is_dir() and not (out / "eval" / "arm-wrong").exists()
+    # the vla stage keeps the configured parts of the starting checkpoint as they are (vla_frozen)
+    from omegaconf import OmegaConf
+
+    vla_stage = OmegaConf.load(out / "train" / "vla" / "config.yaml").stage
+    assert list(vla_stage.frozen) == list(load_config("demo", ["demo.quick=true"]).vla_frozen) == ["vision_tower", "projector"]
 
 
 def test_quick_keeps_the_configured_robots_with_fewer_episodes():
