@@ -233,15 +233,16 @@ def cell_codes(labels_BHW2: torch.Tensor, boxes_BHW4: torch.Tensor, code_KD: tor
     soft one-hot over n rows (linear interpolation between the two nearest of n evenly spaced values), halved so the
     box weighs about as much as the kind: where an object is stays as readable as what it is."""
     on_BHW = (labels_BHW2[..., 0] > 0).float()
-    box_BHW4 = boxes_BHW4 / grid
+    frame_BHW4 = boxes_BHW4 / grid
+    box_BHWF = frame_BHW4  # the box's rows of the code: 4, or 4 * box_bins
     if box_bins > 0:
-        position = box_BHW4.clamp(0, 1) * (box_bins - 1)
+        position = frame_BHW4.clamp(0, 1) * (box_bins - 1)
         below = position.floor().long().clamp(max=box_bins - 2)
         above_share = (position - below)[..., None]
         tent_BHW4N = F.one_hot(below, box_bins) * (1 - above_share) + F.one_hot(below + 1, box_bins) * above_share
-        box_BHW4 = 0.5 * tent_BHW4N.flatten(-2)
+        box_BHWF = 0.5 * tent_BHW4N.flatten(-2)
     facts_BHWK = torch.cat([F.one_hot(object_kinds(labels_BHW2), 1 + len(COLOURS) * len(SHAPES))[..., 1:].float(),
-                            box_BHW4 * on_BHW[..., None]], dim=-1)
+                            box_BHWF * on_BHW[..., None]], dim=-1)
     pooled_BKL = F.avg_pool2d(facts_BHWK.permute(0, 3, 1, 2), cell).flatten(2)
     return pooled_BKL.transpose(1, 2) @ code_KD
 
