@@ -10,14 +10,17 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = Path(os.environ.get("VLA_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
+# maps whose keys are free-form although the yaml gives them a default entry: `lr_mult` is keyed by parameter group
+# (`stage.lr_mult.projector=0.1`), and the trainer refuses a group it does not know
+FREE_FORM_MAPS = ("lr_mult",)
 
 
 def load_config(name: str, overrides: list[str] | None = None) -> DictConfig:
     """Compose `configs/<name>.yaml` with hydra-style overrides (`a.b=1`, `+new=2`).
 
-    Free-form sections (a `{}` in the yaml, e.g. `model.language` or `stage.data`) take new keys without hydra's
-    `+`: `model.language.hidden_size=128` and `stage.data={datasets: [...]}` just work. Keys of structured sections
-    still have to exist, so typos there fail loudly."""
+    Free-form sections (a `{}` in the yaml, e.g. `model.language` or `stage.data`, and the FREE_FORM_MAPS) take new
+    keys without hydra's `+`: `model.language.hidden_size=128` and `stage.data={datasets: [...]}` just work. Keys of
+    structured sections still have to exist, so typos there fail loudly."""
     from hydra import compose, initialize_config_dir
 
     overrides = list(overrides or [])
@@ -37,8 +40,10 @@ def _free_form(override: str, base: DictConfig) -> str:
         return "++" + override
     if "." not in key:
         return override
-    parent = OmegaConf.select(base, key.rpartition(".")[0], default=None)
-    if node is None and isinstance(parent, DictConfig) and key.rpartition(".")[2] not in parent and len(parent) == 0:
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(base, parent_key, default=None)
+    free = isinstance(parent, DictConfig) and (len(parent) == 0 or parent_key.rpartition(".")[2] in FREE_FORM_MAPS)
+    if node is None and free and leaf not in parent:
         return "++" + override
     return override
 
@@ -57,7 +62,7 @@ def with_settings(cfg: DictConfig, settings: Mapping[str, Any]) -> DictConfig:
 def _check_keys(node: DictConfig, settings: Mapping[str, Any], path: str) -> None:
     for key, value in settings.items():
         where = f"{path}.{key}" if path else str(key)
-        if len(node) and key not in node:
+        if len(node) and key not in node and path.rpartition(".")[2] not in FREE_FORM_MAPS:
             raise KeyError(f"unknown config key {where!r}; known at that level: {', '.join(sorted(node.keys()))}")
         child = node.get(key) if key in node else None
         if isinstance(value, Mapping) and isinstance(child, DictConfig):

@@ -38,3 +38,14 @@ def test_unknown_keys_of_structured_sections_are_one_error():
     assert cfg.model.vision.width == 64
     with pytest.raises(Exception):  # the result is locked again, as hydra's is
         cfg.not_a_key = 1
+
+
+def test_lr_multipliers_take_any_parameter_group(tmp_path):
+    """`lr_mult` has a default entry (the tower's 0.1) but is keyed by parameter group: another group is a new key,
+    on the command line and through the API alike; the trainer, not the config, refuses a group it does not know."""
+    via_cli = load_config("train", ["stage=vla", "stage.lr_mult.projector=0.1"])
+    via_api = stage_config("vla", {"stage": {"lr_mult": {"projector": 0.1}}})
+    for cfg in (via_cli, via_api):
+        assert dict(cfg.stage.lr_mult) == {"vision_tower": 0.1, "projector": 0.1}
+    with pytest.raises(KeyError, match="unknown config key 'stage.optim.lr_multiplier'"):
+        stage_config("vla", {"stage": {"optim": {"lr_multiplier": 1.0}}})
