@@ -30,7 +30,9 @@ here too: each output token regresses, squared error, the mean over its cell's p
 drawn there (a random unit direction per kind of object, a colour-shape pair, and its box in [0, 1] frame units on
 four more), so the language model starts from tokens that name the objects of their cell, each in a direction of its
 own; a language model reads those at once, where it does not learn to read the same facts off an untrained adaptor
-in thousands of steps (docs/experiments.md, "The adaptor, not the tower, loses the objects").
+in thousands of steps (docs/experiments.md, "The adaptor, not the tower, loses the objects"). `code_scale` sets the
+norm of the code's directions: at 1 the tokens are so small next to what the language model's first layer writes onto
+their positions that it wipes where the object is (docs/experiments.md, "Image tokens too small to keep a place").
 
 A checkpoint is an official-format DeepSeek-VL2 folder (the trained tower, the rest as initialised, the tokenizer)
 that `align` starts from, plus `contrastive_heads.safetensors` (the heads it built: pooling head, text tower, t and b;
@@ -82,6 +84,7 @@ class VisionDataConfig:
     share_weight: float = 0.0  # weight of the per-patch loss on the share of its pixels each colour-shape pair covers
     adaptor_weight: float = 0.0  # weight of the adaptor's loss (its tokens -> the fixed code of their cell's objects)
     box_bins: int = 0  # the code's box: 0 = its 4 coordinates on 4 directions; n = each on n directions (soft one-hot)
+    code_scale: float = 1.0  # the norm of each row of the code, so of the adaptor's tokens (the loss is in code units)
 
 
 class ContrastiveTowers(nn.Module):
@@ -120,10 +123,12 @@ class ContrastiveTowers(nn.Module):
             self.projector, self.center_tokens = projector, center_tokens
             if data.box_bins == 1 or data.box_bins < 0:
                 raise StageTaskError(f"stage vision: box_bins is {data.box_bins}; 0 (4 coordinates) or >= 2 bins")
-            self.box_bins = data.box_bins
+            if data.code_scale <= 0:
+                raise StageTaskError(f"stage vision: code_scale is {data.code_scale}; it must be > 0")
+            self.box_bins, self.code_scale = data.box_bins, float(data.code_scale)
             code = torch.randn(len(COLOURS) * len(SHAPES) + 4 * max(data.box_bins, 1), projector.config.n_embed,
                                generator=torch.Generator().manual_seed(0))
-            self.register_buffer("object_code", F.normalize(code, dim=-1), persistent=False)
+            self.register_buffer("object_code", F.normalize(code, dim=-1) * self.code_scale, persistent=False)
 
     def _per_pixel(self, head: nn.Linear, patches_BLC: torch.Tensor) -> torch.Tensor:
         """A linear head's per-patch outputs laid out as pixels: (B, L, P*P*K) -> (B, H, W, K)."""
@@ -202,7 +207,7 @@ class ContrastiveTowers(nn.Module):
             if self.center_tokens:  # as the backbone's VisionEncoder hands them to the language model
                 tokens_BLD = tokens_BLD - tokens_BLD.mean(dim=1, keepdim=True)
                 target_BLD = target_BLD - target_BLD.mean(dim=1, keepdim=True)
-            terms["adaptor"] = (tokens_BLD - target_BLD).pow(2).sum(-1).mean()
+            terms["adaptor"] = ((tokens_BLD - target_BLD) / self.code_scale).pow(2).sum(-1).mean()
             with torch.no_grad():  # how much of the code's variance the tokens give
                 metrics["adaptor_r2"] = float(1 - (tokens_BLD - target_BLD).pow(2).sum()
                                               / (target_BLD - target_BLD.mean((0, 1))).pow(2).sum().clamp_min(1e-8))

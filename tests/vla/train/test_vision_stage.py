@@ -222,3 +222,19 @@ def test_vision_stage_with_the_adaptor_target_trains_and_saves_the_adaptor(tmp_p
     trained = load_deepseek_vl2(summary["checkpoint"]).vision_encoder.projector.state_dict()
     untouched = load_deepseek_vl2(initial["checkpoint"]).vision_encoder.projector.state_dict()
     assert any(not torch.equal(trained[k], untouched[k]) for k in trained)  # the saved folder holds the trained adaptor
+
+
+def test_code_scale_sets_the_norm_of_the_adaptor_code():
+    from backbone.deepseek_vl2 import build_deepseek_vl2
+    from vla.train.stages import StageTaskError
+    from vla.train.vision_stage import ContrastiveTowers, VisionDataConfig
+
+    encoder = build_deepseek_vl2("test").vision_encoder
+    towers = {s: ContrastiveTowers(encoder.vision, 16, 0, VisionDataConfig(contrastive_weight=0, adaptor_weight=1,
+                                                                            box_bins=4, code_scale=s),
+                                   encoder.projector, encoder.center_tokens) for s in (1.0, 4.0)}
+    torch.testing.assert_close(towers[4.0].object_code, 4 * towers[1.0].object_code)
+    torch.testing.assert_close(towers[4.0].object_code.norm(dim=-1), torch.full((towers[4.0].object_code.shape[0],), 4.0))
+    with pytest.raises(StageTaskError, match="code_scale is 0"):
+        ContrastiveTowers(encoder.vision, 16, 0, VisionDataConfig(contrastive_weight=0, adaptor_weight=1, code_scale=0),
+                          encoder.projector, encoder.center_tokens)
