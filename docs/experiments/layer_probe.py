@@ -1,0 +1,110 @@
+"""Where does the language model lose where an object is? The ridge probe of `token_probe.py` (x1, y1 of an object's
+box, 0..999), read off the language model's residual stream while it answers "Locate <|ref|>the <object><|/ref|> in
+the given image." with the true answer teacher-forced up to `[[`: at the image token that holds the object's centre
+(the global view's 4x4 grid), as the language model gets it and after each of its layers, and at the `[[` position,
+after each layer (where the first digit of x1 is read off). One object per scene (its first), fit on `--train`
+scenes, scored on `--test` others. Also the mean norm of the image tokens, of the text tokens, and of what each layer
+adds at the image positions.
+
+    python docs/experiments/layer_probe.py checkpoints/dsvl2-mini [--train 1000 --test 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import numpy as np
+import torch
+
+
+def residuals(model, processor, records, size: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """{"token": (N, 1 + layers, D), "answer": (N, layers, D)}, targets (N, 2) x1 y1 in 0..999, norms (3 + layers,)."""
+    from PIL import Image
+
+    from envs.scene_language import grounding_answer, to_det
+
+    layers = model.language.model.layers
+    seen: dict = {}
+    hooks = [layers[0].register_forward_pre_hook(lambda m, args: seen.__setitem__("in", args[0][0]))]
+    for i, layer in enumerate(layers):
+        def keep(module, inputs, output, i=i):
+            seen[i] = (output[0] if isinstance(output, tuple) else output)[0]
+        hooks.append(layer.register_forward_hook(keep))
+    grid = int(np.sqrt(model.vision_encoder.tokens_per_tile))
+    feats: dict[str, list] = {"token": [], "answer": []}
+    targets, norms = [], []
+    for record in records:
+        obj = record.meta["objects"][0]
+        det = to_det(obj["bbox"], size, size)
+        ref = f"the {obj['name']}"
+        question = f"<image>\nLocate <|ref|>{ref}<|/ref|> in the given image."
+        prefix = grounding_answer(ref, det).split("[[")[0] + "[["  # the answer up to where x1 is spelled
+        batch = processor([{"role": "user", "content": question}, {"role": "assistant", "content": prefix}],
+                          [Image.open(record.images[0]).convert("RGB")])
+        with torch.no_grad():
+            model(**{k: batch[k] for k in ("input_ids", "attention_mask", "images", "images_seq_mask",
+                                           "images_spatial_crop")}, compute_logits=False)
+        image_at = batch["images_seq_mask"][0].nonzero().flatten()
+        cx, cy = obj["center"]
+        row, col = min(int(cy * grid / size), grid - 1), min(int(cx * grid / size), grid - 1)
+        at = int(image_at[row * (grid + 1) + col])  # the global view: rows of `grid` tokens and a newline
+        steps = [seen["in"]] + [seen[i] for i in range(len(layers))]
+        feats["token"].append(torch.stack([s[at] for s in steps]).numpy())
+        feats["answer"].append(torch.stack([s[-1] for s in steps[1:]]).numpy())
+        targets.append(det[:2])
+        is_image = batch["images_seq_mask"][0]
+        norms.append([float(seen["in"][is_image].norm(dim=-1).mean()), float(seen["in"][~is_image].norm(dim=-1).mean())]
+                     + [float((b - a)[is_image].norm(dim=-1).mean()) for a, b in zip(steps, steps[1:])])
+    for hook in hooks:
+        hook.remove()
+    return ({k: np.asarray(v, dtype=np.float64) for k, v in feats.items()}, np.asarray(targets, dtype=np.float64),
+            np.asarray(norms).mean(0))
+
+
+def probe(X_train, y_train, X_test, y_test) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge regression as token_probe.py's: (share within 40 units, R^2) for x1 and y1."""
+    mean, scale = X_train.mean(0), X_train.std(0) + 1e-6
+    A = np.c_[(X_train - mean) / scale, np.ones(len(X_train))]
+    W = np.linalg.solve(A.T @ A + 1.0 * np.eye(A.shape[1]), A.T @ y_train)
+    pred = np.c_[(X_test - mean) / scale, np.ones(len(X_test))] @ W
+    within = (np.abs(pred - y_test) <= 40).mean(0)
+    r2 = 1 - ((pred - y_test) ** 2).sum(0) / ((y_test - y_test.mean(0)) ** 2).sum(0)
+    return within, r2
+
+
+def main() -> None:
+    from envs.scene_language import generate_scene_language, load_conversations
+    from vla.policy.checkpoint import load_vl2_for_chat
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--train", type=int, default=1000)
+    parser.add_argument("--test", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=900_000)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model, processor = load_vl2_for_chat(args.checkpoint)
+    model.eval()
+    size = model.vision_encoder.vision_config.image_size
+    with tempfile.TemporaryDirectory() as tmp:
+        path = generate_scene_language(tmp, "align", args.train + args.test, seed=args.seed, image_size=size,
+                                       env_ids=["vla/ArmReach-v0", "vla/PointNav-v0"],
+                                       env_kwargs={"num_objects": [2, 4]})
+        records = load_conversations(path)
+        train, y_train, norms = residuals(model, processor, records[:args.train], size)
+        test, y_test, _ = residuals(model, processor, records[args.train:], size)
+    print(f"{args.checkpoint}: {len(y_test)} held-out objects ({len(y_train)} to fit)")
+    print(f"mean norm: image tokens {norms[0]:.2f}, text tokens {norms[1]:.2f}; added at the image positions by layer "
+          + ", ".join(f"{i}: {v:.2f}" for i, v in enumerate(norms[2:])))
+    print("| residual stream | x1 within 40 | x1 R^2 | y1 within 40 | y1 R^2 |\n|---|---|---|---|---|")
+    for where, X_tr in train.items():
+        for step in range(X_tr.shape[1]):
+            within, r2 = probe(X_tr[:, step], y_train, test[where][:, step], y_test)
+            name = (("object's token, as the language model gets it" if step == 0 else f"object's token after layer {step - 1}")
+                    if where == "token" else f"`[[` after layer {step}")
+            print(f"| {name} | {within[0]:.2f} | {r2[0]:.2f} | {within[1]:.2f} | {r2[1]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
