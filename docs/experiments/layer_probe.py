@@ -1,5 +1,5 @@
-"""Where does the language model lose where an object is? The ridge probe of `token_probe.py` (x1, y1 of an object's
-box, 0..999), read off the language model's residual stream while it answers "Locate <|ref|>the <object><|/ref|> in
+"""Where does the language model lose where an object is? The ridge probe of `token_probe.py` (its code: x1, y1 of
+an object's box, 0..999), read off the language model's residual stream while it answers "Locate <|ref|>the <object><|/ref|> in
 the given image." with the true answer teacher-forced up to `[[`: at the image token that holds the object's centre
 (the global view's 4x4 grid), as the language model gets it and after each of its layers, and at the `[[` position,
 after each layer (where the first digit of x1 is read off). One object per scene (its first), fit on `--train`
@@ -62,19 +62,8 @@ def residuals(model, processor, records, size: int) -> tuple[dict[str, np.ndarra
             np.asarray(norms).mean(0))
 
 
-def probe(X_train, y_train, X_test, y_test) -> tuple[np.ndarray, np.ndarray]:
-    """Ridge regression as token_probe.py's: (share within 40 units, R^2) for x1 and y1."""
-    mean, scale = X_train.mean(0), X_train.std(0) + 1e-6
-    A = np.c_[(X_train - mean) / scale, np.ones(len(X_train))]
-    W = np.linalg.solve(A.T @ A + 1.0 * np.eye(A.shape[1]), A.T @ y_train)
-    pred = np.c_[(X_test - mean) / scale, np.ones(len(X_test))] @ W
-    within = (np.abs(pred - y_test) <= 40).mean(0)
-    r2 = 1 - ((pred - y_test) ** 2).sum(0) / ((y_test - y_test.mean(0)) ** 2).sum(0)
-    return within, r2
-
-
 def main() -> None:
-    from envs.scene_language import generate_scene_language, load_conversations
+    from token_probe import place_scores, probe_scenes, ridge  # this folder's
     from vla.policy.checkpoint import load_vl2_for_chat
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -88,10 +77,7 @@ def main() -> None:
     model.eval()
     size = model.vision_encoder.vision_config.image_size
     with tempfile.TemporaryDirectory() as tmp:
-        path = generate_scene_language(tmp, "align", args.train + args.test, seed=args.seed, image_size=size,
-                                       env_ids=["vla/ArmReach-v0", "vla/PointNav-v0"],
-                                       env_kwargs={"num_objects": [2, 4]})
-        records = load_conversations(path)
+        records = probe_scenes(tmp, args.train + args.test, args.seed, size)
         train, y_train, norms = residuals(model, processor, records[:args.train], size)
         test, y_test, _ = residuals(model, processor, records[args.train:], size)
     print(f"{args.checkpoint}: {len(y_test)} held-out objects ({len(y_train)} to fit)")
@@ -100,7 +86,7 @@ def main() -> None:
     print("| residual stream | x1 within 40 | x1 R^2 | y1 within 40 | y1 R^2 |\n|---|---|---|---|---|")
     for where, X_tr in train.items():
         for step in range(X_tr.shape[1]):
-            within, r2 = probe(X_tr[:, step], y_train, test[where][:, step], y_test)
+            within, r2 = place_scores(ridge(X_tr[:, step], y_train, test[where][:, step]), y_test)
             name = (("object's token, as the language model gets it" if step == 0 else f"object's token after layer {step - 1}")
                     if where == "token" else f"`[[` after layer {step}")
             print(f"| {name} | {within[0]:.2f} | {r2[0]:.2f} | {within[1]:.2f} | {r2[1]:.2f} |")

@@ -43,9 +43,32 @@ def tokens_and_targets(model, records, size: int, tokens: str) -> tuple[np.ndarr
     return np.asarray(feats, dtype=np.float64), np.asarray(targets, dtype=np.float64)
 
 
+def probe_scenes(folder: str, count: int, seed: int, size: int) -> list:
+    """`count` 2-4-object scenes of both robots' envs (scene-language records), generated into `folder`."""
+    from envs.scene_language import generate_scene_language, load_conversations
+
+    return load_conversations(generate_scene_language(folder, "align", count, seed=seed, image_size=size,
+                                                      env_ids=["vla/ArmReach-v0", "vla/PointNav-v0"],
+                                                      env_kwargs={"num_objects": [2, 4]}))
+
+
+def ridge(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray) -> np.ndarray:
+    """Predictions for `X_test` of a ridge regression (standardized features, penalty 1) fit on the training pairs."""
+    mean, scale = X_train.mean(0), X_train.std(0) + 1e-6
+    A = np.c_[(X_train - mean) / scale, np.ones(len(X_train))]
+    W = np.linalg.solve(A.T @ A + 1.0 * np.eye(A.shape[1]), A.T @ y_train)
+    return np.c_[(X_test - mean) / scale, np.ones(len(X_test))] @ W
+
+
+def place_scores(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of (x1, y1) predictions in 0..999 units: the share within 40 units, and R^2."""
+    within = (np.abs(pred - truth) <= 40).mean(0)
+    r2 = 1 - ((pred - truth) ** 2).sum(0) / ((truth - truth.mean(0)) ** 2).sum(0)
+    return within, r2
+
+
 def main() -> None:
     from envs.scene import COLOURS
-    from envs.scene_language import generate_scene_language, load_conversations
     from vla.policy.checkpoint import load_vl2_for_chat
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -59,18 +82,11 @@ def main() -> None:
     model, _ = load_vl2_for_chat(args.checkpoint)
     size = model.vision_encoder.vision_config.image_size
     with tempfile.TemporaryDirectory() as tmp:
-        path = generate_scene_language(tmp, "align", args.train + args.test, seed=args.seed, image_size=size,
-                                       env_ids=["vla/ArmReach-v0", "vla/PointNav-v0"],
-                                       env_kwargs={"num_objects": [2, 4]})
-        records = load_conversations(path)
+        records = probe_scenes(tmp, args.train + args.test, args.seed, size)
         X_train, y_train = tokens_and_targets(model, records[:args.train], size, args.tokens)
         X_test, y_test = tokens_and_targets(model, records[args.train:], size, args.tokens)
-    mean, scale = X_train.mean(0), X_train.std(0) + 1e-6
-    A = np.c_[(X_train - mean) / scale, np.ones(len(X_train))]
-    W = np.linalg.solve(A.T @ A + 1.0 * np.eye(A.shape[1]), A.T @ y_train)
-    pred = np.c_[(X_test - mean) / scale, np.ones(len(X_test))] @ W
-    within = (np.abs(pred[:, :2] - y_test[:, :2]) <= 40).mean(0)
-    r2 = 1 - ((pred[:, :2] - y_test[:, :2]) ** 2).sum(0) / ((y_test[:, :2] - y_test[:, :2].mean(0)) ** 2).sum(0)
+    pred = ridge(X_train, y_train, X_test)
+    within, r2 = place_scores(pred[:, :2], y_test[:, :2])
     n_colours = len(COLOURS)
     colour_acc = (pred[:, 2:2 + n_colours].argmax(1) == y_test[:, 2:2 + n_colours].argmax(1)).mean()
     shape_acc = (pred[:, 2 + n_colours:].argmax(1) == y_test[:, 2 + n_colours:].argmax(1)).mean()
