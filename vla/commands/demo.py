@@ -123,7 +123,8 @@ def train_stage(c: dict[str, Any], out: Path, stage: str, init_from: str | None,
     steps = int(c["steps"][stage] if steps is None else steps)
     config = {
         "out": out / "train" / (run_name or stage), "seed": c["seed"], "micro_batch": c["micro_batch"],
-        "model": {"language": c["model"], **({"vision": c["vision"]} if c.get("vision") else {})},
+        "model": {"language": c["model"], **({"vision": c["vision"]} if c.get("vision") else {}),
+                  **({"center_image_tokens": c["center_image_tokens"]} if c.get("center_image_tokens") is not None else {})},
         "checkpoint": {"every": 0, "keep_last": 1}, "log": {"progress": True, "tensorboard": False},
         "stage": {"steps": steps, "optim": {"lr": c["lr"][stage]},
                   "schedule": {"warmup_steps": max(1, steps // 10)},

@@ -145,7 +145,9 @@ def build(c: dict[str, Any], out: Path, say=print) -> Path:
     say(f"mini: {sum(p['count'] for p in plan.values())} scenes generated, tokenizer of {c['tokenizer_vocab']} tokens")
     # the stages with the mini's own steps, learning rates, batch sizes and tower
     mc = {**c, "steps": m["steps"], "lr": m["lr"]}
-    summary = train_stage({**mc, "micro_batch": m["micro_batch"]["vision"]}, out, "vision", None,
+    # the random init (stage vision) takes the model's centring of image tokens; the later stages read it off the folder
+    summary = train_stage({**mc, "micro_batch": m["micro_batch"]["vision"],
+                           "center_image_tokens": m.get("center_image_tokens")}, out, "vision", None,
                           {"data": {"path": paths["vision"], "image_size": c["image_size"], **m["vision_data"]}},
                           tokenizer=tokenizer)
     init, losses = summary["checkpoint"], {"vision": summary["final_loss"]}

@@ -42,6 +42,7 @@ def configs_from(cfg: DictConfig, dist) -> tuple[StageContext, TrainerConfig]:
         name=stage["name"], out_dir=out_dir, seed=int(c["seed"]), init_from=c.get("init_from"),
         model_preset=c["model"]["preset"], model_language=dict(c["model"].get("language") or {}),
         model_vision=dict(c["model"].get("vision") or {}),
+        model_center_image_tokens=c["model"].get("center_image_tokens"),
         tokenizer=c.get("tokenizer"), tokenizer_vocab=int(c["tokenizer_vocab"]),
         trainable=list(stage.get("trainable") or ["all"]), frozen=list(stage.get("frozen") or []),
         lr_mult=dict(stage.get("lr_mult") or {}), data=dict(stage.get("data") or {}),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -136,6 +136,7 @@ class StageContext:
     model_preset: str = "test"
     model_language: dict[str, Any] = field(default_factory=dict)  # language-config overrides of the preset
     model_vision: dict[str, Any] = field(default_factory=dict)  # vision-tower overrides of the preset
+    model_center_image_tokens: bool | None = None  # the preset's centring of image tokens overridden (None = keep)
     tokenizer: str | None = None  # folder with tokenizer.json (default: init_from's, else a built BPE)
     tokenizer_vocab: int = 512
     trainable: list[str] = field(default_factory=lambda: ["all"])
@@ -364,6 +365,8 @@ def build_vl2_backbone(ctx: StageContext):
                                  f"{model.config.language.vocab_size}")
     else:
         config = deepseek_vl2_preset(ctx.model_preset, vision=ctx.model_vision, **ctx.model_language)
+        if ctx.model_center_image_tokens is not None:
+            config = replace(config, center_image_tokens=bool(ctx.model_center_image_tokens))
         if len(tokenizer) > config.language.vocab_size or "vocab_size" not in ctx.model_language:
             config = replace_language(config, vocab_size=max(len(tokenizer), ctx.model_language.get("vocab_size", 0)))
         model = build_deepseek_vl2(config)

@@ -238,3 +238,40 @@ def test_code_scale_sets_the_norm_of_the_adaptor_code():
     with pytest.raises(StageTaskError, match="code_scale is 0"):
         ContrastiveTowers(encoder.vision, 16, 0, VisionDataConfig(contrastive_weight=0, adaptor_weight=1, code_scale=0),
                           encoder.projector, encoder.center_tokens)
+
+
+def test_box_pool_object_gives_a_cell_its_objects_whole_box():
+    from backbone.deepseek_vl2 import build_deepseek_vl2
+    from envs.scene import COLOURS, SHAPES
+    from vla.train.stages import StageTaskError
+    from vla.train.vision_stage import ContrastiveTowers, VisionDataConfig, cell_codes
+
+    # one 8x8 frame of 4x4-px cells; one object of kind 1 over 4 pixels of cell 0 (a quarter of it) and 12 of cell 1
+    labels_BHW2 = torch.zeros(1, 8, 8, 2, dtype=torch.long)
+    labels_BHW2[0, 0:4, 3:7] = torch.tensor([1, 1])
+    boxes_BHW4 = torch.zeros(1, 8, 8, 4)
+    boxes_BHW4[0, 0:4, 3:7] = torch.tensor([0.75, 0.0, 1.75, 1.0])  # patch units over a grid of 2 patches
+    kinds = len(COLOURS) * len(SHAPES)
+    eye_KK = torch.eye(kinds + 4)
+    share = cell_codes(labels_BHW2, boxes_BHW4, eye_KK, 4, 2.0)[0]  # (cells, facts): the code is the facts
+    whole = cell_codes(labels_BHW2, boxes_BHW4, eye_KK, 4, 2.0, box_pool="object")[0]
+    box = torch.tensor([0.375, 0.0, 0.875, 0.5])  # frame units
+    torch.testing.assert_close(share[0, kinds:], box * 4 / 16)
+    torch.testing.assert_close(share[1, kinds:], box * 12 / 16)
+    for cell in (0, 1):  # the kind stays scaled by the share; the box is whole in both cells
+        torch.testing.assert_close(whole[cell, :kinds], share[cell, :kinds])
+        torch.testing.assert_close(whole[cell, kinds:], box)
+    torch.testing.assert_close(whole[2:], torch.zeros_like(whole[2:]))  # cells without an object stay empty
+    encoder = build_deepseek_vl2("test").vision_encoder
+    with pytest.raises(StageTaskError, match="box_pool is 'max'"):
+        ContrastiveTowers(encoder.vision, 16, 0, VisionDataConfig(contrastive_weight=0, adaptor_weight=1, box_pool="max"),
+                          encoder.projector, encoder.center_tokens)
+
+
+def test_center_image_tokens_overrides_the_preset(tmp_path):
+    from vla.train.stages import StageContext, build_vl2_backbone
+
+    for value, expected in ((None, True), (False, False)):  # the test preset centres
+        ctx = StageContext(name="vision", out_dir=tmp_path, seed=0, model_center_image_tokens=value)
+        model, _ = build_vl2_backbone(ctx)
+        assert model.config.center_image_tokens is expected and model.vision_encoder.center_tokens is expected
