@@ -26,6 +26,9 @@ Settings (rows):
   2-4 objects: grounding "Locate <|ref|>the <colour shape><|/ref|> in the given image.": the answer is the object's
                        box (0..999, digit by digit); right when the box read off the argmax tokens has IoU >= 0.5
                        (teacher-forced as everywhere here: each digit given the true ones before it)
+  grounding + 1-object  the grounding questions with one-object scenes' mixed into training (where the image's
+                       average already holds the box), scored on the 2-4 object scenes
+  grounding, q first   the grounding questions before the image (each image token can see what is asked for)
   grounding, oracle tokens the same with oracle image tokens (colour / shape shares and a learned position per cell:
                        where an object is only to the cell, 16 px)
   binding, tower shares the binding questions with image tokens made from the tower's own predictions: a `tower=`
@@ -75,6 +78,8 @@ SETTINGS = (
     Setting("binding + 1-object", (2, 4), BINDING, mixed_in=(1, 1)),
     Setting("binding, oracle tokens", (2, 4), BINDING, oracle_tokens=True),
     Setting("2-4 objects: grounding", (2, 4), ("grounding",)),
+    Setting("grounding + 1-object", (2, 4), ("grounding",), mixed_in=(1, 1)),
+    Setting("grounding, q first", (2, 4), ("grounding",), question_first=True),
     Setting("grounding, oracle tokens", (2, 4), ("grounding",), oracle_tokens=True),
     Setting("binding, tower shares", (2, 4), BINDING, tower_shares=True),
     Setting("every kind", (2, 4), QUESTION_KINDS),

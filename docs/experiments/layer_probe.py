@@ -18,11 +18,38 @@ import numpy as np
 import torch
 
 
-def residuals(model, processor, records, size: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """{"token": (N, 1 + layers, D), "answer": (N, layers, D)}, targets (N, 2) x1 y1 in 0..999, norms (3 + layers,)."""
+def locate_up_to_x1(model, processor, record, size: int) -> dict:
+    """Run the model on "Locate <|ref|>the <first object><|/ref|> in the given image." with the true answer
+    teacher-forced up to `[[` (where x1's first digit is read off); the processed batch."""
     from PIL import Image
 
     from envs.scene_language import grounding_answer, to_det
+
+    obj = record.meta["objects"][0]
+    ref = f"the {obj['name']}"
+    question = f"<image>\nLocate <|ref|>{ref}<|/ref|> in the given image."
+    prefix = grounding_answer(ref, to_det(obj["bbox"], size, size)).split("[[")[0] + "[["
+    batch = processor([{"role": "user", "content": question}, {"role": "assistant", "content": prefix}],
+                      [Image.open(record.images[0]).convert("RGB")])
+    with torch.no_grad():
+        model(**{k: batch[k] for k in ("input_ids", "attention_mask", "images", "images_seq_mask",
+                                       "images_spatial_crop")}, compute_logits=False)
+    return batch
+
+
+def load_probed(checkpoint: str):
+    """(model, processor, image size) of a DeepSeek-VL2 folder, in eval mode, on one thread."""
+    from vla.policy.checkpoint import load_vl2_for_chat
+
+    torch.set_num_threads(1)
+    model, processor = load_vl2_for_chat(checkpoint)
+    model.eval()
+    return model, processor, model.vision_encoder.vision_config.image_size
+
+
+def residuals(model, processor, records, size: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """{"token": (N, 1 + layers, D), "answer": (N, layers, D)}, targets (N, 2) x1 y1 in 0..999, norms (3 + layers,)."""
+    from envs.scene_language import to_det
 
     layers = model.language.model.layers
     seen: dict = {}
@@ -37,14 +64,7 @@ def residuals(model, processor, records, size: int) -> tuple[dict[str, np.ndarra
     for record in records:
         obj = record.meta["objects"][0]
         det = to_det(obj["bbox"], size, size)
-        ref = f"the {obj['name']}"
-        question = f"<image>\nLocate <|ref|>{ref}<|/ref|> in the given image."
-        prefix = grounding_answer(ref, det).split("[[")[0] + "[["  # the answer up to where x1 is spelled
-        batch = processor([{"role": "user", "content": question}, {"role": "assistant", "content": prefix}],
-                          [Image.open(record.images[0]).convert("RGB")])
-        with torch.no_grad():
-            model(**{k: batch[k] for k in ("input_ids", "attention_mask", "images", "images_seq_mask",
-                                           "images_spatial_crop")}, compute_logits=False)
+        batch = locate_up_to_x1(model, processor, record, size)
         image_at = batch["images_seq_mask"][0].nonzero().flatten()
         cx, cy = obj["center"]
         row, col = min(int(cy * grid / size), grid - 1), min(int(cx * grid / size), grid - 1)
@@ -64,7 +84,6 @@ def residuals(model, processor, records, size: int) -> tuple[dict[str, np.ndarra
 
 def main() -> None:
     from token_probe import place_scores, probe_scenes, ridge  # this folder's
-    from vla.policy.checkpoint import load_vl2_for_chat
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
@@ -72,10 +91,7 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=300)
     parser.add_argument("--seed", type=int, default=900_000)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    model, processor = load_vl2_for_chat(args.checkpoint)
-    model.eval()
-    size = model.vision_encoder.vision_config.image_size
+    model, processor, size = load_probed(args.checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         records = probe_scenes(tmp, args.train + args.test, args.seed, size)
         train, y_train, norms = residuals(model, processor, records[:args.train], size)

@@ -3,9 +3,13 @@ that holds an object's centre (the 4x4 global-view grid of a 64-px frame, what t
 object's x1 and y1 (0..999), fit on `--train` scenes and scored on `--test` others: the share within 40 units and R^2,
 for x1 (the column) and y1 (the row); and the same probe to the object's colour and shape (one-hot targets, argmax):
 the share read right. The token's index is not an input: only its content. `--tokens tower` probes
-the SigLIP tower's patch token (8x8 grid) at the centre instead, before the adaptor.
+the SigLIP tower's patch token (8x8 grid) at the centre instead, before the adaptor; `--tokens code` the code stage
+vision fits the adaptor's tokens to (`vla.train.vision_stage.cell_codes` from the renderer's labels, `--box-bins` as
+the recipe's, centred as the encoder centres tokens): what a perfect adaptor would give. `--normalize` scales each
+token to unit norm first, as the language model's first RMSNorm does.
 
-    python docs/experiments/token_probe.py checkpoints/dsvl2-mini [--train 2000 --test 500] [--tokens tower]
+    python docs/experiments/token_probe.py checkpoints/dsvl2-mini [--train 2000 --test 500] [--tokens tower|code]
+        [--normalize] [--box-bins 10]
 """
 
 from __future__ import annotations
@@ -15,11 +19,31 @@ import tempfile
 
 import numpy as np
 import torch
+from PIL import Image
 
 
-def tokens_and_targets(model, records, size: int, tokens: str) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image
+def code_tokens(encoder, records, box_bins: int) -> torch.Tensor:
+    """(N, L, D) the code stage vision fits the adaptor's tokens to, for `records` (centred as the encoder does)."""
+    from envs.scene import COLOURS, SHAPES
+    from vla.train.vision_stage import cell_codes, pixel_boxes, pixel_labels
 
+    patch = encoder.vision_config.patch_size
+    cell, grid = patch * encoder.projector.config.downsample_ratio, encoder.vision_config.grid_side
+    code_KD = torch.randn(len(COLOURS) * len(SHAPES) + 4 * max(box_bins, 1), encoder.projector.config.n_embed,
+                          generator=torch.Generator().manual_seed(0))  # as vision_stage's object_code (scale 1)
+    codes = []
+    for record in records:
+        rgb = np.array(Image.open(record.images[0]).convert("RGB"))
+        labels = pixel_labels(rgb, record.meta["objects"])
+        boxes = pixel_boxes(labels, record.meta["objects"], rgb.shape[:2], grid)
+        codes.append(cell_codes(labels[None], boxes[None], torch.nn.functional.normalize(code_KD, dim=-1), cell, grid,
+                                box_bins)[0])
+    codes_NLD = torch.stack(codes)
+    return codes_NLD - codes_NLD.mean(dim=1, keepdim=True) if encoder.center_tokens else codes_NLD
+
+
+def tokens_and_targets(model, records, size: int, tokens: str, normalize: bool = False,
+                       box_bins: int = 10) -> tuple[np.ndarray, np.ndarray]:
     from envs.scene import COLOURS, SHAPES
     from envs.scene_language import to_det
 
@@ -31,7 +55,9 @@ def tokens_and_targets(model, records, size: int, tokens: str) -> tuple[np.ndarr
                               for r in batch]).float() / 255 * 2 - 1
         with torch.no_grad():
             tokens_NLD = (encoder.vision(pixel_values=pixels).last_hidden_state if tokens == "tower"
-                          else encoder.encode_tiles(pixels))
+                          else code_tokens(encoder, batch, box_bins) if tokens == "code" else encoder.encode_tiles(pixels))
+        if normalize:
+            tokens_NLD = tokens_NLD / tokens_NLD.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         for record, tokens_LD in zip(batch, tokens_NLD):
             for obj in record.meta["objects"]:
                 cx, cy = obj["center"]
@@ -76,21 +102,23 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--test", type=int, default=500)
     parser.add_argument("--seed", type=int, default=900_000)
-    parser.add_argument("--tokens", choices=("adaptor", "tower"), default="adaptor")
+    parser.add_argument("--tokens", choices=("adaptor", "tower", "code"), default="adaptor")
+    parser.add_argument("--normalize", action="store_true")
+    parser.add_argument("--box-bins", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, _ = load_vl2_for_chat(args.checkpoint)
     size = model.vision_encoder.vision_config.image_size
     with tempfile.TemporaryDirectory() as tmp:
         records = probe_scenes(tmp, args.train + args.test, args.seed, size)
-        X_train, y_train = tokens_and_targets(model, records[:args.train], size, args.tokens)
-        X_test, y_test = tokens_and_targets(model, records[args.train:], size, args.tokens)
+        X_train, y_train = tokens_and_targets(model, records[:args.train], size, args.tokens, args.normalize, args.box_bins)
+        X_test, y_test = tokens_and_targets(model, records[args.train:], size, args.tokens, args.normalize, args.box_bins)
     pred = ridge(X_train, y_train, X_test)
     within, r2 = place_scores(pred[:, :2], y_test[:, :2])
     n_colours = len(COLOURS)
     colour_acc = (pred[:, 2:2 + n_colours].argmax(1) == y_test[:, 2:2 + n_colours].argmax(1)).mean()
     shape_acc = (pred[:, 2 + n_colours:].argmax(1) == y_test[:, 2 + n_colours:].argmax(1)).mean()
-    print(f"{args.tokens} tokens, {len(y_test)} held-out objects ({len(y_train)} to fit): x1 within 40 units "
+    print(f"{args.tokens} tokens{' (unit norm)' if args.normalize else ''}, {len(y_test)} held-out objects ({len(y_train)} to fit): x1 within 40 units "
           f"{within[0]:.2f} (R^2 {r2[0]:.2f}), y1 within 40 {within[1]:.2f} (R^2 {r2[1]:.2f}); "
           f"colour {colour_acc:.2f}, shape {shape_acc:.2f}")
 
