@@ -4,12 +4,12 @@ object's x1 and y1 (0..999), fit on `--train` scenes and scored on `--test` othe
 for x1 (the column) and y1 (the row); and the same probe to the object's colour and shape (one-hot targets, argmax):
 the share read right. The token's index is not an input: only its content. `--tokens tower` probes
 the SigLIP tower's patch token (8x8 grid) at the centre instead, before the adaptor; `--tokens code` the code stage
-vision fits the adaptor's tokens to (`vla.train.vision_stage.cell_codes` from the renderer's labels, `--box-bins` as
-the recipe's, centred as the encoder centres tokens): what a perfect adaptor would give. `--normalize` scales each
+vision fits the adaptor's tokens to (`vla.train.vision_stage.cell_codes` from the renderer's labels, `--box-bins` and
+`--code-pool` as the recipe's, centred as the checkpoint's encoder centres tokens): what a perfect adaptor would give. `--normalize` scales each
 token to unit norm first, as the language model's first RMSNorm does.
 
     python docs/experiments/token_probe.py checkpoints/dsvl2-mini [--train 2000 --test 500] [--tokens tower|code]
-        [--normalize] [--box-bins 10]
+        [--normalize] [--box-bins 10] [--code-pool share|object]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 
-def code_tokens(encoder, records, box_bins: int) -> torch.Tensor:
+def code_tokens(encoder, records, box_bins: int, code_pool: str) -> torch.Tensor:
     """(N, L, D) the code stage vision fits the adaptor's tokens to, for `records` (centred as the encoder does)."""
     from envs.scene import COLOURS, SHAPES
     from vla.train.vision_stage import cell_codes, pixel_boxes, pixel_labels
@@ -37,13 +37,13 @@ def code_tokens(encoder, records, box_bins: int) -> torch.Tensor:
         labels = pixel_labels(rgb, record.meta["objects"])
         boxes = pixel_boxes(labels, record.meta["objects"], rgb.shape[:2], grid)
         codes.append(cell_codes(labels[None], boxes[None], torch.nn.functional.normalize(code_KD, dim=-1), cell, grid,
-                                box_bins)[0])
+                                box_bins, code_pool)[0])
     codes_NLD = torch.stack(codes)
     return codes_NLD - codes_NLD.mean(dim=1, keepdim=True) if encoder.center_tokens else codes_NLD
 
 
 def tokens_and_targets(model, records, size: int, tokens: str, normalize: bool = False,
-                       box_bins: int = 10) -> tuple[np.ndarray, np.ndarray]:
+                       box_bins: int = 10, code_pool: str = "share") -> tuple[np.ndarray, np.ndarray]:
     from envs.scene import COLOURS, SHAPES
     from envs.scene_language import to_det
 
@@ -55,7 +55,8 @@ def tokens_and_targets(model, records, size: int, tokens: str, normalize: bool =
                               for r in batch]).float() / 255 * 2 - 1
         with torch.no_grad():
             tokens_NLD = (encoder.vision(pixel_values=pixels).last_hidden_state if tokens == "tower"
-                          else code_tokens(encoder, batch, box_bins) if tokens == "code" else encoder.encode_tiles(pixels))
+                          else code_tokens(encoder, batch, box_bins, code_pool) if tokens == "code"
+                          else encoder.encode_tiles(pixels))
         if normalize:
             tokens_NLD = tokens_NLD / tokens_NLD.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         for record, tokens_LD in zip(batch, tokens_NLD):
@@ -105,14 +106,17 @@ def main() -> None:
     parser.add_argument("--tokens", choices=("adaptor", "tower", "code"), default="adaptor")
     parser.add_argument("--normalize", action="store_true")
     parser.add_argument("--box-bins", type=int, default=10)
+    parser.add_argument("--code-pool", choices=("share", "object"), default="share")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, _ = load_vl2_for_chat(args.checkpoint)
     size = model.vision_encoder.vision_config.image_size
     with tempfile.TemporaryDirectory() as tmp:
         records = probe_scenes(tmp, args.train + args.test, args.seed, size)
-        X_train, y_train = tokens_and_targets(model, records[:args.train], size, args.tokens, args.normalize, args.box_bins)
-        X_test, y_test = tokens_and_targets(model, records[args.train:], size, args.tokens, args.normalize, args.box_bins)
+        X_train, y_train = tokens_and_targets(model, records[:args.train], size, args.tokens, args.normalize, args.box_bins,
+                                              args.code_pool)
+        X_test, y_test = tokens_and_targets(model, records[args.train:], size, args.tokens, args.normalize, args.box_bins,
+                                              args.code_pool)
     pred = ridge(X_train, y_train, X_test)
     within, r2 = place_scores(pred[:, :2], y_test[:, :2])
     n_colours = len(COLOURS)

@@ -85,8 +85,8 @@ class VisionDataConfig:
     adaptor_weight: float = 0.0  # weight of the adaptor's loss (its tokens -> the fixed code of their cell's objects)
     box_bins: int = 0  # the code's box: 0 = its 4 coordinates on 4 directions; n = each on n directions (soft one-hot)
     code_scale: float = 1.0  # the norm of each row of the code, so of the adaptor's tokens (the loss is in code units)
-    box_pool: str = "share"  # the code's box in a cell: "share" = scaled by the object pixels' share of the cell;
-    # "object" = the mean box of the cell's object pixels (whole wherever a cell holds part of an object)
+    code_pool: str = "share"  # a cell's code: "share" = each object's (kind and box) scaled by its pixels' share of the
+    # cell; "object" = the mean over the cell's object pixels (whole wherever a cell holds part of an object)
 
 
 class ContrastiveTowers(nn.Module):
@@ -127,9 +127,9 @@ class ContrastiveTowers(nn.Module):
                 raise StageTaskError(f"stage vision: box_bins is {data.box_bins}; 0 (4 coordinates) or >= 2 bins")
             if data.code_scale <= 0:
                 raise StageTaskError(f"stage vision: code_scale is {data.code_scale}; it must be > 0")
-            if data.box_pool not in BOX_POOLS:
-                raise StageTaskError(f"stage vision: box_pool is {data.box_pool!r}; one of {', '.join(BOX_POOLS)}")
-            self.box_bins, self.code_scale, self.box_pool = data.box_bins, float(data.code_scale), data.box_pool
+            if data.code_pool not in CODE_POOLS:
+                raise StageTaskError(f"stage vision: code_pool is {data.code_pool!r}; one of {', '.join(CODE_POOLS)}")
+            self.box_bins, self.code_scale, self.code_pool = data.box_bins, float(data.code_scale), data.code_pool
             code = torch.randn(len(COLOURS) * len(SHAPES) + 4 * max(data.box_bins, 1), projector.config.n_embed,
                                generator=torch.Generator().manual_seed(0))
             self.register_buffer("object_code", F.normalize(code, dim=-1) * self.code_scale, persistent=False)
@@ -207,7 +207,7 @@ class ContrastiveTowers(nn.Module):
             tokens_BLD = self.projector(patches_BLC)
             cell = self.patch_size * self.projector.config.downsample_ratio
             target_BLD = cell_codes(dense_BHW2, boxes_BHW4, self.object_code, cell, dense_BHW2.shape[1] / self.patch_size,
-                                    self.box_bins, self.box_pool)
+                                    self.box_bins, self.code_pool)
             if self.center_tokens:  # as the backbone's VisionEncoder hands them to the language model
                 tokens_BLD = tokens_BLD - tokens_BLD.mean(dim=1, keepdim=True)
                 target_BLD = target_BLD - target_BLD.mean(dim=1, keepdim=True)
@@ -231,11 +231,11 @@ def patch_shares(labels_BHW2: torch.Tensor, patch_size: int) -> torch.Tensor:
     return F.avg_pool2d(one_hot, patch_size).flatten(2).transpose(1, 2)
 
 
-BOX_POOLS = ("share", "object")
+CODE_POOLS = ("share", "object")
 
 
 def cell_codes(labels_BHW2: torch.Tensor, boxes_BHW4: torch.Tensor, code_KD: torch.Tensor, cell: int,
-               grid: float, box_bins: int = 0, box_pool: str = "share") -> torch.Tensor:
+               grid: float, box_bins: int = 0, code_pool: str = "share") -> torch.Tensor:
     """(B, L, D) per adaptor cell (`cell` px, row-major): the mean over its pixels of the code of the object drawn there
     (the row `object_kinds` - 1 of `code_KD`, its kind (a colour-shape pair), plus its box, `boxes_BHW4`
     in patch units over a `grid` of patches, as [0, 1] frame units on the last rows); zero for floor pixels.
@@ -243,10 +243,10 @@ def cell_codes(labels_BHW2: torch.Tensor, boxes_BHW4: torch.Tensor, code_KD: tor
     from one holding a blue triangle and a red circle. The box: with `box_bins` = 0 its four coordinates on the last
     four rows (a position is one amplitude per direction, easily lost in what the fit leaves); with n bins each is a
     soft one-hot over n rows (linear interpolation between the two nearest of n evenly spaced values), halved so the
-    box weighs about as much as the kind: where an object is stays as readable as what it is. `box_pool` "share"
-    scales the box rows, as the kind's, by the object pixels' share of the cell; "object" divides that share out (the
-    mean box of the cell's object pixels), so a token holding any part of one object reads its box at full strength
-    (docs/experiments.md, "Where the place is lost: the code, and no lookup")."""
+    box weighs about as much as the kind: where an object is stays as readable as what it is. `code_pool` "share"
+    keeps each object's code scaled by its pixels' share of the cell; "object" divides the cell's object share out
+    (the mean code of its object pixels), so a token holding any part of one object reads its kind and box at full
+    strength (docs/experiments.md, "Where the place is lost: the code's amplitude, and no lookup")."""
     on_BHW = (labels_BHW2[..., 0] > 0).float()
     frame_BHW4 = boxes_BHW4 / grid
     box_BHWF = frame_BHW4  # the box's rows of the code: 4, or 4 * box_bins
@@ -259,10 +259,8 @@ def cell_codes(labels_BHW2: torch.Tensor, boxes_BHW4: torch.Tensor, code_KD: tor
     facts_BHWK = torch.cat([F.one_hot(object_kinds(labels_BHW2), 1 + len(COLOURS) * len(SHAPES))[..., 1:].float(),
                             box_BHWF * on_BHW[..., None]], dim=-1)
     pooled_BKL = F.avg_pool2d(facts_BHWK.permute(0, 3, 1, 2), cell).flatten(2)
-    if box_pool == "object":
-        kinds = pooled_BKL.shape[1] - box_BHWF.shape[-1]
-        share_B1L = F.avg_pool2d(on_BHW[:, None], cell).flatten(2)
-        pooled_BKL = torch.cat([pooled_BKL[:, :kinds], pooled_BKL[:, kinds:] / share_B1L.clamp_min(1e-6)], dim=1)
+    if code_pool == "object":
+        pooled_BKL = pooled_BKL / F.avg_pool2d(on_BHW[:, None], cell).flatten(2).clamp_min(1e-6)
     return pooled_BKL.transpose(1, 2) @ code_KD
 
 

@@ -240,7 +240,7 @@ def test_code_scale_sets_the_norm_of_the_adaptor_code():
                           encoder.projector, encoder.center_tokens)
 
 
-def test_box_pool_object_gives_a_cell_its_objects_whole_box():
+def test_code_pool_object_gives_a_cell_its_objects_whole_code():
     from backbone.deepseek_vl2 import build_deepseek_vl2
     from envs.scene import COLOURS, SHAPES
     from vla.train.stages import StageTaskError
@@ -254,17 +254,18 @@ def test_box_pool_object_gives_a_cell_its_objects_whole_box():
     kinds = len(COLOURS) * len(SHAPES)
     eye_KK = torch.eye(kinds + 4)
     share = cell_codes(labels_BHW2, boxes_BHW4, eye_KK, 4, 2.0)[0]  # (cells, facts): the code is the facts
-    whole = cell_codes(labels_BHW2, boxes_BHW4, eye_KK, 4, 2.0, box_pool="object")[0]
+    whole = cell_codes(labels_BHW2, boxes_BHW4, eye_KK, 4, 2.0, code_pool="object")[0]
     box = torch.tensor([0.375, 0.0, 0.875, 0.5])  # frame units
     torch.testing.assert_close(share[0, kinds:], box * 4 / 16)
     torch.testing.assert_close(share[1, kinds:], box * 12 / 16)
-    for cell in (0, 1):  # the kind stays scaled by the share; the box is whole in both cells
-        torch.testing.assert_close(whole[cell, :kinds], share[cell, :kinds])
+    torch.testing.assert_close(share[0, :kinds], torch.eye(kinds)[0] * 4 / 16)
+    for cell in (0, 1):  # kind and box whole in both cells
+        torch.testing.assert_close(whole[cell, :kinds], torch.eye(kinds)[0])
         torch.testing.assert_close(whole[cell, kinds:], box)
     torch.testing.assert_close(whole[2:], torch.zeros_like(whole[2:]))  # cells without an object stay empty
     encoder = build_deepseek_vl2("test").vision_encoder
-    with pytest.raises(StageTaskError, match="box_pool is 'max'"):
-        ContrastiveTowers(encoder.vision, 16, 0, VisionDataConfig(contrastive_weight=0, adaptor_weight=1, box_pool="max"),
+    with pytest.raises(StageTaskError, match="code_pool is 'max'"):
+        ContrastiveTowers(encoder.vision, 16, 0, VisionDataConfig(contrastive_weight=0, adaptor_weight=1, code_pool="max"),
                           encoder.projector, encoder.center_tokens)
 
 
