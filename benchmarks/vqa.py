@@ -224,6 +224,7 @@ def _train_and_score(train, test, texts: list[str], demo: dict, steps: int, seed
                                  f"model is {config.language.hidden_size} wide")
             model.vision_encoder.projector.load_state_dict(pretrained.vision_encoder.projector.state_dict())
             model.vision_encoder.projector.requires_grad_(not freeze_adaptor)
+            model.vision_encoder.center_tokens = pretrained.vision_encoder.center_tokens  # as that adaptor was trained
     processor = DeepseekVL2Processor(tokenizer, config.processor_config(mask_prompt=True))
     if tower_shares:
         from safetensors.torch import load_file
