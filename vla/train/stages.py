@@ -350,19 +350,21 @@ def build_vl2_backbone(ctx: StageContext):
     if tok_dir is None and ctx.init_from and (Path(ctx.init_from) / "tokenizer.json").is_file():
         tok_dir = ctx.init_from
     tokenizer = load_tokenizer(tok_dir) if tok_dir else build_bpe_tokenizer(vocab_size=ctx.tokenizer_vocab)
-    if ctx.init_from and ctx.meta_init:  # weights come later, shard by shard (vla.train.fsdp_load)
-        from backbone.checkpoint import read_config
-        from backbone.deepseek_vl2 import DeepseekVL2Config
+    if ctx.init_from:
+        if ctx.meta_init:  # weights come later, shard by shard (vla.train.fsdp_load)
+            from backbone.checkpoint import read_config
+            from backbone.deepseek_vl2 import DeepseekVL2Config
 
-        model = build_deepseek_vl2(DeepseekVL2Config.from_official(read_config(ctx.init_from)), device="meta")
+            model = build_deepseek_vl2(DeepseekVL2Config.from_official(read_config(ctx.init_from)), device="meta")
+        else:
+            model = load_deepseek_vl2(ctx.init_from)
         if len(tokenizer) > model.config.language.vocab_size:
             raise StageTaskError(f"{ctx.init_from}: tokenizer has {len(tokenizer)} tokens, the model only "
                                  f"{model.config.language.vocab_size}")
-    elif ctx.init_from:
-        model = load_deepseek_vl2(ctx.init_from)
-        if len(tokenizer) > model.config.language.vocab_size:
-            raise StageTaskError(f"{ctx.init_from}: tokenizer has {len(tokenizer)} tokens, the model only "
-                                 f"{model.config.language.vocab_size}")
+        centred = ctx.model_center_image_tokens
+        if centred is not None and bool(centred) != model.config.center_image_tokens:
+            raise StageTaskError(f"model.center_image_tokens={centred} but {ctx.init_from} was made with "
+                                 f"{model.config.center_image_tokens}; it only sets a random init's")
     else:
         config = deepseek_vl2_preset(ctx.model_preset, vision=ctx.model_vision, **ctx.model_language)
         if ctx.model_center_image_tokens is not None:

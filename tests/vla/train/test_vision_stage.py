@@ -270,9 +270,15 @@ def test_code_pool_object_gives_a_cell_its_objects_whole_code():
 
 
 def test_center_image_tokens_overrides_the_preset(tmp_path):
-    from vla.train.stages import StageContext, build_vl2_backbone
+    from backbone.deepseek_vl2 import save_deepseek_vl2
+    from vla.train.stages import StageContext, StageTaskError, build_vl2_backbone
 
     for value, expected in ((None, True), (False, False)):  # the test preset centres
         ctx = StageContext(name="vision", out_dir=tmp_path, seed=0, model_center_image_tokens=value)
         model, _ = build_vl2_backbone(ctx)
         assert model.config.center_image_tokens is expected and model.vision_encoder.center_tokens is expected
+    save_deepseek_vl2(model, tmp_path / "made")  # made without centring
+    ctx = StageContext(name="sft", out_dir=tmp_path, seed=0, init_from=str(tmp_path / "made"),
+                       model_center_image_tokens=True)
+    with pytest.raises(StageTaskError, match="was made with False"):
+        build_vl2_backbone(ctx)
