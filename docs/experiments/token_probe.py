@@ -5,8 +5,8 @@ for x1 (the column) and y1 (the row); and the same probe to the object's colour 
 the share read right. The token's index is not an input: only its content. `--tokens tower` probes
 the SigLIP tower's patch token (8x8 grid) at the centre instead, before the adaptor; `--tokens code` the code stage
 vision fits the adaptor's tokens to (`vla.train.vision_stage.cell_codes` from the renderer's labels, `--box-bins` and
-`--code-pool` as the recipe's, centred as the checkpoint's encoder centres tokens): what a perfect adaptor would give. `--normalize` scales each
-token to unit norm first, as the language model's first RMSNorm does.
+`--code-pool` as the recipe's, centred as the checkpoint's encoder centres tokens): what a perfect adaptor would give.
+`--normalize` scales each token to unit norm first, as the language model's first RMSNorm does.
 
     python docs/experiments/token_probe.py checkpoints/dsvl2-mini [--train 2000 --test 500] [--tokens tower|code]
         [--normalize] [--box-bins 10] [--code-pool share|object]
@@ -24,20 +24,17 @@ from PIL import Image
 
 def code_tokens(encoder, records, box_bins: int, code_pool: str) -> torch.Tensor:
     """(N, L, D) the code stage vision fits the adaptor's tokens to, for `records` (centred as the encoder does)."""
-    from envs.scene import COLOURS, SHAPES
-    from vla.train.vision_stage import cell_codes, pixel_boxes, pixel_labels
+    from vla.train.vision_stage import cell_codes, object_code, pixel_boxes, pixel_labels
 
     patch = encoder.vision_config.patch_size
     cell, grid = patch * encoder.projector.config.downsample_ratio, encoder.vision_config.grid_side
-    code_KD = torch.randn(len(COLOURS) * len(SHAPES) + 4 * max(box_bins, 1), encoder.projector.config.n_embed,
-                          generator=torch.Generator().manual_seed(0))  # as vision_stage's object_code (scale 1)
+    code_KD = object_code(encoder.projector.config.n_embed, box_bins)
     codes = []
     for record in records:
         rgb = np.array(Image.open(record.images[0]).convert("RGB"))
         labels = pixel_labels(rgb, record.meta["objects"])
         boxes = pixel_boxes(labels, record.meta["objects"], rgb.shape[:2], grid)
-        codes.append(cell_codes(labels[None], boxes[None], torch.nn.functional.normalize(code_KD, dim=-1), cell, grid,
-                                box_bins, code_pool)[0])
+        codes.append(cell_codes(labels[None], boxes[None], code_KD, cell, grid, box_bins, code_pool)[0])
     codes_NLD = torch.stack(codes)
     return codes_NLD - codes_NLD.mean(dim=1, keepdim=True) if encoder.center_tokens else codes_NLD
 

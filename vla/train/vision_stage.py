@@ -130,9 +130,8 @@ class ContrastiveTowers(nn.Module):
             if data.code_pool not in CODE_POOLS:
                 raise StageTaskError(f"stage vision: code_pool is {data.code_pool!r}; one of {', '.join(CODE_POOLS)}")
             self.box_bins, self.code_scale, self.code_pool = data.box_bins, float(data.code_scale), data.code_pool
-            code = torch.randn(len(COLOURS) * len(SHAPES) + 4 * max(data.box_bins, 1), projector.config.n_embed,
-                               generator=torch.Generator().manual_seed(0))
-            self.register_buffer("object_code", F.normalize(code, dim=-1) * self.code_scale, persistent=False)
+            self.register_buffer("object_code", object_code(projector.config.n_embed, data.box_bins, self.code_scale),
+                                 persistent=False)
 
     def _per_pixel(self, head: nn.Linear, patches_BLC: torch.Tensor) -> torch.Tensor:
         """A linear head's per-patch outputs laid out as pixels: (B, L, P*P*K) -> (B, H, W, K)."""
@@ -232,6 +231,14 @@ def patch_shares(labels_BHW2: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 CODE_POOLS = ("share", "object")
+
+
+def object_code(width: int, box_bins: int, scale: float = 1.0) -> torch.Tensor:
+    """(K, width) the fixed code stage vision fits the adaptor's tokens to: one row per colour-shape pair, then the
+    box's rows (4, or 4 * box_bins), random directions (seed 0, the same in every run) of norm `scale`."""
+    code = torch.randn(len(COLOURS) * len(SHAPES) + 4 * max(box_bins, 1), width,
+                       generator=torch.Generator().manual_seed(0))
+    return F.normalize(code, dim=-1) * scale
 
 
 def cell_codes(labels_BHW2: torch.Tensor, boxes_BHW4: torch.Tensor, code_KD: torch.Tensor, cell: int,
