@@ -17,7 +17,6 @@ import json
 import numpy as np
 
 ROBOTS = {"vla/PointNav-v0": "point2d", "vla/ArmReach-v0": "arm3"}
-RADIUS = 0.05  # both envs' SUCCESS_RADIUS
 
 
 def robot_position(env) -> np.ndarray:
@@ -65,20 +64,24 @@ def main() -> None:
 
     torch.set_num_threads(1)
     import envs  # noqa: F401  (registers the built-in envs)
+    from envs import arm_reach, point_nav
     from vla.policy import VLAPolicy
 
+    # the envs' own success test is distance < SUCCESS_RADIUS
+    radius = {"vla/PointNav-v0": point_nav.SUCCESS_RADIUS, "vla/ArmReach-v0": arm_reach.SUCCESS_RADIUS}
     policy = VLAPolicy.load(args.checkpoint)
     for env_id, embodiment in ROBOTS.items():
+        r = radius[env_id]
         counts = {"success": 0, "other": 0, "neither": 0, "target_within_2r": 0}
         neither_final = []
         for start in range(args.seed, args.seed + args.episodes, 10):
             seeds = list(range(start, min(start + 10, args.seed + args.episodes)))
             for episode in episodes_of(policy, env_id, embodiment, seeds):
                 closest = episode["closest"]
-                counts["target_within_2r"] += closest["target"] < 2 * RADIUS
-                if closest["target"] < RADIUS:
+                counts["target_within_2r"] += closest["target"] < 2 * r
+                if closest["target"] < r:
                     counts["success"] += 1
-                elif any(k != "target" and d < RADIUS for k, d in closest.items()):
+                elif any(k != "target" and d < r for k, d in closest.items()):
                     counts["other"] += 1
                 else:
                     counts["neither"] += 1
