@@ -39,6 +39,7 @@ register_embodiment(
         action_names=("vx", "vy"),
         state_names=("x", "y"),
         description="a disk robot moving in the plane; action = velocity in [-1, 1]^2 (x 0.04 world units per step)",
+        hold_action=(0.0, 0.0),
     )
 )
 register_embodiment(
@@ -52,6 +53,7 @@ register_embodiment(
         state_names=("q0", "q1", "q2", "ee_x", "ee_y"),
         description="a planar 3-link arm; action = joint velocities in [-1, 1]^3 (x 0.08 rad per step); "
         "state = joint angles and end-effector position",
+        hold_action=(0.0, 0.0, 0.0),
     )
 )
 register_embodiment(

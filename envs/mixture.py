@@ -26,8 +26,8 @@ Sample layout (with `pad=True`, the default, so the default collate stacks embod
 | state_mask                   | bool (S_max,)        | real state dimensions                                   |
 | action                       | float32 (H, A_max)   | normalized chunk of H steps, zero-padded dimensions      |
 | action_mask                  | bool (A_max,)        | real action dimensions                                  |
-| action_is_pad                | bool (H,)            | steps past the episode end (lerobot repeats the last     |
-|                              |                      | action there: mask them out of the loss)                |
+| action_is_pad                | bool (H,)            | steps past the episode end: the robot's hold_action      |
+|                              |                      | there (lerobot's last action where it has none)          |
 | embodiment, task             | str                  |                                                         |
 | dataset_index, episode_index, frame_index, index | int64 |                                               |
 
@@ -361,6 +361,9 @@ class MixtureDataset(torch.utils.data.Dataset):
         where = f"{member.label}, episode {int(item['episode_index'])}, frame {int(item['frame_index'])}"
         action = item[ACTION].reshape(self.action_horizon, -1).float()
         self._check_finite(action, ACTION, where)
+        hold = member.embodiment.hold_action
+        if hold is not None:  # past the episode's end the robot holds still (lerobot repeats the last action there)
+            action[item[f"{ACTION}_is_pad"].bool()] = torch.tensor(hold, dtype=action.dtype)
         action = member.normalizer.normalize(ACTION, action).float()
         sample: dict[str, Any] = {}
         if member.has_state:

@@ -104,7 +104,9 @@ class Embodiment:
     (`top`, `image`) is turned into its key with `camera_key`, and `camera_names` gives the short names back (the keys
     of a gym env's `pixels` dict). `chunk_len` is the policy's choice, not the robot's: a description from `envs`
     leaves it at 1 and the policy sets it with `with_chunk_len(H)`. How actions are normalized is the dataset's
-    normalizer's business (envs/normalize.py), not the robot's.
+    normalizer's business (envs/normalize.py), not the robot's. `hold_action` is the raw action that keeps the robot
+    where it is (velocity control: zeros); None where repeating the last command holds it (position control). A
+    chunk's steps past its episode's end are filled with it (lerobot repeats the last action there).
     """
 
     name: str
@@ -116,6 +118,7 @@ class Embodiment:
     action_names: tuple[str, ...] = ()
     state_names: tuple[str, ...] = ()
     description: str = ""
+    hold_action: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_name(self.name)
@@ -133,6 +136,11 @@ class Embodiment:
         object.__setattr__(self, "cameras", cameras)
         if isinstance(self.fps, bool) or not isinstance(self.fps, (int, float)) or not self.fps > 0:
             raise ValueError(f"embodiment {name!r}: fps must be a positive number, got {self.fps!r}")
+        if self.hold_action is not None:
+            hold = tuple(float(v) for v in self.hold_action)
+            if len(hold) != self.action_dim:
+                raise ValueError(f"embodiment {name!r}: hold_action has {len(hold)} values for action_dim {self.action_dim}")
+            object.__setattr__(self, "hold_action", hold)
         for what, names, size in (("action", self.action_names, self.action_dim), ("state", self.state_names, self.state_dim)):
             object.__setattr__(self, f"{what}_names", tuple(names))
             if names and len(names) != size:
@@ -167,6 +175,8 @@ class Embodiment:
         data = asdict(self)
         for key in ("cameras", "action_names", "state_names"):
             data[key] = list(data[key])
+        if data["hold_action"] is not None:
+            data["hold_action"] = list(data["hold_action"])
         return data
 
     @classmethod

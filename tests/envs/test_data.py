@@ -264,6 +264,9 @@ def test_chunks_and_pad_mask_at_episode_end(roots):
         assert torch.equal(sample["action_is_pad"], expected_pad), (offset_from_end, sample["action_is_pad"])
         expected = torch.stack([raw[index + k]["action"] for k in range(valid)])
         torch.testing.assert_close(sample["action"][:valid, :2], normalizer.normalize("action", expected).float())
+        # past the end the point robot holds still: its hold action (zero velocity), normalized
+        hold = normalizer.normalize("action", torch.zeros(horizon - valid, 2)).float()
+        torch.testing.assert_close(sample["action"][valid:, :2], hold)
     assert sample["frame_index"] == end - horizon - 1 - start
     assert not mixture[start]["action_is_pad"].any()
 

@@ -101,6 +101,10 @@ def test_registry_json_round_trip():
     assert Embodiment.from_dict({**nav().to_dict(), "norm_mode": "quantile"}) == nav()  # registries saved before
     with pytest.raises(ValueError, match="embodiments"):
         EmbodimentRegistry.from_dict({})
+    held = nav(hold_action=[0, 0])
+    assert held.hold_action == (0.0, 0.0) and Embodiment.from_dict(json.loads(json.dumps(held.to_dict()))) == held
+    with pytest.raises(ValueError, match="hold_action has 3 values for action_dim 2"):
+        nav(hold_action=(0, 0, 0))
 
 
 def test_token_strings():

@@ -68,6 +68,9 @@ class VLAPolicyConfig:
     max_chunk_len: int = 64
     max_action_dim: int = 32
     vqa_loss_weight: float = 1.0  # co-training weight of the scene-VQA language loss
+    # loss weight of a chunk's steps past its episode's end, whose targets are the robot's hold action (zeros for
+    # velocity control: "stop there"); 0 = not trained (lerobot's action_is_pad masking)
+    pad_loss_weight: float = 0.0
     # the instruction before the camera images instead of after them: the image tokens then see which object is
     # meant (a causal model's image tokens otherwise cannot), at no cost in tokens
     instruction_first: bool = False
@@ -75,6 +78,8 @@ class VLAPolicyConfig:
     def __post_init__(self) -> None:
         if self.decoding not in ("parallel", "autoregressive"):
             raise ValueError(f"decoding must be 'parallel' or 'autoregressive', got {self.decoding!r}")
+        if not self.pad_loss_weight >= 0:
+            raise ValueError(f"pad_loss_weight must be >= 0, got {self.pad_loss_weight!r}")
 
 
 @dataclass
@@ -309,7 +314,7 @@ class VLAPolicy(nn.Module):
         if "observation.state" in batch:
             embodiments = self._embodiments(batch, len(batch["observation.state"]))
             is_pad = batch.get("action_is_pad")
-            n = sum(e.action_dim * (e.chunk_len if is_pad is None else int((~is_pad[b, : e.chunk_len].bool()).sum()))
+            n = sum(e.action_dim * (e.chunk_len if is_pad is None else float(self._step_weights(is_pad[b, : e.chunk_len]).sum()))
                     for b, e in enumerate(embodiments))
             weights["action"] = float(n)
             weights["offset"] = float(n) if self.config.continuous_offset else 0.0
@@ -319,8 +324,13 @@ class VLAPolicy(nn.Module):
             weights["aux"] += float(len(batch["vqa"]["input_ids"])) if aux_on else 0.0
         return weights
 
+    def _step_weights(self, is_pad_H: torch.Tensor) -> torch.Tensor:
+        """(H,) loss weight of each chunk step: 1, or `pad_loss_weight` past the episode's end."""
+        return torch.where(is_pad_H.bool(), self.config.pad_loss_weight, 1.0)
+
     def _robot_targets(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Per sample: target bins and in-bin offsets of its robot's H x A chunk, and weights (0 on padded steps)."""
+        """Per sample: target bins and in-bin offsets of its robot's H x A chunk, and weights (`pad_loss_weight` on
+        steps past the episode's end)."""
         embodiments = self._embodiments(batch, len(batch["observation.state"]))
         actions, is_pad = batch["action"].to(self.device), batch.get("action_is_pad")
         out: dict[str, Any] = {"embodiments": embodiments, "bins": [], "offsets": [], "weights": []}
@@ -332,7 +342,7 @@ class VLAPolicy(nn.Module):
             pad = is_pad[b, : emb.chunk_len].to(self.device) if is_pad is not None else torch.zeros(emb.chunk_len, dtype=torch.bool, device=self.device)
             out["bins"].append(bins)
             out["offsets"].append(offs)
-            out["weights"].append((~pad).float()[:, None].expand(-1, emb.action_dim))
+            out["weights"].append(self._step_weights(pad)[:, None].expand(-1, emb.action_dim))
         return out
 
     def _action_terms(self, hidden_BTD: torch.Tensor, seq: SequenceBatch, robot: dict[str, Any],

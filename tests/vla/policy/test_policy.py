@@ -78,6 +78,19 @@ def test_padded_steps_do_not_count_in_the_loss():
     assert not torch.allclose(loss_a, loss_c)
 
 
+def test_pad_loss_weight_trains_padded_steps_and_counts_them():
+    policy = make_policy(pad_loss_weight=0.5)
+    batch = make_batch()
+    batch["action_is_pad"][0, 2:] = True
+    loss_a, _ = policy(batch)
+    batch["action"][0, 2:] = torch.rand(2, 3) * 2 - 1  # padded steps now count
+    assert not torch.allclose(loss_a, policy(batch)[0])
+    # the units the action loss averages over: 2 real + 2 x 0.5 padded steps of the point robot, 3 steps of the arm
+    assert policy.loss_weights(batch)["action"] == (2 + 2 * 0.5) * 2 + 3 * 3
+    with pytest.raises(ValueError, match="pad_loss_weight"):
+        make_policy(pad_loss_weight=-1.0)
+
+
 def _overfit(policy, batch, steps):
     opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
     policy.train()
