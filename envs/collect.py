@@ -1,13 +1,15 @@
 """Scripted-expert demonstrations written as a LeRobotDataset v3 with lerobot's own API.
 
 `collect_dataset(env_id, root, episodes)` runs `env.unwrapped.expert_action()` (plus optional Gaussian action noise,
-clipped to the action space; the noisy action is what is executed and recorded) and writes one frame per step:
+clipped to the action space; the noisy action is what is executed) and writes one frame per step. The recorded action
+is the executed one (`label="executed"`), or the expert's own clean action at that state (`label="expert"`: DART,
+Laskey et al. 2017; the noise then only widens the states the expert is seen recovering from, and no noise is learned):
 
 | key                          | dtype   | shape      |                                          |
 |------------------------------|---------|------------|------------------------------------------|
 | observation.images.<camera>  | image   | (H, W, 3)  | PNG inside the parquet files (no video)   |
 | observation.state            | float32 | (state,)   | `agent_pos` before the action             |
-| action                       | float32 | (action,)  | the executed action, in [-1, 1]           |
+| action                       | float32 | (action,)  | the executed (or expert) action, [-1, 1]  |
 | next.reward                  | float32 | (1,)       |                                          |
 | next.success                 | bool    | (1,)       | `info["is_success"]` after the action     |
 
@@ -35,6 +37,7 @@ import numpy as np
 
 import envs  # noqa: F401  (registers the built-in suite)
 
+LABELS = ("executed", "expert")  # what a frame's action records: the executed (noisy) action, or the expert's
 COLLECTION_FILE = "meta/collection.json"  # env id, kwargs, noise and the env seed of each kept episode
 
 
@@ -125,6 +128,7 @@ def collect_dataset(
     max_attempts: int | None = None,
     progress: bool = True,
     env_kwargs: dict | None = None,
+    label: str = "executed",
 ) -> CollectResult:
     """Run the scripted expert of `env_id` (built with `env_kwargs`, e.g. `num_objects`) for `episodes` episodes
     (episode k of the attempts uses env seed `seed + k`) and write them to `root` as a LeRobotDataset v3."""
@@ -137,6 +141,8 @@ def collect_dataset(
 
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
+    if label not in LABELS:
+        raise ValueError(f"label must be one of {', '.join(LABELS)}, got {label!r}")
     root = Path(root)
     env = gym.make(env_id, **{"image_size": image_size, **(env_kwargs or {})})
     base = env.unwrapped
@@ -171,14 +177,15 @@ def collect_dataset(
             attempts += 1
             length = 0
             while True:
-                action = base.expert_action().astype(np.float32)
+                expert = base.expert_action().astype(np.float32)
+                action = expert
                 if noise > 0:
                     action = action + rng.normal(0.0, noise, size=action.shape).astype(np.float32)
                 action = np.clip(action, env.action_space.low, env.action_space.high).astype(np.float32)
                 next_obs, reward, terminated, truncated, info = env.step(action)
                 frame = {f"observation.images.{camera}": image for camera, image in obs["pixels"].items()}
                 frame["observation.state"] = obs["agent_pos"].astype(np.float32)
-                frame["action"] = action
+                frame["action"] = action if label == "executed" else expert
                 frame["next.reward"] = np.array([reward], dtype=np.float32)
                 frame["next.success"] = np.array([info["is_success"]], dtype=bool)
                 frame["task"] = base.task
@@ -207,7 +214,7 @@ def collect_dataset(
     if kept:
         write_exact_stats(root)
         write_collection_record(root, {"env_id": env_id, "env_kwargs": dict(env_kwargs or {}), "image_size": image_size,
-                                       "noise": noise, "seed": seed, "attempts": attempts, "episode_seeds": episode_seeds})
+                                       "noise": noise, "label": label, "seed": seed, "attempts": attempts, "episode_seeds": episode_seeds})
     return CollectResult(
         root=str(root),
         repo_id=repo_id,

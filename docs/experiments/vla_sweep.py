@@ -7,7 +7,8 @@ co-training conversations as the demo, then its vla stage from the shipped mini,
   - success per robot on env seeds 5000+ (`--episodes`, 200 by default), told the target and told another object of the
     same scene (the wrong-instruction baseline); the demo's test seeds are 1000+;
   - scene VQA and grounding on 120 validation scenes (seeds 800,000+; the demo's held-out ones are 900,000+).
-`--start-only` scores the starting checkpoint on the same validation scenes instead (what retention is measured against).
+`--start-only` scores the starting checkpoint on the same validation scenes instead (what retention is measured against);
+`--policy DIR` scores a policy checkpoint made elsewhere (e.g. by wise_ft.py) without training one.
 
     python docs/experiments/vla_sweep.py NAME '{"steps": {"vla": 2500}, "vqa_ratio": 0.2}' [--out outputs/sweep]
     python docs/experiments/vla_sweep.py start --start-only
@@ -51,7 +52,7 @@ def data(c: dict, out: Path) -> tuple[dict[str, str], dict[str, Path]]:
     from vla.commands.demo import collect, scene_language
 
     episodes = {int(r["episodes"]) for r in c["robots"]}
-    folder = out / ("data" + "-".join(str(e) for e in sorted(episodes)))
+    folder = out / ("data" + "-".join(str(e) for e in sorted(episodes)) + f"-noise{c['noise']:g}-{c['label']}")
     if all((folder / "data" / r["name"] / "meta" / "collection.json").is_file() for r in c["robots"]):
         roots = {r["name"]: str(folder / "data" / r["name"]) for r in c["robots"]}
     else:
@@ -73,6 +74,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--start-only", action="store_true")
+    parser.add_argument("--policy", default=None, help="score this policy checkpoint instead of training one")
     args = parser.parse_args()
 
     import torch
@@ -99,10 +101,14 @@ def main() -> None:
     if args.start_only:
         policy = start
     else:
-        t0 = time.perf_counter()
-        summary = train_vla(c, run, start, roots, lang)
-        policy = summary["checkpoint"]
-        result |= {"train_s": round(time.perf_counter() - t0), "final_loss": round(summary["final_loss"], 4)}
+        if args.policy:
+            policy = args.policy
+            result["policy"] = policy
+        else:
+            t0 = time.perf_counter()
+            summary = train_vla(c, run, start, roots, lang)
+            policy = summary["checkpoint"]
+            result |= {"train_s": round(time.perf_counter() - t0), "final_loss": round(summary["final_loss"], 4)}
         for robot in c["robots"]:
             env_id = robot["env"]
             for instruction in ("target", "other"):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from envs import point_nav
 from envs.collect import collect_dataset
 from envs.mixture import DataError, DatasetSpec, MixtureDataset, MixtureSampler, make_mixture_loader
 from envs.normalize import Normalizer, StatsError, normalize, unnormalize
@@ -85,6 +86,25 @@ def test_collect_round_trip(roots):
     for i in range(length):
         _, _, terminated, _, info = env.step(dataset[i]["action"].numpy())
     assert terminated and info["is_success"]
+
+
+def test_collect_with_expert_labels_records_the_clean_action(tmp_path):
+    # DART: noisy actions are executed, the expert's own action at each recorded state is what the dataset holds
+    root = collect_dataset("vla/PointNav-v0", tmp_path / "dart", 1, image_size=IMAGE, seed=0, noise=0.5,
+                           label="expert", progress=False).root
+    dataset = load(root)
+    env = gym.make("vla/PointNav-v0", image_size=IMAGE)
+    env.reset(seed=0)
+    target = env.unwrapped.target.pos
+    states = torch.stack([dataset[i]["observation.state"] for i in range(len(dataset))]).numpy()
+    actions = torch.stack([dataset[i]["action"] for i in range(len(dataset))]).numpy()
+    expert = np.clip((target - states) / point_nav.MAX_SPEED, -1, 1)
+    np.testing.assert_allclose(actions, expert, atol=1e-5)
+    # the states were reached with other (noisy) actions: one expert step would not have led from each to the next
+    assert np.abs(states[1:] - np.clip(states[:-1] + actions[:-1] * point_nav.MAX_SPEED, 0, 1)).max() > 1e-3
+    assert json.loads((Path(root) / "meta" / "collection.json").read_text())["label"] == "expert"
+    with pytest.raises(ValueError, match="label must be one of executed, expert"):
+        collect_dataset("vla/PointNav-v0", tmp_path / "bad", 1, image_size=IMAGE, label="noisy", progress=False)
 
 
 def test_collect_refuses_to_overwrite(roots, tmp_path):

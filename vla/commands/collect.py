@@ -50,13 +50,14 @@ def main(cfg) -> int:
             int(cfg.episodes),
             repo_id=cfg.repo_id,
             noise=float(cfg.noise),
+            label=str(cfg.label),
             seed=int(cfg.seed),
             image_size=int(cfg.image_size),
             overwrite=bool(cfg.overwrite),
             keep_failures=bool(cfg.keep_failures),
             env_kwargs=OmegaConf.to_container(cfg.env_kwargs, resolve=True) if cfg.get("env_kwargs") else None,
         )
-    except FileExistsError as error:
+    except (FileExistsError, ValueError) as error:  # an existing folder, a bad option
         print(f"vla collect: {error}")
         return 1
     print(json.dumps(dataclasses.asdict(result)))
