@@ -3,7 +3,8 @@
 The arm's base sits at the bottom centre; 2-4 shapes lie within its reach. Action: joint velocities in [-1, 1]^3,
 times 0.08 rad per step, at 20 fps; joint limits q0 in [0, pi], q1, q2 in [-2.6, 2.6]. State: the three joint angles
 and the end-effector (x, y). Cameras: `top` (the whole scene) and `wrist` (a 2x zoom centred on the end effector).
-Success: the end effector within 0.05 of the target centre; it starts at least 0.25 away from it.
+Success: the end effector within 0.05 of the target centre; it starts at least 0.25 away from it (`near_start`, for
+collecting demonstrations only: that fraction of episodes starts 0.06-0.25 from it instead, on any side).
 """
 
 from __future__ import annotations
@@ -42,8 +43,11 @@ class ArmReachEnv(SceneEnv):
     embodiment_name = "arm3"
 
     def __init__(self, image_size: int = 96, render_mode: str | None = "rgb_array", cameras=None, num_objects=(2, 4),
-                 distinct_colours: bool = False, instruction: str = "target"):
+                 distinct_colours: bool = False, instruction: str = "target", near_start: float = 0.0):
         super().__init__(image_size=image_size, render_mode=render_mode, cameras=cameras, instruction=instruction)
+        if not 0 <= near_start <= 1:
+            raise ValueError(f"near_start must be in [0, 1], got {near_start!r}")
+        self.near_start = float(near_start)
         self.num_objects = tuple(num_objects)
         self.distinct_colours = bool(distinct_colours)
         self.q = np.array([np.pi / 2, 0.0, 0.0])
@@ -68,11 +72,15 @@ class ArmReachEnv(SceneEnv):
         self.objects = scene.sample_objects(rng, count, self.object_size, 0, 1, min_gap=0.04, region=reachable,
                                             distinct_colours=self.distinct_colours)
         self.target = self.objects[int(rng.integers(count))]
-        for _ in range(1000):
+        near = self.near_start > 0 and rng.random() < self.near_start
+        for _ in range(1000 if not near else 20000):
             self.q = np.array([rng.uniform(np.pi / 2 - 0.5, np.pi / 2 + 0.5), rng.uniform(-0.9, 0.9), rng.uniform(-0.9, 0.9)])
             tip = forward_kinematics(self.q)[-1]
-            clear = all(np.linalg.norm(tip - o.pos) > o.size + 0.04 for o in self.objects)
-            if clear and np.linalg.norm(tip - self.target.pos) > START_DISTANCE:
+            distance = np.linalg.norm(tip - self.target.pos)
+            if near:  # close to the target, on any side of it (not clear of it)
+                if 1.2 * SUCCESS_RADIUS < distance < START_DISTANCE:
+                    break
+            elif distance > START_DISTANCE and all(np.linalg.norm(tip - o.pos) > o.size + 0.04 for o in self.objects):
                 break
         self.task = f"touch the {self.target.name}"
 

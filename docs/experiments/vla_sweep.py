@@ -36,6 +36,8 @@ def demo_settings(overrides: dict) -> dict:
     for key, value in overrides.items():
         if key == "arm_weight":
             c["robots"] = [{**r, "weight": value} if r["name"] == "arm" else r for r in c["robots"]]
+        elif key == "arm_collect":  # env kwargs for the arm's demonstrations only (e.g. near_start)
+            c["robots"] = [{**r, "collect_env_kwargs": value} if r["name"] == "arm" else r for r in c["robots"]]
         elif key == "episodes":
             c["robots"] = [{**r, "episodes": int(value)} for r in c["robots"]]
         elif isinstance(value, dict):
@@ -52,7 +54,8 @@ def data(c: dict, out: Path) -> tuple[dict[str, str], dict[str, Path]]:
     from vla.commands.demo import collect, scene_language
 
     episodes = {int(r["episodes"]) for r in c["robots"]}
-    folder = out / ("data" + "-".join(str(e) for e in sorted(episodes)) + f"-noise{c['noise']:g}-{c['label']}")
+    collect_kwargs = "".join(f"-{k}{v}" for r in c["robots"] for k, v in (r.get("collect_env_kwargs") or {}).items())
+    folder = out / ("data" + "-".join(str(e) for e in sorted(episodes)) + f"-noise{c['noise']:g}-{c['label']}{collect_kwargs}")
     if all((folder / "data" / r["name"] / "meta" / "collection.json").is_file() for r in c["robots"]):
         roots = {r["name"]: str(folder / "data" / r["name"]) for r in c["robots"]}
     else:

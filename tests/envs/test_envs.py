@@ -105,6 +105,22 @@ def test_expert_succeeds_on_20_seeds(env_id):
     assert np.mean(successes) >= 0.95, successes
 
 
+def test_arm_near_start_demonstrations_start_close_on_any_side():
+    from envs.arm_reach import START_DISTANCE, SUCCESS_RADIUS
+
+    default, near = gym.make("vla/ArmReach-v0", image_size=32), gym.make("vla/ArmReach-v0", image_size=32, near_start=1.0)
+    starts = []
+    for seed in range(20):
+        default.reset(seed=seed)
+        assert default.unwrapped._distance() > START_DISTANCE
+        near.reset(seed=seed)
+        assert 1.2 * SUCCESS_RADIUS < near.unwrapped._distance() < START_DISTANCE
+        starts.append(near.unwrapped.target.pos - near.unwrapped._tip())
+    assert (np.array(starts)[:, 1] < 0).any() and (np.array(starts)[:, 1] > 0).any()  # targets above and below the tip
+    with pytest.raises(ValueError, match="near_start must be in"):
+        gym.make("vla/ArmReach-v0", near_start=2.0)
+
+
 @pytest.mark.parametrize("env_id", ENV_IDS)
 def test_ground_truth_boxes_cover_drawn_pixels(env_id):
     env = gym.make(env_id, image_size=64)

@@ -82,7 +82,8 @@ def _collect_one(c: dict[str, Any], robot: dict[str, Any], root: Path):
 
     return collect_dataset(robot["env"], root, int(robot["episodes"]), noise=float(c["noise"]), seed=int(c["seed"]),
                            image_size=int(c["image_size"]), overwrite=True, progress=False,
-                           env_kwargs=robot.get("env_kwargs"), label=c["label"])
+                           env_kwargs={**(robot.get("env_kwargs") or {}), **(robot.get("collect_env_kwargs") or {})},
+                           label=c["label"])
 
 
 def collect(c: dict[str, Any], out: Path) -> dict[str, str]:

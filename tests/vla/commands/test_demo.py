@@ -68,6 +68,19 @@ def test_quick_keeps_the_configured_robots_with_fewer_episodes():
     assert not full["quick"] and all(r["episodes"] >= 100 for r in full["robots"])
 
 
+def test_collect_env_kwargs_reach_only_the_collection(tmp_path):
+    from vla.commands.demo import _collect_one, _settings
+    from vla.config import load_config
+
+    c = _settings(load_config("demo", ["demo.quick=true", "label=expert"]))
+    robot = {"env": "vla/ArmReach-v0", "name": "arm", "episodes": 1, "env_kwargs": {"num_objects": [2, 3]},
+             "collect_env_kwargs": {"near_start": 1.0}}
+    _collect_one(c, robot, tmp_path / "arm")
+    record = json.loads((tmp_path / "arm" / "meta" / "collection.json").read_text())
+    assert record["env_kwargs"] == {"num_objects": [2, 3], "near_start": 1.0} and record["label"] == "expert"
+    assert robot["env_kwargs"] == {"num_objects": [2, 3]}  # what the rollouts get is untouched
+
+
 def test_report_says_how_grounding_is_scored_and_where_routing_was_measured(tmp_path):
     from vla.commands.demo import write_report
 
