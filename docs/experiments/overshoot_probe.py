@@ -11,7 +11,7 @@ target is moved onto a circle of radius r = 0.08, 0.15, 0.3 around the end effec
 drawn again; the same cosine says whether the policy's step follows it (a policy that reads the target's place gets
 near +1 at every angle; one that ignores it, ~0 on average).
 
-    python docs/experiments/overshoot_probe.py outputs/demo/policy [--scenes 40]
+    python docs/experiments/overshoot_probe.py outputs/demo/policy [--scenes 40] [--blank top|wrist]
 
 Prints one JSON line: per k (`overshoot_K`) and per radius (`circle_R`) the mean distance to the target, the mean
 cosine, the share pointing away, and the scripted expert's mean cosine at the same states (the reference).
@@ -66,15 +66,19 @@ def circled_env(seed: int, radius: float, angle: float):
     return env
 
 
-def step_cosines(policy, arms) -> dict[str, float]:
+def step_cosines(policy, arms, blank: str | None = None) -> dict[str, float]:
     """The policy's first step at each arm's current frame: mean distance to the target, mean cosine between the end
-    effector's velocity and the direction to the target, share pointing away; the expert's mean cosine there."""
+    effector's velocity and the direction to the target, share pointing away; the expert's mean cosine there.
+    `blank` (a camera) shows the policy that camera as empty floor."""
+    from envs import scene
     from envs.arm_reach import MAX_JOINT_SPEED, jacobian
     from vla.policy.env_policy import EnvPolicy
 
     observations = [arm._observation() for arm in arms]
     batch = {"pixels": {camera: np.stack([o["pixels"][camera] for o in observations]) for camera in ("top", "wrist")},
              "agent_pos": np.stack([o["agent_pos"] for o in observations]), "task": [arm.task for arm in arms]}
+    if blank:
+        batch["pixels"][blank] = np.full_like(batch["pixels"][blank], scene.BACKGROUND)
     actor = EnvPolicy(policy, "arm3")
     actor.reset()
     actions = actor.select_action(batch)
@@ -95,6 +99,8 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("--scenes", type=int, default=40)
     parser.add_argument("--seed", type=int, default=7000)
+    parser.add_argument("--blank", choices=["top", "wrist"], default=None,
+                        help="show the policy this camera as empty floor (which view carries the target's place?)")
     args = parser.parse_args()
 
     import torch
@@ -106,12 +112,12 @@ def main() -> None:
     policy = VLAPolicy.load(args.checkpoint)
     policy.config.n_action_steps = 1
     seeds = range(args.seed, args.seed + args.scenes)
-    result = {"checkpoint": args.checkpoint, "scenes": args.scenes}
+    result = {"checkpoint": args.checkpoint, "scenes": args.scenes, "blank": args.blank}
     for steps in OVERSHOOT_STEPS:
-        result[f"overshoot_{steps}"] = step_cosines(policy, [overshot_env(seed, steps) for seed in seeds])
+        result[f"overshoot_{steps}"] = step_cosines(policy, [overshot_env(seed, steps) for seed in seeds], args.blank)
     for radius in CIRCLE_RADII:
         arms = [circled_env(seed, radius, angle) for seed in seeds for angle in np.arange(8) * np.pi / 4]
-        result[f"circle_{radius:g}"] = step_cosines(policy, [arm for arm in arms if arm is not None])
+        result[f"circle_{radius:g}"] = step_cosines(policy, [arm for arm in arms if arm is not None], args.blank)
     print(json.dumps(result))
 
 
