@@ -45,7 +45,7 @@ from backbone.tokenizer import Tokenizer, load_tokenizer
 from backbone.vision import layout_global_view, layout_image_tokens
 from heads.action_head import ActionQueries, OffsetHead, RouterPrior, StateProjection, action_losses
 from heads.action_tokenizer import ActionTokenizer
-from heads.embodiment import Embodiment, EmbodimentRegistry
+from heads.embodiment import Embodiment, EmbodimentRegistry, camera_key
 from vla.policy.checkpoint import BACKBONE_DIR, POLICY_CONFIG, POLICY_WEIGHTS
 from vla.policy.lora import head_rows, is_adapter_checkpoint, load_adapter_policy
 from vla.train.stages import LossOutput, next_token_loss, shifted_targets
@@ -71,6 +71,9 @@ class VLAPolicyConfig:
     # loss weight of a chunk's steps past its episode's end, whose targets are the robot's hold action (zeros for
     # velocity control: "stop there"); 0 = not trained (lerobot's action_is_pad masking)
     pad_loss_weight: float = 0.0
+    # training only: {camera: p} shows that camera as a black frame in a share p of the control steps (camera
+    # dropout, so that the others are read too); short names (`top`) or keys (`observation.images.top`)
+    camera_dropout: dict[str, float] = field(default_factory=dict)
     # the instruction before the camera images instead of after them: the image tokens then see which object is
     # meant (a causal model's image tokens otherwise cannot), at no cost in tokens
     instruction_first: bool = False
@@ -80,6 +83,9 @@ class VLAPolicyConfig:
             raise ValueError(f"decoding must be 'parallel' or 'autoregressive', got {self.decoding!r}")
         if not self.pad_loss_weight >= 0:
             raise ValueError(f"pad_loss_weight must be >= 0, got {self.pad_loss_weight!r}")
+        self.camera_dropout = {camera_key(c): float(p) for c, p in dict(self.camera_dropout).items()}
+        if not all(0 <= p < 1 for p in self.camera_dropout.values()):
+            raise ValueError(f"camera_dropout shares must be in [0, 1), got {self.camera_dropout}")
 
 
 @dataclass
@@ -259,6 +265,8 @@ class VLAPolicy(nn.Module):
         the conversations."""
         terms: dict[str, torch.Tensor] = {}
         metrics: dict[str, float] = {}
+        if self.training and self.config.camera_dropout and "observation.state" in batch:
+            batch = self._drop_cameras(batch)
         robot = self._robot_targets(batch) if "observation.state" in batch else None
         seq = self.build_sequences(batch, robot["bins"] if robot and self.config.decoding == "autoregressive" else None) \
             if robot else None
@@ -323,6 +331,19 @@ class VLAPolicy(nn.Module):
             weights["vqa"] = float((shifted_targets(batch["vqa"]) != -100).sum())
             weights["aux"] += float(len(batch["vqa"]["input_ids"])) if aux_on else 0.0
         return weights
+
+    def _drop_cameras(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A copy of `batch` with each `camera_dropout` camera black in its share of the samples (never a robot's
+        only camera)."""
+        batch = dict(batch)
+        embodiments = self._embodiments(batch, len(batch["observation.state"]))
+        for camera, share in self.config.camera_dropout.items():
+            if camera in batch and share > 0:
+                frames = batch[camera]
+                others = torch.tensor([len(e.cameras) > 1 for e in embodiments])
+                keep = ((torch.rand(len(frames)) >= share) | ~others).to(frames.device, frames.dtype)
+                batch[camera] = frames * keep.view(-1, *([1] * (frames.dim() - 1)))
+        return batch
 
     def _step_weights(self, is_pad_H: torch.Tensor) -> torch.Tensor:
         """(H,) loss weight of each chunk step: 1, or `pad_loss_weight` past the episode's end."""

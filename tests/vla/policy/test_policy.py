@@ -78,6 +78,25 @@ def test_padded_steps_do_not_count_in_the_loss():
     assert not torch.allclose(loss_a, loss_c)
 
 
+def test_camera_dropout_blacks_out_a_share_of_frames_in_training_only():
+    policy = make_policy(camera_dropout={"top": 0.5})
+    assert policy.config.camera_dropout == {CAM: 0.5}
+    n = 64  # the arm has a wrist camera besides the top one; the point robot's top camera is its only one
+    batch = {CAM: torch.rand(n, 3, 32, 32) + 0.1, "observation.state": torch.zeros(n, 5),
+             "embodiment": ["point2d", "arm3"] * (n // 2)}
+    torch.manual_seed(0)
+    dropped = policy.train()._drop_cameras(batch)[CAM]
+    black = (dropped.flatten(1) == 0).all(1)
+    assert not black[0::2].any() and 8 < int(black[1::2].sum()) < 24
+    assert torch.equal(dropped[~black], batch[CAM][~black]) and batch[CAM].min() > 0  # the caller's batch untouched
+    batch = make_batch()
+    policy.eval()
+    loss_eval = policy(batch)[0]
+    assert torch.equal(loss_eval, policy(batch)[0])  # nothing random outside training
+    with pytest.raises(ValueError, match="camera_dropout"):
+        make_policy(camera_dropout={"top": 1.0})
+
+
 def test_pad_loss_weight_trains_padded_steps_and_counts_them():
     policy = make_policy(pad_loss_weight=0.5)
     batch = make_batch()
