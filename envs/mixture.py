@@ -363,7 +363,8 @@ class MixtureDataset(torch.utils.data.Dataset):
         self._check_finite(action, ACTION, where)
         hold = member.embodiment.hold_action
         if hold is not None:  # past the episode's end the robot holds still (lerobot repeats the last action there)
-            action[item[f"{ACTION}_is_pad"].bool()] = torch.tensor(hold, dtype=action.dtype)
+            pad = item[f"{ACTION}_is_pad"].bool()[:, None]
+            action = torch.where(pad, torch.tensor(hold, dtype=action.dtype), action)  # not in place: items may be views
         action = member.normalizer.normalize(ACTION, action).float()
         sample: dict[str, Any] = {}
         if member.has_state:
