@@ -1,9 +1,10 @@
 """One point of a sweep over the demo's vla stage, scored on validation seeds, never on the demo's held-out test seeds.
 
 The demo's settings (configs/demo.yaml) with `SETTINGS` (a JSON object) on top: `steps`, `lr`, `vqa_ratio`,
-`micro_batch`... replace the demo's values (dicts merge); `episodes` sets every robot's demonstrations, `arm_weight`
-the arm's share of the mixture. The same robot datasets (the demo's seeds, cached per episode count under `--out`) and
-co-training conversations as the demo, then its vla stage from the shipped mini, then:
+`micro_batch`, `noise`, `label`... replace the demo's values (dicts merge); `episodes` sets every robot's
+demonstrations, `arm_weight` the arm's share of the mixture, `arm_collect` env kwargs for the arm's demonstrations only
+(e.g. `{"near_start": 0.3}`). The same robot datasets (the demo's seeds, cached under `--out` per episode count, noise,
+label and collection kwargs) and co-training conversations as the demo, then its vla stage from the shipped mini, then:
   - success per robot on env seeds 5000+ (`--episodes`, 200 by default), told the target and told another object of the
     same scene (the wrong-instruction baseline); the demo's test seeds are 1000+;
   - scene VQA and grounding on 120 validation scenes (seeds 800,000+; the demo's held-out ones are 900,000+).
