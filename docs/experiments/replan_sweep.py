@@ -11,8 +11,9 @@ Reproduces the measurements behind the demo's `policy: {n_action_steps: 8}` (doc
 The numbers in docs/experiments.md were measured on demo policies of earlier configs that were not kept; run
 `vla demo` (outputs/demo/policy) for the current one, or `vla demo` at the commit named there for an earlier one.
 
-Everything else is what the demo's rollouts use (vla/commands/demo.py, evaluate_policies): the robots' one-object scenes
-(`env_kwargs: {num_objects: [1, 1]}`), 64-px frames, 10 parallel envs, episode k on env seed `seed + k`. With
+Everything else is what the demo's rollouts used when these were measured (vla/commands/demo.py, evaluate_policies):
+the robots' one-object scenes (`env_kwargs: {num_objects: [1, 1]}`; the demo's scenes now hold 2-3 objects:
+`--num-objects 2 3`), 64-px frames, 10 parallel envs, episode k on env seed `seed + k`. With
 `--n-action-steps 8` (or the value saved in the checkpoint) and the defaults this is the same rollout as
 `vla eval policy=checkpoint:DIR 'env=[vla/PointNav-v0,vla/ArmReach-v0]' episodes=200 seed=5000 image_size=64
 batch_size=10 'env_kwargs={num_objects: [1, 1]}'`; `vla eval` cannot change the checkpoint's re-planning settings,
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", nargs="+", default=["vla/PointNav-v0", "vla/ArmReach-v0"])
     parser.add_argument("--episodes", type=int, default=200, help="episodes per env and setting (default 200)")
     parser.add_argument("--seed", type=int, default=5000, help="first env seed (validation: 5000; the demo's test: 1000)")
-    parser.add_argument("--num-objects", type=int, nargs=2, default=[1, 1], help="objects per robot scene (demo: 1 1)")
+    parser.add_argument("--num-objects", type=int, nargs=2, default=[1, 1], help="objects per robot scene (default: the 2026-11-29 measurements' 1 1; the demo's now: 2 3)")
     parser.add_argument("--image-size", type=int, default=64, help="camera size (the demo's: 64)")
     parser.add_argument("--batch-size", type=int, default=10, help="parallel envs (the demo's eval_batch: 10)")
     parser.add_argument("--train-datasets", nargs="*", default=[],
