@@ -173,10 +173,9 @@ class Embodiment:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (tuples as lists)."""
         data = asdict(self)
-        for key in ("cameras", "action_names", "state_names"):
-            data[key] = list(data[key])
-        if data["hold_action"] is not None:
-            data["hold_action"] = list(data["hold_action"])
+        for key in ("cameras", "action_names", "state_names", "hold_action"):
+            if data[key] is not None:
+                data[key] = list(data[key])
         return data
 
     @classmethod

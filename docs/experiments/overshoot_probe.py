@@ -82,6 +82,7 @@ def step_cosines(policy, arms, blank: str | None = None) -> dict[str, float]:
     actor = EnvPolicy(policy, "arm3")
     actor.reset()
     actions = actor.select_action(batch)
+
     def cos(arm, action) -> float:
         to_target = arm.target.pos - arm._tip()
         velocity = jacobian(arm.q) @ (action * MAX_JOINT_SPEED)

@@ -11,7 +11,6 @@ validation seeds with `vla_sweep.py NAME --policy OUT`:
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def interpolate(policy_dir: str, start_dir: str, alpha: float, out: str) -> dict[str, int]:
@@ -23,17 +22,17 @@ def interpolate(policy_dir: str, start_dir: str, alpha: float, out: str) -> dict
 
     policy = VLAPolicy.load(policy_dir)
     start = load_deepseek_vl2(mini.resolve(start_dir)).state_dict()
-    counts = {"mixed": 0, "rows": 0, "kept": 0}
+    counts = {"mixed": 0, "rows": 0, "kept": 0}  # whole tensors, vocabulary-grown ones (first rows), the policy's own
     with torch.no_grad():
         for name, tensor in policy.backbone.state_dict().items():
             base = start.get(name)
-            if base is None or not tensor.is_floating_point() or base.ndim != tensor.ndim or base.shape[1:] != tensor.shape[1:] or base.shape[0] > tensor.shape[0]:
+            if base is None or base.ndim == 0 or not tensor.is_floating_point() or base.shape[1:] != tensor.shape[1:] \
+                    or base.shape[0] > tensor.shape[0]:
                 counts["kept"] += 1
                 continue
-            rows = base.shape[0] if base.ndim else None
-            target = tensor[:rows] if rows is not None else tensor
+            target = tensor[: base.shape[0]]
             target.copy_(alpha * target + (1 - alpha) * base.to(target.dtype))
-            counts["rows" if base.ndim and rows < tensor.shape[0] else "mixed"] += 1
+            counts["rows" if base.shape[0] < tensor.shape[0] else "mixed"] += 1
     policy.save(out, extra={"wise_ft": {"policy": str(policy_dir), "start": str(start_dir), "alpha": alpha}})
     return counts
 
@@ -45,7 +44,7 @@ def main() -> None:
     parser.add_argument("alpha", type=float)
     parser.add_argument("out")
     args = parser.parse_args()
-    print(interpolate(args.policy, args.start, args.alpha, str(Path(args.out))))
+    print(interpolate(args.policy, args.start, args.alpha, args.out))
 
 
 if __name__ == "__main__":

@@ -337,10 +337,10 @@ class VLAPolicy(nn.Module):
         only camera)."""
         batch = dict(batch)
         embodiments = self._embodiments(batch, len(batch["observation.state"]))
+        others = torch.tensor([len(e.cameras) > 1 for e in embodiments])  # samples with another camera to read
         for camera, share in self.config.camera_dropout.items():
             if camera in batch and share > 0:
                 frames = batch[camera]
-                others = torch.tensor([len(e.cameras) > 1 for e in embodiments])
                 keep = ((torch.rand(len(frames)) >= share) | ~others).to(frames.device, frames.dtype)
                 batch[camera] = frames * keep.view(-1, *([1] * (frames.dim() - 1)))
         return batch
