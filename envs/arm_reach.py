@@ -93,12 +93,17 @@ class ArmReachEnv(SceneEnv):
             scene.paste(image, self._joint_mask, p[0], p[1], scene.ROBOT_COLOUR)
         scene.paste(image, self._tip_mask, points[-1][0], points[-1][1], scene.ROBOT_COLOUR)
 
-    def _render_camera(self, camera, top):
-        if camera != "wrist":
-            return super()._render_camera(camera, top)
+    def _wrist_rows_cols(self) -> tuple[np.ndarray, np.ndarray]:
+        """The top frame's row and column each wrist pixel row / column shows (outside the frame: < 0 or >= size)."""
         tip = forward_kinematics(self.q)[-1]
         cols = np.floor((tip[0] + self._wrist_offsets) * self.image_size).astype(np.int64)
         rows = np.floor((tip[1] + self._wrist_offsets) * self.image_size).astype(np.int64)
+        return rows, cols
+
+    def _render_camera(self, camera, top):
+        if camera != "wrist":
+            return super()._render_camera(camera, top)
+        rows, cols = self._wrist_rows_cols()
         inside_cols = (cols >= 0) & (cols < self.image_size)
         inside_rows = (rows >= 0) & (rows < self.image_size)
         view = top.take(np.clip(rows, 0, self.image_size - 1), axis=0).take(np.clip(cols, 0, self.image_size - 1), axis=1)
@@ -107,6 +112,29 @@ class ArmReachEnv(SceneEnv):
         if not inside_cols.all():
             view[:, ~inside_cols] = scene.BACKGROUND
         return view
+
+    def _camera_ground_truth(self, camera, top_objects):
+        """The wrist camera's objects and gripper: each top-frame box mapped through the wrist's pixel sampling (the
+        wrist pixels whose top row / column fall inside it), what it does not see dropped."""
+        if camera != "wrist":
+            return super()._camera_ground_truth(camera, top_objects)
+        rows, cols = self._wrist_rows_cols()
+        zoom = 1 / (2 * WRIST_HALF_WIDTH)  # wrist pixels per top pixel
+        tip = self._tip() * self.image_size
+
+        def seen(items):
+            out = []
+            for item in items:
+                x1, y1, x2, y2 = item["bbox"]
+                xs, ys = np.flatnonzero((cols >= x1) & (cols < x2)), np.flatnonzero((rows >= y1) & (rows < y2))
+                if len(xs) and len(ys):
+                    box = [int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1]
+                    out.append(item | {"bbox": box} | ({"center": [round(float((c - t) * zoom + self.image_size / 2), 2)
+                                                                   for c, t in zip(item["center"], tip)]}
+                                                       if "center" in item else {}))
+            return out
+
+        return {"objects": seen(top_objects), "extras": seen(self._extra_ground_truth())}
 
     def _apply_action(self, action):
         self.q = np.clip(self.q + action * MAX_JOINT_SPEED, JOINT_LOW, JOINT_HIGH)

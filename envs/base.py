@@ -101,9 +101,12 @@ class SceneEnv(gym.Env):
         return self._render_top().copy()
 
     # ----------------------------------------------------------------- ground truth
-    def scene_ground_truth(self) -> dict[str, Any]:
-        """What the top camera shows, for captions/grounding/QA: objects with colour, shape and the pixel bounding box
-        (x1, y1, x2, y2) they occupy in the rendered image (x2/y2 exclusive), the robot, and the task."""
+    def scene_ground_truth(self, camera: str = "top") -> dict[str, Any]:
+        """What `camera` shows, for captions/grounding/QA: objects with colour, shape and the pixel bounding box
+        (x1, y1, x2, y2) they occupy in its frame (x2/y2 exclusive), the robot, and the task. Another camera than
+        the top one keeps only the objects it sees, their boxes clipped to its frame (`_camera_ground_truth`)."""
+        if camera not in self.embodiment.camera_names:
+            raise ValueError(f"{type(self).__name__} has no camera {camera!r}; available: {list(self.embodiment.camera_names)}")
         objects = []
         for obj in self.objects:
             cx, cy = obj.x * self.image_size, obj.y * self.image_size
@@ -123,7 +126,12 @@ class SceneEnv(gym.Env):
             "extras": self._extra_ground_truth(),
             "task": self.task,
             "embodiment": self.embodiment.name,
-        }
+        } | ({} if camera == "top" else self._camera_ground_truth(camera, objects))
+
+    def _camera_ground_truth(self, camera: str, top_objects: list[dict[str, Any]]) -> dict[str, Any]:
+        """The keys of `scene_ground_truth` that differ in `camera`'s frame ("objects", "extras"), from the top
+        camera's objects; a subclass with another camera implements it."""
+        raise ValueError(f"{type(self).__name__}: no ground truth for camera {camera!r}")
 
     def _extra_ground_truth(self) -> list[dict[str, Any]]:
         return []

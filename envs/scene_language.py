@@ -112,9 +112,9 @@ def caption(truth: dict[str, Any]) -> str:
     width, height = truth["image_size"]
     objects = sorted(truth["objects"], key=lambda o: (o["center"][1], o["center"][0]))
     parts = [f"a {o['name']} {_position(o['center'], width, height)}" for o in objects]
-    listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    listing = "" if not parts else ": " + (parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1])
     count = len(objects)
-    sentence = f"There {'is' if count == 1 else 'are'} {NUMBER_WORDS[count] if count < len(NUMBER_WORDS) else count} shape{'s' if count != 1 else ''}: {listing}."
+    sentence = f"There {'is' if count == 1 else 'are'} {NUMBER_WORDS[count] if count < len(NUMBER_WORDS) else count} shape{'s' if count != 1 else ''}{listing}."
     names = {e["name"] for e in truth.get("extras", [])}
     if truth.get("embodiment") == "arm3":
         sentence += " A robot arm reaches up from the bottom."
@@ -286,10 +286,13 @@ def generate_scene_language(
     env_ids: list[str] | None = None,
     image_size: int = 96,
     env_kwargs: dict[str, Any] | None = None,
+    camera: str = "top",
 ) -> Path:
     """Write `count` records of `stage` to `out_dir/<stage>.jsonl` with PNGs in `out_dir/images/`. Record i shows
     the reset scene of env `env_ids[i % len(env_ids)]` (default: the built-in suite) with seed `seed + i`;
-    `env_kwargs` go to every `gym.make` (e.g. `{"num_objects": [1, 1]}`)."""
+    `env_kwargs` go to every `gym.make` (e.g. `{"num_objects": [1, 1]}`). Another `camera` than the top one (the
+    arm's `wrist`) writes `<stage>-<camera>.jsonl` of that camera's frames, with what it sees as their ground truth
+    (objects out of its view left out; a frame may show none)."""
     from PIL import Image
 
     if stage not in STAGES:
@@ -299,18 +302,20 @@ def generate_scene_language(
     env_ids = list(env_ids or envs.BUILTIN_ENVS)
     made = {env_id: gym.make(env_id, **{"image_size": image_size, **(env_kwargs or {})}) for env_id in env_ids}
     rng = np.random.default_rng(seed)
-    path = out_dir / f"{stage}.jsonl"
+    name = stage if camera == "top" else f"{stage}-{camera}"
+    path = out_dir / f"{name}.jsonl"
     with path.open("w") as handle:
         for i in range(count):
             env_id = env_ids[i % len(env_ids)]
             env = made[env_id]
             observation, _ = env.reset(seed=seed + i)
-            truth = env.unwrapped.scene_ground_truth()
-            record_id = f"{stage}-{i:06d}"
+            truth = env.unwrapped.scene_ground_truth(camera)
+            record_id = f"{name}-{i:06d}"
             image_path = f"images/{record_id}.png"
-            Image.fromarray(observation["pixels"]["top"]).save(out_dir / image_path)
+            Image.fromarray(observation["pixels"][camera]).save(out_dir / image_path)
             turns = make_turns(stage, truth, rng)
-            record = _record(record_id, image_path, turns, truth, {"stage": stage, "env": env_id, "seed": seed + i})
+            record = _record(record_id, image_path, turns, truth, {"stage": stage, "env": env_id, "seed": seed + i}
+                             | ({} if camera == "top" else {"camera": camera}))
             handle.write(json.dumps(record) + "\n")
     for env in made.values():
         env.close()

@@ -1,7 +1,8 @@
 """The mini DeepSeek-VL2 checkpoint the demo starts from (`checkpoints/dsvl2-mini`), made by the project's own code on
 the project's own scene-language data, the way DeepSeek-VL2 was made at full size (a tower first, then the stages):
 
-1. scenes: 2-4-object frames of the robots' envs with their ground truth, from recorded seeds (`SEEDS`);
+1. scenes: 2-4-object frames of the robots' envs with their ground truth, from recorded seeds (`SEEDS`); for stage
+   vision also the arm's wrist-camera frames (`mini.scenes.vision_wrist`, with `mini.camera_env_kwargs`);
 2. a byte-level BPE tokenizer with DeepSeek-VL2's special tokens, trained on the scenes' texts and the robots' tasks;
 3. stage vision: the SigLIP tower alone, on per-pixel colour / shape labels read off the rendered frames and the box
    of the object drawn at each pixel (so each image token carries where its object is), and SigLIP's sigmoid caption
@@ -34,8 +35,13 @@ from typing import Any
 MADE_BY = "made_by.json"
 # where each part of the data starts (record i of a part shows env seed `seed + i`); the demo's own scenes use seeds
 # below 100,000 and its held-out ones 900,000+, so no scene is shared
-SEEDS = {"vision": 100_000, "align": 200_000, "pretrain": 300_000, "sft": 400_000, "eval": 800_000}
-STAGE_OF = {"vision": "align", "align": "align", "pretrain": "pretrain", "sft": "sft", "eval": "sft"}  # record kinds
+SEEDS = {"vision": 100_000, "align": 200_000, "pretrain": 300_000, "sft": 400_000, "eval": 800_000,
+         "vision_wrist": 500_000}
+STAGE_OF = {"vision": "align", "align": "align", "pretrain": "pretrain", "sft": "sft", "eval": "sft",
+            "vision_wrist": "align"}  # record kinds
+# parts of the data shot by another camera than the top one (stage vision's only: what the language stages and the
+# held-out scores read is the top camera's)
+CAMERA_OF = {"vision_wrist": "wrist"}
 WEIGHT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -82,11 +88,27 @@ def trained_scene_keys(made_by: dict[str, Any]) -> set[tuple[str, int]]:
 
 def scenes(plan: dict[str, Any], out: Path) -> Path:
     """Generate the records of one part of the data plan ({"stage", "seed", "count", "envs", "num_objects",
-    "image_size"}) into `out`; returns the JSONL."""
+    "image_size"}, optionally "camera" and "env_kwargs") into `out`; returns the JSONL."""
     from envs.scene_language import generate_scene_language
 
     return generate_scene_language(out, plan["stage"], plan["count"], seed=plan["seed"], env_ids=plan["envs"],
-                                   image_size=plan["image_size"], env_kwargs={"num_objects": plan["num_objects"]})
+                                   image_size=plan["image_size"], camera=plan.get("camera", "top"),
+                                   env_kwargs={"num_objects": plan["num_objects"], **plan.get("env_kwargs", {})})
+
+
+def envs_with_camera(env_ids: list[str], camera: str) -> list[str]:
+    """The envs of `env_ids` whose robot has `camera`."""
+    import gymnasium as gym
+
+    import envs  # noqa: F401  (registers the built-in envs)
+
+    out = []
+    for env_id in env_ids:
+        env = gym.make(env_id)
+        if camera in env.unwrapped.embodiment.camera_names:
+            out.append(env_id)
+        env.close()
+    return out
 
 
 def score(folder: str | Path, eval_jsonl: str | Path, limit: int | None = None) -> dict[str, Any]:
@@ -139,7 +161,14 @@ def build(c: dict[str, Any], out: Path, say=print) -> Path:
     start, m = time.time(), c["mini"]
     env_ids = sorted({r["env"] for r in c["robots"]})
     plan = {part: {"stage": STAGE_OF[part], "seed": SEEDS[part], "count": int(m["scenes"][part]), "envs": env_ids,
-                   "num_objects": list(m["num_objects"]), "image_size": int(c["image_size"])} for part in SEEDS}
+                   "num_objects": list(m["num_objects"]), "image_size": int(c["image_size"])}
+            for part in SEEDS if m["scenes"].get(part, 0) > 0}
+    for part in set(plan) & set(CAMERA_OF):  # e.g. the arm's wrist frames, placed near objects (`camera_env_kwargs`)
+        seen_by = envs_with_camera(env_ids, CAMERA_OF[part])
+        if not seen_by:
+            raise ValueError(f"mini.scenes.{part}: none of the robots' envs ({', '.join(env_ids)}) has a "
+                             f"{CAMERA_OF[part]} camera")
+        plan[part] |= {"envs": seen_by, "camera": CAMERA_OF[part], "env_kwargs": dict(m.get("camera_env_kwargs") or {})}
     paths = {part: scenes(p, out / "scenes" / part) for part, p in plan.items()}
     tokenizer = build_tokenizer(c, paths, out)
     say(f"mini: {sum(p['count'] for p in plan.values())} scenes generated, tokenizer of {c['tokenizer_vocab']} tokens")
@@ -148,7 +177,8 @@ def build(c: dict[str, Any], out: Path, say=print) -> Path:
     # the random init (stage vision) takes the model's centring of image tokens; the later stages read it off the folder
     summary = train_stage({**mc, "micro_batch": m["micro_batch"]["vision"],
                            "center_image_tokens": m.get("center_image_tokens")}, out, "vision", None,
-                          {"data": {"path": paths["vision"], "image_size": c["image_size"], **m["vision_data"]}},
+                          {"data": {"path": [str(paths[p]) for p in ("vision", "vision_wrist") if p in paths],
+                                    "image_size": c["image_size"], **m["vision_data"]}},
                           tokenizer=tokenizer)
     init, losses = summary["checkpoint"], {"vision": summary["final_loss"]}
     # the adaptor's lr there, relative: 0 keeps the one stage vision made (`vision_data.adaptor_weight`) frozen

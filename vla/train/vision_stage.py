@@ -68,7 +68,7 @@ WEIGHTS = ("contrastive_weight", "dense_weight", "box_weight", "share_weight", "
 
 @dataclass
 class VisionDataConfig:
-    path: str | None = None  # generated-format JSONL with scene meta (objects, env); None = generate
+    path: str | list[str] | None = None  # generated-format JSONL(s) with scene meta (objects, env); None = generate
     generate: int = 2048  # records generated into <out>/data when path is None
     image_size: int = 64
     num_objects: tuple[int, int] = (2, 4)  # objects per generated scene
@@ -313,9 +313,10 @@ class VisionStageTask(StageTask):
         self.backbone, self.tokenizer = build_vl2_backbone(ctx)
         self.tile = self.backbone.config.vision.image_size
         self.patch_size = self.backbone.config.vision.patch_size
-        self.records = [r for r in load_conversations(self._data_path()) if r.meta.get("objects")]
+        paths = self._data_paths()
+        self.records = [r for path in paths for r in load_conversations(path) if r.meta.get("objects")]
         if not self.records:
-            raise StageTaskError(f"stage vision: no records with scene meta (objects) in {self._data_path()}")
+            raise StageTaskError(f"stage vision: no records with scene meta (objects) in {', '.join(map(str, paths))}")
         encoder = self.backbone.vision_encoder
         self.module = ContrastiveTowers(encoder.vision, len(self.tokenizer), self.tokenizer.pad_id, self.data,
                                         encoder.projector, encoder.center_tokens)
@@ -323,9 +324,9 @@ class VisionStageTask(StageTask):
         self.ddp_find_unused_parameters = False
 
     # ---- data --------------------------------------------------------------------------------------------------
-    def _data_path(self) -> Path:
+    def _data_paths(self) -> list[Path]:
         if self.data.path:
-            return Path(self.data.path)
+            return [Path(p) for p in ([self.data.path] if isinstance(self.data.path, str) else self.data.path)]
         from envs.scene_language import generate_scene_language
 
         out = self.ctx.out_dir / "data"
@@ -339,7 +340,7 @@ class VisionStageTask(StageTask):
             generated.rename(path)
             marker.write_text(json.dumps(spec))
         self.ctx.barrier()
-        return path
+        return [path]
 
     def _encode_caption(self, text: str) -> torch.Tensor:
         ids = self.tokenizer.encode(text)[: self.data.max_caption_tokens - 1] + [self.tokenizer.eos_id]

@@ -5,6 +5,7 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,6 +76,11 @@ def test_build_records_settings_seeds_scores_and_hashes(tmp_path):
     assert made_by["settings"]["mini"] == c["mini"] and made_by["settings"]["vision"] == c["vision"]
     assert {part: plan["seed"] for part, plan in made_by["data"].items()} == mini.SEEDS
     assert made_by["data"]["vision"]["count"] == c["mini"]["scenes"]["vision"]
+    # stage vision also reads the arm's wrist frames (the point robot has no wrist camera), from their own JSONL
+    wrist = made_by["data"]["vision_wrist"]
+    assert (wrist["camera"], wrist["envs"], wrist["env_kwargs"]) == ("wrist", ["vla/ArmReach-v0"], c["mini"]["camera_env_kwargs"])
+    vision_paths = list(OmegaConf.load(tmp_path / "mini" / "train" / "vision" / "config.yaml").stage.data.path)
+    assert [Path(p).name for p in vision_paths] == ["align.jsonl", "align-wrist.jsonl"]
     assert set(made_by["final_loss"]) == {"vision", "align", "pretrain", "sft"}
     assert made_by["held_out"]["records"] == c["mini"]["scenes"]["eval"]
     # the recorded score is what scoring the recorded held-out scenes gives
