@@ -208,3 +208,21 @@ def test_blind_baseline_answers_from_the_text_alone(tmp_path):
     assert blind["by_kind"]["colour_of_shape"]["accuracy"] < 0.7
     assert blind["grounding_acc"] < 0.5
     assert all(e["answer"] != "" for e in blind["examples"])
+
+
+def test_wrist_camera_records_show_the_wrist_frame_with_its_own_boxes(tmp_path):
+    path = generate_scene_language(tmp_path, "align", 6, seed=5, image_size=64, env_ids=["vla/ArmReach-v0"],
+                                   camera="wrist", env_kwargs={"near_start": 1.0})
+    top = load_conversations(generate_scene_language(tmp_path, "align", 6, seed=5, image_size=64,
+                                                     env_ids=["vla/ArmReach-v0"], env_kwargs={"near_start": 1.0}))
+    assert path.name == "align-wrist.jsonl"
+    records = load_conversations(path)
+    assert [r.meta["camera"] for r in records] == ["wrist"] * 6 and "camera" not in top[0].meta
+    for record, same_scene in zip(records, top):
+        assert record.id != same_scene.id and record.images[0] != same_scene.images[0]
+        image = np.array(Image.open(record.images[0]))
+        assert not np.array_equal(image, np.array(Image.open(same_scene.images[0])))  # a 2x zoom on the end effector
+        for obj in record.meta["objects"]:  # each listed object is painted inside its wrist box
+            x1, y1, x2, y2 = obj["bbox"]
+            assert np.all(image[y1:y2, x1:x2] == np.array(COLOURS[obj["colour"]]), axis=-1).any()
+    assert sum(len(r.meta["objects"]) for r in records) > 0  # started near the target: it is in view

@@ -147,6 +147,34 @@ def test_ground_truth_boxes_cover_drawn_pixels(env_id):
                 assert not np.any(np.all(image[ring] == colour, axis=-1))
 
 
+def test_wrist_ground_truth_boxes_what_the_wrist_camera_shows():
+    env = gym.make("vla/ArmReach-v0", image_size=64, near_start=0.5)
+    listed = visible = grippers = 0
+    for seed in range(40):
+        obs, _ = env.reset(seed=seed)
+        wrist, top = env.unwrapped.scene_ground_truth("wrist"), env.unwrapped.scene_ground_truth()
+        assert wrist["task"] == top["task"] and wrist["image_size"] == [64, 64]
+        for extra in wrist["extras"]:  # the end effector, at the frame's centre (unless it is off the top frame)
+            assert extra["name"] == "gripper" and all(abs(v - 32) <= 4 for v in extra["bbox"])
+        grippers += len(wrist["extras"])
+        boxes = {o["name"]: o["bbox"] for o in wrist["objects"]}
+        assert set(boxes) <= {o["name"] for o in top["objects"]}
+        listed += len(boxes)
+        for obj in top["objects"]:
+            if [o["colour"] for o in top["objects"]].count(obj["colour"]) > 1:
+                continue
+            painted = np.all(obs["pixels"]["wrist"] == np.array(scene.COLOURS[obj["colour"]]), axis=-1)
+            visible += bool(painted.any())
+            if painted.any():  # every pixel the wrist shows of an object lies in its wrist box
+                x1, y1, x2, y2 = boxes[obj["name"]]
+                outside = painted.copy()
+                outside[y1:y2, x1:x2] = False
+                assert not outside.any(), (seed, obj["name"])
+    assert grippers >= 30 and visible >= 20 and listed >= visible  # half the starts are near the target: objects are in view
+    with pytest.raises(ValueError, match="no camera 'wrist'"):
+        gym.make("vla/PointNav-v0").unwrapped.scene_ground_truth("wrist")
+
+
 def test_image_size_changes_rendering_and_rejects_tiny():
     env = gym.make("vla/PointNav-v0", image_size=224)
     obs, _ = env.reset(seed=0)
