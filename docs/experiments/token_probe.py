@@ -9,7 +9,9 @@ vision fits the adaptor's tokens to (`vla.train.vision_stage.cell_codes` from th
 `--normalize` scales each token to unit norm first, as the language model's first RMSNorm does.
 
     python docs/experiments/token_probe.py checkpoints/dsvl2-mini [--train 2000 --test 500] [--tokens tower|code]
-        [--normalize] [--box-bins 10] [--code-pool share|object]
+        [--normalize] [--box-bins 10] [--code-pool share|object] [--camera top|wrist]
+
+`--camera wrist` probes the arm's wrist frames instead (objects whose centre it shows).
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ def tokens_and_targets(model, records, size: int, tokens: str, normalize: bool =
         for record, tokens_LD in zip(batch, tokens_NLD):
             for obj in record.meta["objects"]:
                 cx, cy = obj["center"]
+                if not (0 <= cx < size and 0 <= cy < size):  # (a wrist frame shows part of it, its centre outside)
+                    continue
                 row, col = min(int(cy * grid / size), grid - 1), min(int(cx * grid / size), grid - 1)
                 feats.append(tokens_LD[row * grid + col].numpy())
                 colour_1h = np.eye(len(COLOURS))[list(COLOURS).index(obj["colour"])]
@@ -67,13 +71,16 @@ def tokens_and_targets(model, records, size: int, tokens: str, normalize: bool =
     return np.asarray(feats, dtype=np.float64), np.asarray(targets, dtype=np.float64)
 
 
-def probe_scenes(folder: str, count: int, seed: int, size: int) -> list:
-    """`count` 2-4-object scenes of both robots' envs (scene-language records), generated into `folder`."""
+def probe_scenes(folder: str, count: int, seed: int, size: int, camera: str = "top") -> list:
+    """`count` 2-4-object scenes of both robots' envs (scene-language records), generated into `folder`; with
+    `camera` "wrist" the arm's wrist frames (half of them started near an object, as the mini's vision_wrist part)."""
     from envs.scene_language import generate_scene_language, load_conversations
 
-    return load_conversations(generate_scene_language(folder, "align", count, seed=seed, image_size=size,
-                                                      env_ids=["vla/ArmReach-v0", "vla/PointNav-v0"],
-                                                      env_kwargs={"num_objects": [2, 4]}))
+    wrist = camera == "wrist"
+    return load_conversations(generate_scene_language(
+        folder, "align", count, seed=seed, image_size=size, camera=camera,
+        env_ids=["vla/ArmReach-v0"] if wrist else ["vla/ArmReach-v0", "vla/PointNav-v0"],
+        env_kwargs={"num_objects": [2, 4]} | ({"near_start": 0.5} if wrist else {})))
 
 
 def ridge(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray) -> np.ndarray:
@@ -104,12 +111,13 @@ def main() -> None:
     parser.add_argument("--normalize", action="store_true")
     parser.add_argument("--box-bins", type=int, default=10)
     parser.add_argument("--code-pool", choices=("share", "object"), default="share")
+    parser.add_argument("--camera", choices=("top", "wrist"), default="top")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, _ = load_vl2_for_chat(args.checkpoint)
     size = model.vision_encoder.vision_config.image_size
     with tempfile.TemporaryDirectory() as tmp:
-        records = probe_scenes(tmp, args.train + args.test, args.seed, size)
+        records = probe_scenes(tmp, args.train + args.test, args.seed, size, args.camera)
         X_train, y_train = tokens_and_targets(model, records[:args.train], size, args.tokens, args.normalize, args.box_bins,
                                               args.code_pool)
         X_test, y_test = tokens_and_targets(model, records[args.train:], size, args.tokens, args.normalize, args.box_bins,
@@ -119,7 +127,7 @@ def main() -> None:
     n_colours = len(COLOURS)
     colour_acc = (pred[:, 2:2 + n_colours].argmax(1) == y_test[:, 2:2 + n_colours].argmax(1)).mean()
     shape_acc = (pred[:, 2 + n_colours:].argmax(1) == y_test[:, 2 + n_colours:].argmax(1)).mean()
-    print(f"{args.tokens} tokens{' (unit norm)' if args.normalize else ''}, {len(y_test)} held-out objects ({len(y_train)} to fit): x1 within 40 units "
+    print(f"{'wrist camera, ' if args.camera == 'wrist' else ''}{args.tokens} tokens{' (unit norm)' if args.normalize else ''}, {len(y_test)} held-out objects ({len(y_train)} to fit): x1 within 40 units "
           f"{within[0]:.2f} (R^2 {r2[0]:.2f}), y1 within 40 {within[1]:.2f} (R^2 {r2[1]:.2f}); "
           f"colour {colour_acc:.2f}, shape {shape_acc:.2f}")
 
