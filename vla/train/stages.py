@@ -375,6 +375,11 @@ def build_vl2_backbone(ctx: StageContext):
     return model, tokenizer
 
 
+def data_paths(path: str | list[str]) -> list[Path]:
+    """A stage's `data.path`: one JSONL file or a list of them."""
+    return [Path(p) for p in ([path] if isinstance(path, (str, Path)) else path)]
+
+
 def _read_texts(path: str) -> list[str]:
     p = Path(path)
     if p.suffix == ".jsonl":
@@ -425,8 +430,7 @@ class VL2StageTask(StageTask):
     # ---- data --------------------------------------------------------------------------------------------------
     def _data_paths(self) -> list[Path]:
         if self.data.path:
-            paths = [self.data.path] if isinstance(self.data.path, str) else list(self.data.path)
-            return [Path(p) for p in paths]
+            return data_paths(self.data.path)
         from envs.scene_language import generate_scene_language
 
         stage = self.data.generate_stage or self.name

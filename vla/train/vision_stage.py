@@ -59,7 +59,7 @@ from backbone.grounding import paired_box_iou
 from envs.mixture import SourceSchedule
 from envs.scene import COLOURS, SHAPES
 from vla.train.stages import (LossOutput, ShardedBatches, StageContext, StageTask, StageTaskError, build_vl2_backbone,
-                              group_parameters, register_stage_task)
+                              data_paths, group_parameters, register_stage_task)
 
 HEADS_FILE = "contrastive_heads.safetensors"
 GROUPS = ("vision_tower", "projector", "contrastive_heads")
@@ -326,7 +326,7 @@ class VisionStageTask(StageTask):
     # ---- data --------------------------------------------------------------------------------------------------
     def _data_paths(self) -> list[Path]:
         if self.data.path:
-            return [Path(p) for p in ([self.data.path] if isinstance(self.data.path, str) else self.data.path)]
+            return data_paths(self.data.path)
         from envs.scene_language import generate_scene_language
 
         out = self.ctx.out_dir / "data"
