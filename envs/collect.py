@@ -20,7 +20,10 @@ episodes are dropped (and another seed is tried) unless `keep_failures=True`. No
 (`HF_HUB_OFFLINE=1` is set if unset).
 
 `meta/collection.json` records how the dataset was made, the env seed of every kept episode included
-(`episode_seeds`); `check_eval_seeds` uses it to refuse evaluating on scenes a policy was trained on.
+(`episode_seeds`); `check_eval_seeds` uses it to refuse evaluating on scenes a policy was trained on. For scene envs
+it also records, per kept episode, the object the instruction names and its box in the first camera's frame at the
+episode's start (`episode_targets`: {"ref", "det"} or null; envs.scene_language.named_object_grounding), which the
+mixture hands a policy that says where it is going before it acts (`ground_target`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import gymnasium as gym
 import numpy as np
 
 import envs  # noqa: F401  (registers the built-in suite)
+from envs.scene_language import named_object_grounding
 
 LABELS = ("executed", "expert")  # what a frame's action records: the executed (noisy) action, or the expert's
 COLLECTION_FILE = "meta/collection.json"  # env id, kwargs, noise and the env seed of each kept episode
@@ -165,6 +169,8 @@ def collect_dataset(
     start = time.perf_counter()
     kept = attempts = successes = frames = 0
     episode_seeds: list[int] = []  # env seed of each kept episode, in episode order
+    episode_targets: list[dict | None] = []  # the named object's box at each kept episode's start
+    scene = hasattr(base, "scene_ground_truth")
     bar = tqdm(total=episodes, desc=f"collect {env_id}", unit="ep", disable=not progress)
     try:
         while kept < episodes:
@@ -175,6 +181,7 @@ def collect_dataset(
                 )
             obs, info = env.reset(seed=seed + attempts)
             attempts += 1
+            target = named_object_grounding(env) if scene else None
             length = 0
             while True:
                 expert = base.expert_action().astype(np.float32)
@@ -199,6 +206,7 @@ def collect_dataset(
             if success or keep_failures:
                 dataset.save_episode()
                 episode_seeds.append(seed + attempts - 1)
+                episode_targets.append(target)
                 kept += 1
                 frames += length
                 bar.update(1)
@@ -214,7 +222,8 @@ def collect_dataset(
     if kept:
         write_exact_stats(root)
         write_collection_record(root, {"env_id": env_id, "env_kwargs": dict(env_kwargs or {}), "image_size": image_size,
-                                       "noise": noise, "label": label, "seed": seed, "attempts": attempts, "episode_seeds": episode_seeds})
+                                       "noise": noise, "label": label, "seed": seed, "attempts": attempts, "episode_seeds": episode_seeds,
+                                       "episode_targets": episode_targets})
     return CollectResult(
         root=str(root),
         repo_id=repo_id,

@@ -29,6 +29,9 @@ Sample layout (with `pad=True`, the default, so the default collate stacks embod
 | action_is_pad                | bool (H,)            | steps past the episode end: the robot's hold_action      |
 |                              |                      | there (lerobot's last action where it has none)          |
 | embodiment, task             | str                  |                                                         |
+| grounding                    | str                  | the instruction's object and its box at the episode's    |
+|                              |                      | start, `<|ref|>the red triangle<|/ref|><|det|>[[..]]<|/det|>` |
+|                              |                      | (datasets `vla collect` made; "" for others)             |
 | dataset_index, episode_index, frame_index, index | int64 |                                               |
 
 With `pad=False` tensors keep each dataset's own sizes and only the listed cameras that dataset has appear.
@@ -60,8 +63,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from envs.collect import read_collection_record
 from envs.embodiments import EMBODIMENTS, Embodiment, get_embodiment
 from envs.normalize import Normalizer, feature_stats
+from envs.scene_language import grounding_answer
 from heads.embodiment import camera_name
 
 ACTION = "action"
@@ -155,6 +160,13 @@ class _Member:
                 raise DataError(f"{self.label}: stats of {key!r} have shape {stat_shape}, feature has {tuple(features[key]['shape'])}")
         # image-column datasets are read whole into memory (`memory_item`); video datasets decode per item
         self.memory = self._read_into_memory(table) if in_memory and not meta.video_keys else None
+        record = read_collection_record(self.dataset.root) or {}
+        self.targets = record.get("episode_targets") or []  # per episode {"ref", "det"} or None (envs.collect)
+
+    def grounding(self, episode: int) -> str:
+        """The grounding answer of the object episode `episode`'s instruction names ("" when not recorded)."""
+        target = self.targets[episode] if 0 <= episode < len(self.targets) else None
+        return grounding_answer(target["ref"], target["det"]) if target else ""
 
     def _embodiment(self, spec: DatasetSpec, meta) -> Embodiment:
         name = spec.embodiment or meta.robot_type
@@ -400,6 +412,7 @@ class MixtureDataset(torch.utils.data.Dataset):
         sample["action_is_pad"] = item[f"{ACTION}_is_pad"].bool()
         sample["embodiment"] = member.embodiment.name
         sample["task"] = item.get("task", "")
+        sample["grounding"] = member.grounding(int(item["episode_index"]))
         sample["dataset_index"] = torch.tensor(which)
         for key in ("episode_index", "frame_index", "index"):
             sample[key] = item[key].long()

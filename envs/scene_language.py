@@ -84,6 +84,20 @@ def grounding_answer(ref: str, det: list[int]) -> str:
     return f"<|ref|>{ref}<|/ref|><|det|>[[{det[0]},{det[1]},{det[2]},{det[3]}]]<|/det|>"
 
 
+def named_object_grounding(env: gym.Env, camera: str | None = None) -> dict[str, Any] | None:
+    """The object `env`'s instruction names, in `camera`'s frame (its first camera by default), as {"ref": "the red
+    triangle", "det": [x1, y1, x2, y2] in 0..999}; `grounding_answer(**it)` is the answer to "Locate it". None when
+    the task names no single object of the scene or the camera does not show it. (A vla policy with `ground_target`
+    is trained to say this box before it acts; `collect_dataset` records it per episode.)"""
+    base = env.unwrapped
+    truth = base.scene_ground_truth(camera or base.cameras[0])
+    named = [o for o in truth["objects"] if o["name"] in truth["task"]]
+    if len(named) != 1:
+        return None
+    width, height = truth["image_size"]
+    return {"ref": f"the {named[0]['name']}", "det": to_det(named[0]["bbox"], width, height)}
+
+
 def parse_grounding(text: str) -> list[tuple[str, list[list[float]]]]:
     """All `<|ref|>..<|/ref|><|det|>[[..]]<|/det|>` pairs of a text as (ref, boxes); malformed boxes are skipped
     (the one grounding parser of the project, backbone.grounding, does the work)."""

@@ -77,10 +77,20 @@ class VLAPolicyConfig:
     # the instruction before the camera images instead of after them: the image tokens then see which object is
     # meant (a causal model's image tokens otherwise cannot), at no cost in tokens
     instruction_first: bool = False
+    # the answer says where the instruction's object is before the action positions ("ground, then act"):
+    # `<|Assistant|>: <|ref|>the red triangle<|/ref|><|det|>[[x1,y1,x2,y2]]<|/det|> [actions]`, DeepSeek-VL2's grounding
+    # answer in the first camera's frame; trained on the box the dataset records (batch key `grounding`, next-token
+    # loss x ground_loss_weight), generated greedily at inference (`last_grounding` keeps it), so the actions read the
+    # box the language model finds for the instruction instead of learning to bind words to objects themselves
+    ground_target: bool = False
+    ground_loss_weight: float = 1.0
+    max_grounding_tokens: int = 48
 
     def __post_init__(self) -> None:
         if self.decoding not in ("parallel", "autoregressive"):
             raise ValueError(f"decoding must be 'parallel' or 'autoregressive', got {self.decoding!r}")
+        if self.ground_target and self.decoding != "parallel":
+            raise ValueError("ground_target needs decoding='parallel'")
         if not self.pad_loss_weight >= 0:
             raise ValueError(f"pad_loss_weight must be >= 0, got {self.pad_loss_weight!r}")
         self.camera_dropout = {camera_key(c): float(p) for c, p in dict(self.camera_dropout).items()}
@@ -99,6 +109,8 @@ class SequenceBatch:
     embodiment_index: torch.Tensor  # (B, T) registry index on action positions, -1 elsewhere
     action_start: list[int] = field(default_factory=list)  # per sample, first action position
     num_actions: list[int] = field(default_factory=list)  # per sample, H*A
+    ground_start: list[int] = field(default_factory=list)  # per sample, first grounding-answer position (ground_target)
+    num_ground: list[int] = field(default_factory=list)  # per sample, its grounding tokens
 
 
 class VLAPolicy(nn.Module):
@@ -132,6 +144,7 @@ class VLAPolicy(nn.Module):
         self.single_pass = False  # training: control steps and conversations in one language-model pass (FSDP2)
         self._queues: dict[int, deque] = {}
         self._ensemble: list[tuple[int, torch.Tensor]] = []
+        self.last_grounding: list[str] = []  # ground_target: the boxes the last predicted chunks were planned on
 
     # ---------------------------------------------------------------------------------------------------------------
     # sequence assembly
@@ -180,10 +193,12 @@ class VLAPolicy(nn.Module):
             per_sample[owner].append(t)
         return per_sample
 
-    def build_sequences(self, batch: dict[str, Any], target_bins: list[torch.Tensor] | None = None) -> SequenceBatch:
+    def build_sequences(self, batch: dict[str, Any], target_bins: list[torch.Tensor] | None = None,
+                        grounding: list[list[int]] | None = None, prompt_only: bool = False) -> SequenceBatch:
         """Embeddings of one control step per sample. Parallel decoding puts the queries at the action positions;
         autoregressive decoding puts the target action tokens there (`target_bins`, teacher forcing) or nothing
-        (inference: the prompt only)."""
+        (inference: the prompt only). `grounding` (token ids per sample, ground_target) goes between the prompt and
+        the action positions; `prompt_only` stops after `<|Assistant|>:`."""
         tasks = batch.get("task") or [""] * len(batch["observation.state"])
         if isinstance(tasks, str):
             tasks = [tasks]
@@ -191,7 +206,7 @@ class VLAPolicy(nn.Module):
         frames = self._frames(batch, embodiments)
         state = batch["observation.state"]
         tok = self.tokenizer
-        with_actions = self.config.decoding == "parallel" or target_bins is not None
+        with_actions = not prompt_only and (self.config.decoding == "parallel" or target_bins is not None)
 
         rows = []  # per sample: list of (kind, ids or embeddings)
         for b, (emb, task) in enumerate(zip(embodiments, tasks)):
@@ -203,6 +218,8 @@ class VLAPolicy(nn.Module):
             segments.append((TEXT, self._encode_text(tail) + [self.embodiment_token_id[emb.name]]))
             segments.append((STATE, self.state_proj(emb.name, state[b, : emb.state_dim].to(self.device))[None]))
             segments.append((TEXT, self._encode_text("\n\n<|Assistant|>:")))
+            if grounding is not None and not prompt_only:
+                segments.append((TEXT, list(grounding[b])))
             if with_actions:
                 if self.config.decoding == "parallel":
                     segments.append((ACTION, self.queries(emb.chunk_len, emb.action_dim)))
@@ -219,8 +236,13 @@ class VLAPolicy(nn.Module):
         emb_index = torch.full((B, T), -1, dtype=torch.long, device=self.device)
         dense_slots: list[tuple[int, int, torch.Tensor]] = []
         action_start, num_actions = [], []
+        ground_start, num_ground = [], []
         for b, segments in enumerate(rows):
             pos = T - lengths[b]  # left padding
+            if grounding is not None and not prompt_only:  # the grounding answer sits right before the actions
+                n_ground = len(grounding[b])
+                ground_start.append(T - n_ground - (len(segments[-1][1]) if with_actions else 0))
+                num_ground.append(n_ground)
             for kind, content in segments:
                 n = len(content)
                 kinds[b, pos:pos + n] = kind
@@ -244,7 +266,8 @@ class VLAPolicy(nn.Module):
         block_ids = None
         if self.config.decoding == "parallel":
             block_ids = torch.where(kinds == ACTION, 0, -1)
-        return SequenceBatch(x_BTD, kinds != PAD, kinds, block_ids, emb_index, action_start, num_actions)
+        return SequenceBatch(x_BTD, kinds != PAD, kinds, block_ids, emb_index, action_start, num_actions,
+                             ground_start, num_ground)
 
     # ---------------------------------------------------------------------------------------------------------------
     # training
@@ -268,8 +291,9 @@ class VLAPolicy(nn.Module):
         if self.training and self.config.camera_dropout and "observation.state" in batch:
             batch = self._drop_cameras(batch)
         robot = self._robot_targets(batch) if "observation.state" in batch else None
-        seq = self.build_sequences(batch, robot["bins"] if robot and self.config.decoding == "autoregressive" else None) \
-            if robot else None
+        grounding = self._recorded_grounding(batch) if robot and self.config.ground_target else None
+        seq = self.build_sequences(batch, robot["bins"] if robot and self.config.decoding == "autoregressive" else None,
+                                   grounding) if robot else None
         vqa = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch["vqa"].items()} \
             if batch.get("vqa") is not None else None
         if seq is None and vqa is None:
@@ -293,6 +317,8 @@ class VLAPolicy(nn.Module):
                 aux_parts.append((out.aux_loss, len(x_BTD)))
         if seq is not None:
             self._action_terms(hidden[0], seq, robot, terms, metrics)
+            if grounding is not None:
+                self._ground_term(hidden[0], seq, grounding, terms, metrics)
         if vqa is not None:
             lm = next_token_loss(self.backbone.language.lm_head(hidden[-1]).float(), vqa)
             terms["vqa"] = self.config.vqa_loss_weight * lm
@@ -327,6 +353,10 @@ class VLAPolicy(nn.Module):
             weights["action"] = float(n)
             weights["offset"] = float(n) if self.config.continuous_offset else 0.0
             weights["aux"] += float(len(embodiments)) if aux_on else 0.0
+            if self.config.ground_target:
+                weights["ground"] = float(sum(len(ids) for ids in self._recorded_grounding(batch)))
+        elif self.config.ground_target:
+            weights["ground"] = 0.0
         if batch.get("vqa") is not None:
             weights["vqa"] = float((shifted_targets(batch["vqa"]) != -100).sum())
             weights["aux"] += float(len(batch["vqa"]["input_ids"])) if aux_on else 0.0
@@ -390,6 +420,44 @@ class VLAPolicy(nn.Module):
             start += n
         metrics.update({f"loss/{name}": float(np.mean(v)) for name, v in per_emb.items()})
 
+    def _recorded_grounding(self, batch: dict[str, Any]) -> list[list[int]]:
+        """Token ids of each robot sample's recorded grounding answer (batch key `grounding`, ground_target)."""
+        texts = batch.get("grounding")
+        size = len(batch["observation.state"])
+        texts = [texts] * size if isinstance(texts, str) else texts
+        if texts is None or not all(texts):
+            raise ValueError("ground_target trains on each robot sample's 'grounding' (where the instruction's object "
+                             "is: datasets collected by `vla collect` record it in meta/collection.json); this batch "
+                             f"has {'none' if texts is None else sum(not t for t in texts)} of {size} missing")
+        return [self._encode_text(str(t)) for t in texts]
+
+    def _ground_term(self, hidden_BTD: torch.Tensor, seq: SequenceBatch, grounding: list[list[int]],
+                     terms: dict[str, torch.Tensor], metrics: dict[str, float]) -> None:
+        """Next-token loss on the grounding answers (each token predicted from the position before it)."""
+        rows = [hidden_BTD[b, start - 1: start - 1 + n] for b, (start, n) in enumerate(zip(seq.ground_start, seq.num_ground))]
+        logits_ND = self.backbone.language.lm_head(torch.cat(rows)).float()
+        target_N = torch.tensor([i for ids in grounding for i in ids], device=logits_ND.device)
+        loss = F.cross_entropy(logits_ND, target_N)
+        terms["ground"] = self.config.ground_loss_weight * loss
+        metrics["ground_loss"] = float(loss.detach())
+        metrics["ground_token_acc"] = float((logits_ND.detach().argmax(-1) == target_N).float().mean())
+
+    @torch.no_grad()
+    def _generate_grounding(self, batch: dict[str, Any]) -> list[list[int]]:
+        """Greedy grounding answers of each sample's prompt, up to `<|/det|>` (kept in `last_grounding`)."""
+        seq = self.build_sequences(batch, prompt_only=True)
+        tok = self.tokenizer
+        stop = tok.token_id("<|/det|>")
+        new_BN = generate(self.backbone.language, inputs_embeds=seq.inputs_embeds, attention_mask=seq.attention_mask,
+                          max_new_tokens=self.config.max_grounding_tokens, stop_token_ids=[stop],
+                          pad_token_id=tok.pad_id, router_bias=self._router_bias(seq))
+        out = []
+        for row in new_BN.tolist():
+            ids = row[: row.index(stop) + 1] if stop in row else row
+            out.append(ids)
+        self.last_grounding = [tok.decode(ids) for ids in out]
+        return out
+
     def _outside_layers(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters()
                 if p.requires_grad and not name.startswith("backbone.language.model.layers.")]
@@ -416,7 +484,7 @@ class VLAPolicy(nn.Module):
         """(B, H_max, A_max) normalized actions (each robot's own H x A block; zeros beyond)."""
         embodiments = self._embodiments(batch, len(batch["observation.state"]))
         if self.config.decoding == "parallel":
-            seq = self.build_sequences(batch)
+            seq = self.build_sequences(batch, grounding=self._generate_grounding(batch) if self.config.ground_target else None)
             out = self.backbone.language(inputs_embeds=seq.inputs_embeds, attention_mask=seq.attention_mask,
                                          block_ids=seq.block_ids, router_bias=self._router_bias(seq), compute_logits=False)
             hidden_ND, counts = self._action_hidden(out.hidden_states, seq)
@@ -507,7 +575,10 @@ class VLAPolicy(nn.Module):
         if self.config.decoding == "autoregressive":
             targets = [self.binners[e.name].encode(batch["action"][b, : e.chunk_len, : e.action_dim].float().to(self.device))
                        for b, e in enumerate(embodiments)]
-        seq = self.build_sequences(batch, targets)
+        grounding = None
+        if self.config.ground_target:  # the recorded answers where the batch has them, else the policy's own
+            grounding = self._recorded_grounding(batch) if batch.get("grounding") else self._generate_grounding(batch)
+        seq = self.build_sequences(batch, targets, grounding)
         out = self.backbone.language(inputs_embeds=seq.inputs_embeds, attention_mask=seq.attention_mask,
                                      block_ids=seq.block_ids, router_bias=self._router_bias(seq), compute_logits=False,
                                      return_router=True)

@@ -236,3 +236,41 @@ def test_routing_analysis_on_policy_batches(tmp_path):
     stats = collect_policy_routing(policy, [make_batch(0)])
     shares = stats.shares(1)
     assert shares["action:point2d"][0] > 0.45 and shares["image"][0] < 0.9
+
+
+GROUNDING = ["<|ref|>the red square<|/ref|><|det|>[[120,345,310,560]]<|/det|>",
+             "<|ref|>the blue circle<|/ref|><|det|>[[600,100,720,230]]<|/det|>"]
+
+
+def test_ground_target_puts_the_recorded_box_before_the_actions_and_trains_it():
+    from vla.policy.model import TEXT
+
+    policy = make_policy(ground_target=True)
+    batch = make_batch() | {"grounding": GROUNDING}
+    seq = policy.build_sequences(batch, grounding=policy._recorded_grounding(batch))
+    for b, text in enumerate(GROUNDING):
+        ids = policy.tokenizer.encode(text)
+        start = seq.ground_start[b]
+        assert seq.num_ground[b] == len(ids) and start + len(ids) == seq.action_start[b]
+        assert (seq.kinds[b, start:start + len(ids)] == TEXT).all()
+        assert torch.equal(seq.inputs_embeds[b, start:start + len(ids)], policy.backbone.language.embed(torch.tensor(ids)))
+    out = policy(batch, return_terms=True)
+    assert "ground" in out.terms and policy.loss_weights(batch)["ground"] == sum(len(policy.tokenizer.encode(t)) for t in GROUNDING)
+    # the actions read the answer: another box, another action loss
+    other = make_batch() | {"grounding": [GROUNDING[1].replace("blue circle", "red square"), GROUNDING[1]]}
+    assert not torch.allclose(out.terms["action"], policy(other, return_terms=True).terms["action"])
+    with pytest.raises(ValueError, match="grounding"):
+        policy(make_batch())  # a dataset without recorded targets
+    with pytest.raises(ValueError, match="ground_target"):
+        make_policy("autoregressive", ground_target=True)
+
+
+def test_ground_target_policy_says_the_box_it_learned_then_acts():
+    policy = make_policy(ground_target=True)
+    batch = make_batch() | {"grounding": GROUNDING}
+    metrics = _overfit(policy, batch, 150)
+    assert metrics["ground_token_acc"] > 0.99 and metrics["bin_accuracy"] > 0.95, metrics
+    inference = {k: v for k, v in batch.items() if k not in ("grounding", "action", "action_is_pad")}
+    chunk = policy.predict_action_chunk(inference)  # generates the answer itself
+    assert policy.last_grounding == GROUNDING
+    assert (chunk[0, :4, :2] - batch["action"][0, :4, :2]).abs().max() < 2 / 256
