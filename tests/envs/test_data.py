@@ -323,6 +323,28 @@ def test_mixture_of_two_embodiments(roots):
     assert "observation.images.wrist" not in unpadded[0]
 
 
+def test_each_sample_says_where_its_instructions_object_is(roots, tmp_path):
+    """`vla collect` records the named object's box per episode; the mixture hands it over as `grounding`, the box
+    the env shows for that episode's seed (a dataset made elsewhere gives "")."""
+    import gymnasium as gym
+
+    from envs.collect import read_collection_record
+    from envs.scene_language import grounding_answer, named_object_grounding
+
+    record = read_collection_record(roots["arm"])
+    mixture = MixtureDataset([DatasetSpec("local/arm", root=roots["arm"])], action_horizon=2)
+    env = gym.make("vla/ArmReach-v0", image_size=IMAGE)
+    for i in (0, len(mixture) - 1):
+        sample = mixture[i]
+        episode = int(sample["episode_index"])
+        env.reset(seed=record["episode_seeds"][episode])
+        target = named_object_grounding(env)
+        assert sample["grounding"] == grounding_answer(target["ref"], target["det"]) == grounding_answer(**record["episode_targets"][episode])
+        assert target["ref"][len("the "):] in sample["task"]
+    hand = write_dataset(tmp_path / "hand", [[[0.1, 0.2]] * 3])
+    assert MixtureDataset([DatasetSpec("local/hand", root=hand)], action_horizon=2)[0]["grounding"] == ""
+
+
 def test_cached_frames_equal_decoded_ones(roots):
     plain = MixtureDataset([roots["nav"], roots["arm"]], action_horizon=4)
     cached = MixtureDataset([roots["nav"], roots["arm"]], action_horizon=4, cache_frames=True)

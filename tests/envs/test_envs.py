@@ -9,6 +9,7 @@ from gymnasium.utils.env_checker import check_env
 
 import envs
 from envs import scene
+from envs.scene_language import named_object_grounding
 
 ENV_IDS = list(envs.BUILTIN_ENVS)
 
@@ -83,15 +84,17 @@ def test_wrong_instruction_changes_only_the_instruction(env_id):
             if terminated:
                 break
         u = env.unwrapped
-        return u.task, u.target.name, [o.name for o in u.objects], np.stack(frames), rewards, successes
+        return u.task, u.target.name, [o.name for o in u.objects], np.stack(frames), rewards, successes, named_object_grounding(env)
 
     for seed in range(3):
-        told, target, names, frames, rewards, successes = run("target", seed)
-        other, target_o, names_o, frames_o, rewards_o, successes_o = run("other", seed)
+        told, target, names, frames, rewards, successes, named = run("target", seed)
+        other, target_o, names_o, frames_o, rewards_o, successes_o, named_o = run("other", seed)
         assert (target_o, names_o) == (target, names) and rewards_o == rewards and successes_o == successes
         np.testing.assert_array_equal(frames_o, frames)
         assert target in told and target not in other
         assert other == told.replace(target, next(n for n in names if n in other))
+        # the object the instruction names (what a ground_target policy is trained to find): the told one
+        assert named["ref"] == f"the {target}" and named_o["ref"] != named["ref"] and named_o["ref"][4:] in other
     with pytest.raises(ValueError, match="2\\+ objects"):
         gym.make(env_id, image_size=32, num_objects=(1, 1), instruction="other").reset(seed=0)
     with pytest.raises(ValueError, match="wrong-instruction"):
