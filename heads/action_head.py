@@ -79,6 +79,22 @@ class StateProjection(nn.Module):
         return layer(state_S.to(layer.weight.dtype))
 
 
+class BoxProjection(nn.Module):
+    """One linear map from a box (x1, y1, x2, y2 in 0..999, DeepSeek-VL2's grounding units) to one token embedding:
+    the box as numbers the action positions can compare with the state, beside the digit tokens that say it.
+    `box_4` None (no box read) gives the embedding of the flag alone."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.proj = nn.Linear(5, width)  # the box in [-1, 1], then 1 where there is one
+        nn.init.normal_(self.proj.weight, std=0.02)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, box_4: list[float] | None) -> torch.Tensor:
+        values = [0.0] * 5 if box_4 is None else [v / 999 * 2 - 1 for v in box_4] + [1.0]
+        return self.proj(torch.tensor(values, dtype=self.proj.weight.dtype, device=self.proj.weight.device))
+
+
 class RouterPrior(nn.Module):
     """Learned per-embodiment bias on the router logits of action tokens, for each MoE layer."""
 

@@ -9,7 +9,7 @@ size").
 What trains in full beside the adapters:
 - the rows of the vocabulary this policy added (action bins and embodiment tokens), in the input embedding and in
   the LM head, through peft's `trainable_token_indices` (the rest of both matrices stays frozen);
-- the action head (`queries`, `offset_head`, `state_proj`, `router_prior`), through peft's `modules_to_save`.
+- the action head (`queries`, `offset_head`, `state_proj`, `box_proj`, `router_prior`), through peft's `modules_to_save`.
 
 A LoRA checkpoint of `vla train` is a folder with `adapter_config.json` + `adapter_model.safetensors` (peft's
 files: the adapters and the trained extras only), `policy_config.json` (with a `lora` entry naming the base and its
@@ -38,7 +38,7 @@ LORA_TARGET_PATTERN = (r"backbone\.(language\.model\.layers\.\d+\.(self_attn\.(q
                        r"kv_a_proj_with_mqa|kv_b_proj|o_proj)|mlp\.(shared_experts\.)?(gate_proj|up_proj|down_proj))"
                        r"|vision_encoder\.projector\.layers\.\d+)")
 #: VLAPolicy submodules trained in full (peft `modules_to_save`)
-HEAD_MODULES = ("queries", "offset_head", "state_proj", "router_prior")
+HEAD_MODULES = ("queries", "offset_head", "state_proj", "box_proj", "router_prior")
 
 
 class LoraError(ValueError):

@@ -41,9 +41,10 @@ from backbone.checkpoint import write_checkpoint
 from backbone.convert import deepseek_vl2_to_official
 from backbone.deepseek_vl2 import DeepseekVL2, build_deepseek_vl2, deepseek_vl2_preset, load_deepseek_vl2
 from backbone.generate import generate
+from backbone.grounding import parse_grounding
 from backbone.tokenizer import Tokenizer, load_tokenizer
 from backbone.vision import layout_global_view, layout_image_tokens
-from heads.action_head import ActionQueries, OffsetHead, RouterPrior, StateProjection, action_losses
+from heads.action_head import ActionQueries, BoxProjection, OffsetHead, RouterPrior, StateProjection, action_losses
 from heads.action_tokenizer import ActionTokenizer
 from heads.embodiment import Embodiment, EmbodimentRegistry, camera_key
 from vla.policy.checkpoint import BACKBONE_DIR, POLICY_CONFIG, POLICY_WEIGHTS
@@ -85,12 +86,17 @@ class VLAPolicyConfig:
     ground_target: bool = False
     ground_loss_weight: float = 1.0
     max_grounding_tokens: int = 48
+    # with ground_target, one more position after the answer: its box as numbers (heads.BoxProjection), so that the
+    # action positions can subtract the end effector's position (in the state) from the target's
+    target_token: bool = False
 
     def __post_init__(self) -> None:
         if self.decoding not in ("parallel", "autoregressive"):
             raise ValueError(f"decoding must be 'parallel' or 'autoregressive', got {self.decoding!r}")
         if self.ground_target and self.decoding != "parallel":
             raise ValueError("ground_target needs decoding='parallel'")
+        if self.target_token and not self.ground_target:
+            raise ValueError("target_token reads the grounding answer: it needs ground_target")
         if not self.pad_loss_weight >= 0:
             raise ValueError(f"pad_loss_weight must be >= 0, got {self.pad_loss_weight!r}")
         self.camera_dropout = {camera_key(c): float(p) for c, p in dict(self.camera_dropout).items()}
@@ -136,11 +142,13 @@ class VLAPolicy(nn.Module):
         self.queries = ActionQueries(config.max_chunk_len, config.max_action_dim, width)
         self.offset_head = OffsetHead(width)
         self.state_proj = StateProjection({emb.name: emb.state_dim for emb in registry}, width)
+        self.box_proj = BoxProjection(width) if config.target_token else None
         moe_layers = [i for i in range(language.config.num_hidden_layers) if language.config.is_moe_layer(i)]
         self.router_prior = (RouterPrior(len(registry), moe_layers, language.config.n_routed_experts)
                              if config.router_prior and moe_layers else None)
         self.binners = {emb.name: ActionTokenizer(emb.action_dim, n_bins=config.n_bins, name=emb.name) for emb in registry}
         self._text_cache: dict[str, list[int]] = {}
+        self._box_cache: dict[tuple[int, ...], list[float] | None] = {}
         self.single_pass = False  # training: control steps and conversations in one language-model pass (FSDP2)
         self._queues: dict[int, deque] = {}
         self._ensemble: list[tuple[int, torch.Tensor]] = []
@@ -209,6 +217,7 @@ class VLAPolicy(nn.Module):
         with_actions = not prompt_only and (self.config.decoding == "parallel" or target_bins is not None)
 
         rows = []  # per sample: list of (kind, ids or embeddings)
+        ground_segment = []  # per sample: the index of its grounding answer's segment
         for b, (emb, task) in enumerate(zip(embodiments, tasks)):
             task = str(task).strip()
             # <|User|>: [images] \n{task} <|emb|> ..., or with instruction_first <|User|>: {task}\n [images] <|emb|> ...
@@ -219,7 +228,10 @@ class VLAPolicy(nn.Module):
             segments.append((STATE, self.state_proj(emb.name, state[b, : emb.state_dim].to(self.device))[None]))
             segments.append((TEXT, self._encode_text("\n\n<|Assistant|>:")))
             if grounding is not None and not prompt_only:
+                ground_segment.append(len(segments))
                 segments.append((TEXT, list(grounding[b])))
+                if self.box_proj is not None:
+                    segments.append((STATE, self.box_proj(self._answer_box(grounding[b]))[None]))
             if with_actions:
                 if self.config.decoding == "parallel":
                     segments.append((ACTION, self.queries(emb.chunk_len, emb.action_dim)))
@@ -239,12 +251,11 @@ class VLAPolicy(nn.Module):
         ground_start, num_ground = [], []
         for b, segments in enumerate(rows):
             pos = T - lengths[b]  # left padding
-            if grounding is not None and not prompt_only:  # the grounding answer sits right before the actions
-                n_ground = len(grounding[b])
-                ground_start.append(T - n_ground - (len(segments[-1][1]) if with_actions else 0))
-                num_ground.append(n_ground)
-            for kind, content in segments:
+            for i, (kind, content) in enumerate(segments):
                 n = len(content)
+                if ground_segment and i == ground_segment[b]:
+                    ground_start.append(pos)
+                    num_ground.append(n)
                 kinds[b, pos:pos + n] = kind
                 if isinstance(content, list):
                     ids[b, pos:pos + n] = torch.tensor(content, device=self.device)
@@ -419,6 +430,14 @@ class VLAPolicy(nn.Module):
             per_emb.setdefault(emb.name, []).append(float((ce_N[start:start + n] * w.reshape(-1)).sum() / w.sum().clamp(min=1)))
             start += n
         metrics.update({f"loss/{name}": float(np.mean(v)) for name, v in per_emb.items()})
+
+    def _answer_box(self, ids: list[int]) -> list[float] | None:
+        """The first box of a grounding answer (0..999), None when it holds none."""
+        key = tuple(ids)
+        if key not in self._box_cache:
+            found = [box for _, boxes in parse_grounding(self.tokenizer.decode(ids)) for box in boxes]
+            self._box_cache[key] = list(found[0]) if found else None
+        return self._box_cache[key]
 
     def _recorded_grounding(self, batch: dict[str, Any]) -> list[list[int]]:
         """Token ids of each robot sample's recorded grounding answer (batch key `grounding`, ground_target)."""

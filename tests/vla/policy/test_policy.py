@@ -263,10 +263,28 @@ def test_ground_target_puts_the_recorded_box_before_the_actions_and_trains_it():
         policy(make_batch())  # a dataset without recorded targets
     with pytest.raises(ValueError, match="ground_target"):
         make_policy("autoregressive", ground_target=True)
+    with pytest.raises(ValueError, match="needs ground_target"):
+        make_policy(target_token=True)
 
 
-def test_ground_target_policy_says_the_box_it_learned_then_acts():
-    policy = make_policy(ground_target=True)
+def test_target_token_carries_the_answers_box_as_numbers():
+    from vla.policy.model import STATE
+
+    policy = make_policy(ground_target=True, target_token=True)
+    batch = make_batch() | {"grounding": GROUNDING}
+    seq = policy.build_sequences(batch, grounding=policy._recorded_grounding(batch))
+    b = 1
+    at = seq.ground_start[b] + seq.num_ground[b]  # right after the answer, before the actions
+    assert seq.kinds[b, at] == STATE and at + 1 == seq.action_start[b]
+    x = torch.tensor([600, 100, 720, 230]) / 999 * 2 - 1
+    expected = policy.box_proj.proj(torch.cat([x, torch.ones(1)]))
+    assert torch.allclose(seq.inputs_embeds[b, at], expected)
+    assert policy._answer_box(policy.tokenizer.encode("<|ref|>the blue circle<|/ref|><|det|>[[60")) is None
+
+
+@pytest.mark.parametrize("target_token", [False, True])
+def test_ground_target_policy_says_the_box_it_learned_then_acts(target_token):
+    policy = make_policy(ground_target=True, target_token=target_token)
     batch = make_batch() | {"grounding": GROUNDING}
     metrics = _overfit(policy, batch, 150)
     assert metrics["ground_token_acc"] > 0.99 and metrics["bin_accuracy"] > 0.95, metrics
