@@ -9,7 +9,9 @@ so action tokens flow through the same MoE layers (and experts) as text and imag
 action size, chunk length, cameras and rate; each emits its own H*A action positions. See heads/action_head.py for
 the parallel / autoregressive decoding, the offset head, the state token and the router prior.
 With `instruction_first` the instruction comes before the images (`<|User|>: {instruction}\\n [images] <|emb:ROBOT|>
-...`), so the image tokens see which object it names.
+...`), so the image tokens see which object it names. With `ground_target` the answer first says where the named
+object is (`<|Assistant|>: <|ref|>the red triangle<|/ref|><|det|>[[x1,y1,x2,y2]]<|/det|> [actions]`: teacher-forced
+in training, generated at inference), and with `target_token` one more position carries that box as numbers.
 
 The policy works in normalized units: states and actions are normalized per dataset (quantile q01/q99 -> [-1, 1] by
 default) before they reach it, by the mixture loader in training, by `EnvPolicy` in our rollouts and by lerobot's
@@ -148,7 +150,6 @@ class VLAPolicy(nn.Module):
                              if config.router_prior and moe_layers else None)
         self.binners = {emb.name: ActionTokenizer(emb.action_dim, n_bins=config.n_bins, name=emb.name) for emb in registry}
         self._text_cache: dict[str, list[int]] = {}
-        self._box_cache: dict[tuple[int, ...], list[float] | None] = {}
         self.single_pass = False  # training: control steps and conversations in one language-model pass (FSDP2)
         self._queues: dict[int, deque] = {}
         self._ensemble: list[tuple[int, torch.Tensor]] = []
@@ -433,11 +434,8 @@ class VLAPolicy(nn.Module):
 
     def _answer_box(self, ids: list[int]) -> list[float] | None:
         """The first box of a grounding answer (0..999), None when it holds none."""
-        key = tuple(ids)
-        if key not in self._box_cache:
-            found = [box for _, boxes in parse_grounding(self.tokenizer.decode(ids)) for box in boxes]
-            self._box_cache[key] = list(found[0]) if found else None
-        return self._box_cache[key]
+        found = [box for _, boxes in parse_grounding(self.tokenizer.decode(ids)) for box in boxes]
+        return list(found[0]) if found else None
 
     def _recorded_grounding(self, batch: dict[str, Any]) -> list[list[int]]:
         """Token ids of each robot sample's recorded grounding answer (batch key `grounding`, ground_target)."""
@@ -470,10 +468,7 @@ class VLAPolicy(nn.Module):
         new_BN = generate(self.backbone.language, inputs_embeds=seq.inputs_embeds, attention_mask=seq.attention_mask,
                           max_new_tokens=self.config.max_grounding_tokens, stop_token_ids=[stop],
                           pad_token_id=tok.pad_id, router_bias=self._router_bias(seq))
-        out = []
-        for row in new_BN.tolist():
-            ids = row[: row.index(stop) + 1] if stop in row else row
-            out.append(ids)
+        out = [row[: row.index(stop) + 1] if stop in row else row for row in new_BN.tolist()]
         self.last_grounding = [tok.decode(ids) for ids in out]
         return out
 
