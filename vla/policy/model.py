@@ -451,8 +451,7 @@ class VLAPolicy(nn.Module):
     def _ground_term(self, hidden_BTD: torch.Tensor, seq: SequenceBatch, grounding: list[list[int]],
                      terms: dict[str, torch.Tensor], metrics: dict[str, float]) -> None:
         """Next-token loss on the grounding answers (each token predicted from the position before it)."""
-        rows = [hidden_BTD[b, start - 1: start - 1 + n] for b, (start, n) in enumerate(zip(seq.ground_start, seq.num_ground))]
-        logits_ND = self.backbone.language.lm_head(torch.cat(rows)).float()
+        logits_ND = self.backbone.language.lm_head(_spans(hidden_BTD, seq.ground_start, seq.num_ground, shift=1)).float()
         target_N = torch.tensor([i for ids in grounding for i in ids], device=logits_ND.device)
         loss = F.cross_entropy(logits_ND, target_N)
         terms["ground"] = self.config.ground_loss_weight * loss
@@ -483,8 +482,7 @@ class VLAPolicy(nn.Module):
         """Hidden states that predict each action token: the action position itself (parallel) or the one before
         it (autoregressive). Returns (N, D) over the batch in order, and the per-sample counts."""
         shift = 0 if self.config.decoding == "parallel" else 1
-        rows = [hidden_BTD[b, start - shift: start - shift + n] for b, (start, n) in enumerate(zip(seq.action_start, seq.num_actions))]
-        return torch.cat(rows), seq.num_actions
+        return _spans(hidden_BTD, seq.action_start, seq.num_actions, shift), seq.num_actions
 
     def _bin_logits(self, hidden_ND: torch.Tensor) -> torch.Tensor:
         """Logits over the action bins only, through the LM head's action-token rows."""
@@ -636,6 +634,12 @@ class VLAPolicy(nn.Module):
         if missing or unexpected:
             raise RuntimeError(f"{path / POLICY_WEIGHTS}: missing {missing}, unexpected {unexpected}")
         return policy.to(device).eval()
+
+
+def _spans(hidden_BTD: torch.Tensor, starts: list[int], counts: list[int], shift: int) -> torch.Tensor:
+    """(N, D): per sample b its positions starts[b] - shift .. + counts[b], concatenated in batch order (shift 1 = the
+    positions that predict the span's tokens)."""
+    return torch.cat([hidden_BTD[b, start - shift: start - shift + n] for b, (start, n) in enumerate(zip(starts, counts))])
 
 
 def _stack_left_padded(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]]):
