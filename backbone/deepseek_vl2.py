@@ -189,20 +189,20 @@ def save_deepseek_vl2(model: DeepseekVL2, path: str | Path, extra_config: dict[s
     write_checkpoint(path, config, deepseek_vl2_to_official(model.state_dict()))
 
 
-def compile_blocks(module: nn.Module, dynamic: bool = True) -> int:
+def compile_blocks(module: nn.Module, dynamic: bool = True, mode: str | None = None) -> int:
     """torch.compile, in place, every transformer block inside `module` (the language model's decoder layers and the
     SigLIP tower's encoder layers; `module` may be a DeepseekVL2 or anything holding one), as large-model trainers
     compile per block rather than the whole model: the loop over layers, the caches and the Python around them stay
     eager, each block is one graph shared by all layers of its kind. `dynamic`: sequence lengths vary from batch to
-    batch. On CPU the routed experts' grouped matmul runs eager inside the compiled block (backbone.moe.grouped_mm).
-    Returns the number of blocks compiled."""
+    batch; `mode` is torch.compile's (None: its default). On CPU the routed experts' grouped matmul runs eager inside
+    the compiled block (backbone.moe.grouped_mm). Returns the number of blocks compiled."""
     from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
     from backbone.language_model import DecoderLayer
 
     blocks = [m for m in module.modules() if isinstance(m, (DecoderLayer, SiglipEncoderLayer))]
     for block in blocks:
-        block.compile(dynamic=dynamic)
+        block.compile(dynamic=dynamic, mode=mode)
     return len(blocks)
 
 

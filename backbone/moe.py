@@ -189,19 +189,25 @@ class GroupedExperts(nn.Module):
     def forward(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         T, D = x_TD.shape
         K = ids_TK.shape[1]
+        gate_up_EFD, down_EDF = self.gate_up_proj, self.down_proj
+        if torch.is_autocast_enabled(x_TD.device.type):
+            # autocast's lists hold nn.Linear's matmuls, not the grouped one: cast as autocast would (bf16 on CUDA is
+            # also what the grouped kernel takes; fp32 inputs fell back to one matmul per expert)
+            dtype = torch.get_autocast_dtype(x_TD.device.type)
+            x_TD, gate_up_EFD, down_EDF = x_TD.to(dtype), gate_up_EFD.to(dtype), down_EDF.to(dtype)
         flat_ids_M = ids_TK.reshape(-1)
         order_M = torch.argsort(flat_ids_M, stable=True)  # token copies sorted by expert
         counts_E = expert_counts(flat_ids_M, self.num_experts)
         offsets_E = counts_E.cumsum(0).to(torch.int32)
-        counts = None if (self.use_grouped_mm and _grouped_mm_supported(x_TD, self.down_proj)) else counts_E.tolist()
+        counts = None if (self.use_grouped_mm and _grouped_mm_supported(x_TD, down_EDF)) else counts_E.tolist()
 
         x_MD = x_TD[order_M // K]
-        gate_up_MF2 = grouped_mm(x_MD, self.gate_up_proj.transpose(1, 2), offsets_E, counts, self.use_grouped_mm)
+        gate_up_MF2 = grouped_mm(x_MD, gate_up_EFD.transpose(1, 2), offsets_E, counts, self.use_grouped_mm)
         gate_MF, up_MF = gate_up_MF2.chunk(2, dim=-1)
         # The routing weight scales the (narrower) hidden activation: down(w * h) == w * down(h).
         w_M1 = weights_TK.reshape(-1)[order_M, None].to(x_TD.dtype)
         h_MF = F.silu(gate_MF) * up_MF * w_M1
-        y_MD = grouped_mm(h_MF, self.down_proj.transpose(1, 2), offsets_E, counts, self.use_grouped_mm)
+        y_MD = grouped_mm(h_MF, down_EDF.transpose(1, 2), offsets_E, counts, self.use_grouped_mm)
         # Un-sort with a gather (cheap backward) and sum each token's K copies.
         unsort_M = torch.empty_like(order_M)
         unsort_M[order_M] = torch.arange(order_M.numel(), device=order_M.device)

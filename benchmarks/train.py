@@ -10,8 +10,11 @@ steps. The vla stage then runs again from the same seed with its blocks compiled
 the warmup steps (which pay the compilation, reported apart as compile_s) and the largest loss difference from the
 eager run over all its steps (the same batches from the same weights). Reported: tokens/s (all non-padding tokens,
 images included), samples/s, seconds per step, and the peak resident memory of the process (`resource.getrusage`, a
-running maximum: the value after a stage covers it and every stage before it). Runs on 1 torch thread unless
-`threads=N` is given. `compile=false` skips the compiled row.
+running maximum: the value after a stage covers it and every stage before it; on a GPU the peak allocated device
+memory of each stage instead). Runs on 1 torch thread unless `threads=N` is given. `steps=N` sets the vla stage's timed steps (default 20). `compile=false` skips the compiled
+row. `device=auto|cpu|cuda` (auto: CUDA when there is one) and `precision=auto|bf16|fp32` (the trainer's: bf16
+autocast on CUDA, fp32 on CPU) pick where and how it runs; `compile_mode=` is torch.compile's mode for the compiled row
+(default: its default).
 """
 
 from __future__ import annotations
@@ -52,11 +55,17 @@ def demo_model() -> tuple[dict, dict, int]:
     return dict(demo.model), dict(demo.vision or {}), int(demo.micro_batch)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def bench_stage(stage: str, out_dir: Path, micro_batch: int, steps: int, warmup: int, seed: int,
-                language: dict, vision: dict, compiled: bool = False) -> dict:
+                language: dict, vision: dict, compiled: bool = False, device: torch.device = torch.device("cpu"),
+                precision: str = "auto", compile_mode: str | None = None) -> dict:
     from backbone.deepseek_vl2 import compile_blocks
     from vla.train.stages import StageContext, apply_freezing, make_stage_task
-    from vla.train.trainer import OptimConfig, Trainer, TrainerConfig, build_optimizer, seed_everything
+    from vla.train.trainer import DistInfo, OptimConfig, Trainer, TrainerConfig, build_optimizer, seed_everything
 
     seed_everything(seed)
     ctx = StageContext(name=stage, out_dir=out_dir, seed=seed, model_language=language, model_vision=vision,
@@ -65,11 +74,15 @@ def bench_stage(stage: str, out_dir: Path, micro_batch: int, steps: int, warmup:
     task = make_stage_task(ctx)
     groups = task.parameter_groups()
     apply_freezing(groups)
+    task.module.to(device)
     task.module.train()
     if compiled:
-        compile_blocks(task.module)
+        compile_blocks(task.module, mode=compile_mode)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     trainer = Trainer(task, TrainerConfig(out_dir=out_dir, steps=steps + warmup, micro_batch=micro_batch,
-                                          log={"progress": False}, optim=OptimConfig(lr=1e-4)))
+                                          precision=precision, log={"progress": False}, optim=OptimConfig(lr=1e-4)),
+                      DistInfo(device=device))
     optimizer = build_optimizer(dict(task.module.named_parameters()), groups, trainer.config.optim)
     task.attach(optimizer)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
@@ -78,17 +91,34 @@ def bench_stage(stage: str, out_dir: Path, micro_batch: int, steps: int, warmup:
     t_start = time.perf_counter()
     for _ in range(warmup):
         losses.append(trainer._train_step(task.module, optimizer, batches, trainable)[0])
+    _sync(device)
     tokens, t0 = 0.0, time.perf_counter()
     for _ in range(steps):
         loss, _, step_tokens = trainer._train_step(task.module, optimizer, batches, trainable)
         losses.append(loss)
         tokens += step_tokens
+    _sync(device)
     seconds = time.perf_counter() - t0
     n_params = sum(p.numel() for p in task.module.parameters())
     n_train = sum(p.numel() for p in trainable)
-    return {"tokens_per_s": tokens / seconds, "samples_per_s": steps * micro_batch / seconds,
+    memory = {"peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20} if device.type == "cuda" else {}
+    return memory | {"tokens_per_s": tokens / seconds, "samples_per_s": steps * micro_batch / seconds,
             "s_per_step": seconds / steps, "tokens_per_step": tokens / steps, "params": n_params,
             "trainable_params": n_train, "peak_rss_mb": _peak_rss_mb(), "warmup_s": t0 - t_start, "losses": losses}
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name}: this machine has no CUDA device")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def run(cfg) -> dict:
@@ -99,22 +129,29 @@ def run(cfg) -> dict:
         torch.set_num_threads(1)
     quick = bool(cfg.get("quick", False))
     with_compiled = bool(cfg.get("compile", True))
+    device = _device(str(cfg.get("device", "auto") or "auto"))
+    precision = str(cfg.get("precision", "auto") or "auto")
+    compile_mode = cfg.get("compile_mode") or None
     language, vision, demo_micro_batch = demo_model()
     micro_batch, steps, warmup = (4, 3, 3) if quick else (demo_micro_batch, 10, 3)  # first steps pay one-off setup
-    vla_steps = 3 if quick else 20
+    vla_steps = int(cfg.get("steps", 0) or 0) or (3 if quick else 20)
+    if device.type == "cuda":  # steps of milliseconds: more of them, and compilation's recompiles all in the warmup
+        steps, warmup = 3 * steps, 2 * warmup
     seed = int(cfg.get("seed", 0) or 0)
     results: dict[str, dict] = {}
-    header = ["stage", "trainable/params", "tokens/step", "tokens/s", "samples/s", "s/step", "peak RSS MB"]
+    memory = "peak GPU MB" if device.type == "cuda" else "peak RSS MB"
+    header = ["stage", "trainable/params", "tokens/step", "tokens/s", "samples/s", "s/step", memory]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         runs = [(stage, stage, False) for stage in STAGES] + ([("vla_compiled", "vla", True)] if with_compiled else [])
         for name, stage, compiled in runs:
             r = bench_stage(stage, Path(tmp) / name, micro_batch, vla_steps if stage == "vla" else steps, warmup, seed,
-                            dict(language), dict(vision), compiled=compiled)
+                            dict(language), dict(vision), compiled=compiled, device=device, precision=precision,
+                            compile_mode=compile_mode)
             results[name] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "losses"}
             results[name]["losses"] = r["losses"]
             rows.append([name.replace("_", " "), f"{r['trainable_params']:,}/{r['params']:,}", r["tokens_per_step"],
-                         r["tokens_per_s"], r["samples_per_s"], r["s_per_step"], r["peak_rss_mb"]])
+                         r["tokens_per_s"], r["samples_per_s"], r["s_per_step"], r.get("peak_gpu_mb", r["peak_rss_mb"])])
     print_table(header, rows)
     summary: dict = {}
     if with_compiled:
@@ -128,5 +165,6 @@ def run(cfg) -> dict:
     for r in results.values():
         r.pop("losses")
     return {"benchmark": "train", "quick": quick, "micro_batch": micro_batch, "steps": steps, "vla_steps": vla_steps,
-            "threads": torch.get_num_threads(), "model": {"preset": "test", **language, "vision": vision, "tile": 64},
+            "threads": torch.get_num_threads(), "device": _device_name(device), "precision": precision,
+            "compile_mode": compile_mode, "model": {"preset": "test", **language, "vision": vision, "tile": 64},
             "stages": results, **summary}
