@@ -1,20 +1,20 @@
 """`vla bench train`: training throughput of the demo's DeepSeek-VL2 for each stage on this machine, and the vla stage's
 step eager against compiled (torch.compile per transformer block: `vla train ... compile=true`) in the same run.
 
-The model is the demo's (configs/demo.yaml: its language-model overrides of the CPU `test` preset, its vision tower,
-its micro-batch) on 64-px tiles; data is generated scene-language data (64-px images: 2 tiles, 41 image tokens each).
-Each stage (align: vision tower + adaptor only; pretrain: everything, 30% text-only; sft: everything, answers only;
-vla: everything, robot mixture of two embodiments + 25% scene VQA, action tokens counted as sequence tokens)
-runs full optimizer steps through the trainer's step function (forward, backward, clipping, AdamW) after warmup
-steps. The vla stage then runs again from the same seed with its blocks compiled: the row gives its step time after
-the warmup steps (which pay the compilation, reported apart as compile_s) and the largest loss difference from the
-eager run over all its steps (the same batches from the same weights). Reported: tokens/s (all non-padding tokens,
-images included), samples/s, seconds per step, and the peak resident memory of the process (`resource.getrusage`, a
-running maximum: the value after a stage covers it and every stage before it; on a GPU the peak allocated device
-memory of each stage instead). Runs on 1 torch thread unless `threads=N` is given. `steps=N` sets the vla stage's timed steps (default 20). `compile=false` skips the compiled
-row. `device=auto|cpu|cuda` (auto: CUDA when there is one) and `precision=auto|bf16|fp32` (the trainer's: bf16
-autocast on CUDA, fp32 on CPU) pick where and how it runs; `compile_mode=` is torch.compile's mode for the compiled row
-(default: its default).
+The model is the demo's (configs/demo.yaml: its language-model overrides of the CPU `test` preset, its vision tower, its
+micro-batch) on 64-px tiles; data is generated scene-language data (64-px images: 2 tiles, 41 image tokens each). Each
+stage (align: vision tower + adaptor only; pretrain: everything, 30% text-only; sft: everything, answers only; vla:
+everything, robot mixture of two embodiments + 25% scene VQA, action tokens counted as sequence tokens) runs full
+optimizer steps through the trainer's step function (forward, backward, clipping, AdamW) after warmup steps. The vla
+stage then runs again from the same seed with its blocks compiled: the row gives its step time after the warmup steps
+(which pay the compilation, reported apart as compile_s) and the largest loss difference from the eager run over all its
+steps (the same batches from the same weights). Reported: tokens/s (all non-padding tokens, images included), samples/s,
+seconds per step, and the peak resident memory of the process (`resource.getrusage`, a running maximum: the value after
+a stage covers it and every stage before it; on a GPU the peak allocated device memory of each stage instead). Runs on 1
+torch thread unless `threads=N` is given. `steps=N` sets the vla stage's timed steps (default 20). `compile=false` skips
+the compiled row. `device=auto|cpu|cuda` (auto: CUDA when there is one) and `precision=auto|bf16|fp32` (the trainer's:
+bf16 autocast on CUDA, fp32 on CPU) pick where and how it runs; `compile_mode=` is torch.compile's mode for the compiled
+row (default: its default).
 """
 
 from __future__ import annotations

@@ -251,6 +251,25 @@ def test_grouped_dispatch_matches_loop_forward_and_backward():
             assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
 
 
+def test_grouped_experts_compute_in_the_autocast_dtype():
+    """Under autocast (bf16 on GPU) the routed experts cast their input and stacked weights as autocast casts
+    nn.Linear: the output is in autocast's dtype, close to the fp32 loop, and gradients reach the fp32 parameters."""
+    cfg = tiny_test_config(n_routed_experts=8, num_experts_per_tok=2)
+    experts = build_language_model(cfg).model.layers[1].mlp.experts
+    torch.manual_seed(0)
+    x = torch.randn(32, cfg.hidden_size)
+    ids = torch.stack([torch.randperm(8)[:2] for _ in range(32)])
+    w = torch.rand(32, 2)
+    want = experts.forward_reference(x, ids, w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = experts(x, ids, w)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() < 0.05 * want.abs().max()
+    got.float().sum().backward()
+    assert experts.gate_up_proj.grad.dtype == torch.float32 and experts.gate_up_proj.grad.abs().sum() > 0
+    assert experts(x, ids, w).dtype == torch.float32  # no autocast: fp32 as before
+
+
 def test_bias_update_moves_load_toward_balance():
     cfg = tiny_test_config(topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True, n_routed_experts=8,
                            num_experts_per_tok=2, bias_update_rate=0.01)
