@@ -1,0 +1,21 @@
+"""`vla bench train --quick compile=false`: a row per stage and the eager repeat, the JSON keys, and two eager runs of
+the vla stage from the same seed give the same losses on one CPU (the floor the compiled row is read against)."""
+
+from omegaconf import OmegaConf
+
+
+def test_bench_train_quick_rows_and_the_eager_floor(capsys):
+    from benchmarks.train import run
+
+    cfg = OmegaConf.create({"name": "train", "quick": True, "threads": 0, "seed": 0, "steps": 0, "compile": False,
+                            "device": "cpu", "precision": "auto", "compile_mode": None})
+    out = run(cfg)
+    assert set(out["stages"]) == {"align", "pretrain", "sft", "vla", "vla_repeat"}
+    assert out["device"] == "cpu" and out["micro_batch"] == 4 and out["vla_steps"] == 3
+    assert out["eager_repeat_max_loss_diff"] == 0.0
+    assert "compiled_speedup" not in out
+    vla = out["stages"]["vla"]
+    assert vla["trainable_params"] == vla["params"] > out["stages"]["align"]["trainable_params"]
+    assert abs(vla["samples_per_s"] * vla["s_per_step"] - 4) < 0.2  # micro-batch 4 per step (both rounded)
+    printed = capsys.readouterr().out
+    assert "vla repeat" in printed and "eager run twice" in printed
