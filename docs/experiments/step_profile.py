@@ -1,0 +1,94 @@
+"""Where the demo-size vla step's time goes on this machine, eager and compiled: `vla bench train`'s vla stage (the
+demo's model and micro-batch, 1 thread), 8 batches drawn once and replayed, so that every setting times the same
+forward, backward and optimizer work; the batches' own cost (sampling, collation) is timed apart.
+
+    python docs/experiments/step_profile.py [--compile none|dynamic|static] [--mode MODE] [--reps 4] [--profile]
+
+`--compile dynamic` is `backbone.compile_blocks` as the trainer calls it; `static` compiles one graph per sequence
+length (dynamic=False). The first pass over the batches pays the compilation and is left out of the means. `--profile`
+prints torch.profiler's table of one more pass (with the generated CPU kernels named). Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compile", choices=["none", "dynamic", "static"], default="none")
+    parser.add_argument("--mode", default=None, help="torch.compile's mode (default: its default)")
+    parser.add_argument("--reps", type=int, default=4)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch._dynamo.config.cache_size_limit = 64  # static: one graph per sequence length of the 8 batches
+    torch._inductor.config.cpp.enable_kernel_profile = True
+
+    from backbone.deepseek_vl2 import compile_blocks
+    from benchmarks.train import demo_model, vla_data
+    from vla.train.stages import StageContext, apply_freezing, make_stage_task
+    from vla.train.trainer import OptimConfig, build_optimizer, seed_everything
+
+    language, vision, micro_batch = demo_model()
+    with tempfile.TemporaryDirectory() as tmp:
+        seed_everything(0)
+        ctx = StageContext(name="vla", out_dir=Path(tmp), seed=0, model_language=language, model_vision=vision,
+                           trainable=["all"], lr_mult={"vision_tower": 0.1}, data=vla_data(Path(tmp) / "data", 0))
+        task = make_stage_task(ctx)
+        groups = task.parameter_groups()
+        apply_freezing(groups)
+        task.module.train()
+        if args.compile != "none":
+            compile_blocks(task.module, dynamic=args.compile == "dynamic", mode=args.mode)
+        optimizer = build_optimizer(dict(task.module.named_parameters()), groups, OptimConfig(lr=1e-4))
+        task.attach(optimizer)
+        batches = task.batches(0, 1, micro_batch)
+        t0 = time.perf_counter()
+        replay = [next(batches) for _ in range(8)]
+        data_s = (time.perf_counter() - t0) / len(replay)
+
+        def one_pass() -> dict[str, float]:
+            sums = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+            for batch in replay:
+                t0 = time.perf_counter()
+                loss = sum(v.float() for v in task.loss(task.module, batch).terms.values())
+                t1 = time.perf_counter()
+                loss.backward()
+                t2 = time.perf_counter()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                t3 = time.perf_counter()
+                for key, dt in zip(sums, (t1 - t0, t2 - t1, t3 - t2)):
+                    sums[key] += dt / len(replay)
+            return sums
+
+        t0 = time.perf_counter()
+        one_pass()
+        first_pass_s = time.perf_counter() - t0
+        passes = [one_pass() for _ in range(args.reps)]
+        means = {k: sum(p[k] for p in passes) / len(passes) for k in passes[0]}
+        if args.profile:
+            from torch.profiler import profile
+
+            with profile() as prof:
+                one_pass()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+    step = sum(means.values())
+    print(json.dumps({"compile": args.compile, "mode": args.mode, "data_s": round(data_s, 4),
+                      **{f"{k}_s": round(v, 4) for k, v in means.items()}, "step_s": round(step, 4),
+                      "step_with_data_s": round(step + data_s, 4), "first_pass_s": round(first_pass_s, 1),
+                      "threads": torch.get_num_threads()}))
+
+
+if __name__ == "__main__":
+    main()
