@@ -208,14 +208,14 @@ class GroupedExperts(nn.Module):
         w_M1 = weights_TK.reshape(-1)[order_M, None].to(x_TD.dtype)
         h_MF = F.silu(gate_MF) * up_MF * w_M1
         y_MD = grouped_mm(h_MF, down_EDF.transpose(1, 2), offsets_E, counts, self.use_grouped_mm)
-        # Un-sort with gathers (cheap backward) and sum each token's K copies slot by slot. Compiled on CPU, the
-        # scatter of arange that inverts a permutation and a sum over the short K axis each became a scalar loop (4 ms a
-        # call at the demo size); an argsort and K row gathers stay vectorized.
+        # Un-sort with gathers (cheap backward) and sum each token's K copies slot by slot, in fp32 as a sum over K
+        # would accumulate bf16. Compiled on CPU, the scatter of arange that inverts a permutation and a sum over the
+        # short K axis each became a scalar loop (4 ms a call at the demo size); an argsort and K gathers stay vectorized.
         unsort_TK = torch.argsort(order_M).view(T, K)
-        y_TD = y_MD[unsort_TK[:, 0]]
+        y_TD = y_MD[unsort_TK[:, 0]].float()
         for k in range(1, K):
             y_TD = y_TD + y_MD[unsort_TK[:, k]]
-        return y_TD
+        return y_TD.to(y_MD.dtype)
 
     def forward_reference(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         """Naive per-expert, per-slot loop (the official training path); for tests only."""
