@@ -1,8 +1,9 @@
 """Where the demo-size vla step's time goes on this machine, eager and compiled: `vla bench train`'s vla stage (the
-demo's model and micro-batch, 1 thread), 8 batches drawn once and replayed, so that every setting times the same
-forward, backward and optimizer work; the batches' own cost (sampling, collation) is timed apart.
+demo's model and micro-batch, 1 thread unless --threads), 8 batches drawn once and replayed, so that every setting
+times the same forward, backward and optimizer work; the batches' own cost (sampling, collation) is timed apart.
 
-    python docs/experiments/step_profile.py [--compile none|dynamic|static] [--mode MODE] [--reps 4] [--profile]
+    python docs/experiments/step_profile.py [--compile none|dynamic|static] [--mode MODE] [--reps 4] [--threads 1] \\
+        [--profile]
 
 `--compile dynamic` is `backbone.compile_blocks` as the trainer calls it; `static` compiles one graph per sequence
 length (dynamic=False). The first pass over the batches pays the compilation and is left out of the means. `--profile`
@@ -28,9 +29,10 @@ def main() -> None:
     parser.add_argument("--compile", choices=["none", "dynamic", "static"], default="none")
     parser.add_argument("--mode", default=None, help="torch.compile's mode (default: its default)")
     parser.add_argument("--reps", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the demo runs torch's default)")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     torch._dynamo.config.cache_size_limit = 64  # static: one graph per sequence length of the 8 batches
     torch._inductor.config.cpp.enable_kernel_profile = True
 
