@@ -90,7 +90,7 @@ def generate(
         out.append(next_B)
         if stop.numel():
             done_B |= torch.isin(next_B, stop)
-        if bool(done_B.all()):
-            break
+        if len(out) == max_new_tokens or bool(done_B.all()):
+            break  # no forward pass for logits nobody reads
         logits_BV = model(next_B[:, None], cache=cache, logits_to_keep=1, router_bias=step_bias).logits[:, -1]
     return torch.stack(out, 1)

@@ -28,6 +28,18 @@ def test_greedy_matches_full_forward_argmax():
     assert torch.equal(got, seq[:, 7:])
 
 
+def test_n_new_tokens_take_n_forward_passes():
+    """The prefill gives the first token, each further token one cached pass; none after the last (or a stop)."""
+    model = _model()
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    generate(model, torch.randint(2, 256, (1, 7)), max_new_tokens=6)
+    assert len(calls) == 6
+    calls.clear()
+    first = generate(model, torch.randint(2, 256, (1, 7)), max_new_tokens=1)
+    assert len(calls) == 1 and first.shape == (1, 1)
+
+
 def test_batch_with_left_padding_matches_single_prompts():
     model = _model()
     a, b = torch.randint(2, 256, (9,)), torch.randint(2, 256, (4,))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.policy import DEMO_BACKBONE, _measure, _policy, count_forward_passes
+from benchmarks.policy import DEMO_BACKBONE, GROUNDED, _measure, _policy, count_forward_passes
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,10 +22,13 @@ def test_forward_passes_are_counted():
 
 
 def test_bench_rows_report_the_counted_passes(monkeypatch):
-    rows = _measure("demo", "test", DEMO_BACKBONE, 32, 3, 1, torch.float32)
+    rows = _measure("demo", "test", DEMO_BACKBONE, 32, 3, 1, torch.float32, grounded=True)
     passes = {decoding: n for _, decoding, n, _, _ in rows}
-    # parallel: one pass; autoregressive over 3 x 2 action tokens: prefill + one per token + the offset pass
-    assert passes == {"parallel": 1, "autoregressive": 1 + 6 + 1}
+    # parallel: one pass; autoregressive over 3 x 2 action tokens: the prefill (the first token), one per further
+    # token, the offset pass; grounding first: the prefill, one per further answer token (at most 48), the action pass
+    grounded = passes.pop(GROUNDED)
+    assert passes == {"parallel": 1, "autoregressive": 1 + 5 + 1}
+    assert 2 <= grounded <= 1 + 47 + 1
     # a count, not a formula: a policy that decodes twice per chunk shows twice the passes
     import vla.policy
 
@@ -37,4 +40,4 @@ def test_bench_rows_report_the_counted_passes(monkeypatch):
 
     monkeypatch.setattr(vla.policy.VLAPolicy, "predict_action_chunk", twice)
     rows = _measure("demo", "test", DEMO_BACKBONE, 32, 3, 1, torch.float32)
-    assert {decoding: n for _, decoding, n, _, _ in rows} == {"parallel": 2, "autoregressive": 16}
+    assert {decoding: n for _, decoding, n, _, _ in rows} == {"parallel": 2, "autoregressive": 14}
