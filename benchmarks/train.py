@@ -61,12 +61,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_stage(stage: str, out_dir: Path, micro_batch: int, steps: int, warmup: int, seed: int,
-                language: dict, vision: dict, compiled: bool = False, device: torch.device = torch.device("cpu"),
-                precision: str = "auto", compile_mode: str | None = None) -> dict:
-    from backbone.deepseek_vl2 import compile_blocks
+def stage_task(stage: str, out_dir: Path, seed: int, language: dict, vision: dict):
+    """The stage's task on the demo's model and this benchmark's data, seeded, with its freezing applied; returns
+    (task, parameter groups)."""
     from vla.train.stages import StageContext, apply_freezing, make_stage_task
-    from vla.train.trainer import DistInfo, OptimConfig, Trainer, TrainerConfig, build_optimizer, seed_everything
+    from vla.train.trainer import seed_everything
 
     seed_everything(seed)
     ctx = StageContext(name=stage, out_dir=out_dir, seed=seed, model_language=language, model_vision=vision,
@@ -75,6 +74,16 @@ def bench_stage(stage: str, out_dir: Path, micro_batch: int, steps: int, warmup:
     task = make_stage_task(ctx)
     groups = task.parameter_groups()
     apply_freezing(groups)
+    return task, groups
+
+
+def bench_stage(stage: str, out_dir: Path, micro_batch: int, steps: int, warmup: int, seed: int,
+                language: dict, vision: dict, compiled: bool = False, device: torch.device = torch.device("cpu"),
+                precision: str = "auto", compile_mode: str | None = None) -> dict:
+    from backbone.deepseek_vl2 import compile_blocks
+    from vla.train.trainer import DistInfo, OptimConfig, Trainer, TrainerConfig, build_optimizer
+
+    task, groups = stage_task(stage, out_dir, seed, language, vision)
     task.module.to(device)
     task.module.train()
     if compiled:
@@ -106,6 +115,11 @@ def bench_stage(stage: str, out_dir: Path, micro_batch: int, steps: int, warmup:
     return memory | {"tokens_per_s": tokens / seconds, "samples_per_s": steps * micro_batch / seconds,
             "s_per_step": seconds / steps, "tokens_per_step": tokens / steps, "params": n_params,
             "trainable_params": n_train, "peak_rss_mb": _peak_rss_mb(), "warmup_s": t0 - t_start, "losses": losses}
+
+
+def _max_loss_diff(a: dict, b: dict) -> float:
+    """Largest |loss difference| between two runs of a stage, step by step."""
+    return max(abs(x - y) for x, y in zip(a["losses"], b["losses"]))
 
 
 def _device(name: str) -> torch.device:
@@ -158,12 +172,12 @@ def run(cfg) -> dict:
                          r["tokens_per_s"], r["samples_per_s"], r["s_per_step"], r.get("peak_gpu_mb", r["peak_rss_mb"])])
     print_table(header, rows)
     eager = results["vla"]
-    floor = max(abs(a - b) for a, b in zip(eager["losses"], results["vla_repeat"]["losses"]))
+    floor = _max_loss_diff(eager, results["vla_repeat"])
     summary: dict = {"eager_repeat_max_loss_diff": floor}
     print(f"vla stage eager run twice: largest loss difference over {len(eager['losses'])} steps {floor:.2e}")
     if with_compiled:
         comp = results["vla_compiled"]
-        diff = max(abs(a - b) for a, b in zip(eager["losses"], comp["losses"]))
+        diff = _max_loss_diff(eager, comp)
         summary |= {"compiled_speedup": round(eager["s_per_step"] / comp["s_per_step"], 3),
                     "compile_s": round(comp["warmup_s"] - eager["warmup_s"], 1), "compiled_max_loss_diff": diff,
                     "compiled_loss_steps": len(comp["losses"])}

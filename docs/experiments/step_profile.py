@@ -37,18 +37,12 @@ def main() -> None:
     torch._inductor.config.cpp.enable_kernel_profile = True
 
     from backbone.deepseek_vl2 import compile_blocks
-    from benchmarks.train import demo_model, vla_data
-    from vla.train.stages import StageContext, apply_freezing, make_stage_task
-    from vla.train.trainer import OptimConfig, build_optimizer, seed_everything
+    from benchmarks.train import demo_model, stage_task
+    from vla.train.trainer import OptimConfig, build_optimizer
 
     language, vision, micro_batch = demo_model()
     with tempfile.TemporaryDirectory() as tmp:
-        seed_everything(0)
-        ctx = StageContext(name="vla", out_dir=Path(tmp), seed=0, model_language=language, model_vision=vision,
-                           trainable=["all"], lr_mult={"vision_tower": 0.1}, data=vla_data(Path(tmp) / "data", 0))
-        task = make_stage_task(ctx)
-        groups = task.parameter_groups()
-        apply_freezing(groups)
+        task, groups = stage_task("vla", Path(tmp), 0, language, vision)
         task.module.train()
         if args.compile != "none":
             compile_blocks(task.module, dynamic=args.compile == "dynamic", mode=args.mode)

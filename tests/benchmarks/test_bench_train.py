@@ -1,7 +1,10 @@
 """`vla bench train --quick compile=false`: a row per stage and the eager repeat, the JSON keys, and two eager runs of
 the vla stage from the same seed give the same losses on one CPU (the floor the compiled row is read against)."""
 
+import pytest
 from omegaconf import OmegaConf
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # the benchmark sets one torch thread; the fixture restores it
 
 
 def test_bench_train_quick_rows_and_the_eager_floor(capsys):
