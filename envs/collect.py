@@ -32,6 +32,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from functools import cache
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,18 @@ class CollectResult:
     attempts: int
     success_rate: float  # over all attempted episodes, before dropping failures
     seconds: float
+
+
+@cache
+def video_backend() -> str:
+    """The video decoder every LeRobotDataset here is opened with: torchcodec where it loads, else pyav. lerobot picks
+    the same way when given none, but tries to import torchcodec again for each dataset and, where FFmpeg's libraries
+    are missing, logs every loader's traceback (pages) each time."""
+    try:
+        import torchcodec  # noqa: F401
+    except (ImportError, OSError, RuntimeError):
+        return "pyav"
+    return "torchcodec"
 
 
 def dataset_features(env: gym.Env) -> dict[str, dict]:
@@ -163,6 +176,7 @@ def collect_dataset(
         root=root,
         robot_type=embodiment.name,
         use_videos=False,
+        video_backend=video_backend(),
     )
     rng = np.random.default_rng(seed)
     max_attempts = max_attempts or 3 * episodes + 10

@@ -63,7 +63,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from envs.collect import read_collection_record
+from envs.collect import read_collection_record, video_backend
 from envs.embodiments import EMBODIMENTS, Embodiment, get_embodiment
 from envs.normalize import Normalizer, feature_stats
 from envs.scene_language import grounding_answer
@@ -136,7 +136,8 @@ class _Member:
         if self.has_state:
             self._check_shape(features, STATE, self.embodiment.state_dim)
         delta = {ACTION: [i / self.fps for i in range(action_horizon)]}
-        self.dataset = LeRobotDataset(spec.repo_id, root=spec.root, episodes=spec.episodes, delta_timestamps=delta, tolerance_s=tolerance_s)
+        self.dataset = LeRobotDataset(spec.repo_id, root=spec.root, episodes=spec.episodes, delta_timestamps=delta, tolerance_s=tolerance_s,
+                                     video_backend=video_backend())
         if stats_source not in ("data", "meta"):
             raise ValueError(f"stats_source must be 'data' or 'meta', got {stats_source!r}")
         self.action_horizon = action_horizon

@@ -180,7 +180,9 @@ def load_episode_actions(root: str) -> list[np.ndarray]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
-    dataset = LeRobotDataset(f"local/{Path(root).name}", root=root)
+    from envs.collect import video_backend
+
+    dataset = LeRobotDataset(f"local/{Path(root).name}", root=root, video_backend=video_backend())
     table = dataset.hf_dataset.select_columns(["action", "episode_index"]).with_format("numpy")[:]
     actions = np.asarray(np.stack(table["action"]), dtype=np.float32)
     episodes = np.asarray(table["episode_index"])

@@ -437,3 +437,23 @@ def test_cli_collect_and_eval_pass_env_kwargs(tmp_path, capsys):
     rc = main(["eval", "policy=expert", "env=vla/PointNav-v0", "episodes=1", "batch_size=1", "videos=0",
                f"out={tmp_path / 'eval2'}", "env_kwargs={num_objects: [5, 5], distinct_colours: true}"])
     assert rc == 2 and "distinct colours" in capsys.readouterr().err  # the kwargs reach the env
+
+
+def test_datasets_open_with_a_chosen_video_backend(roots, monkeypatch, caplog):
+    """Where torchcodec cannot load, datasets open on pyav without lerobot's per-dataset fallback warning (whose text
+    carries every FFmpeg loader's traceback)."""
+    import sys
+
+    from envs import collect
+
+    collect.video_backend.cache_clear()
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "torchcodec", None)  # `import torchcodec` raises ImportError
+        assert collect.video_backend() == "pyav"  # cached from here on
+    try:
+        with caplog.at_level("WARNING"):
+            mixture = MixtureDataset([roots["nav"]])
+        assert mixture.members[0].dataset._video_backend == "pyav"
+        assert not [r for r in caplog.records if "torchcodec" in r.getMessage()]
+    finally:
+        collect.video_backend.cache_clear()
