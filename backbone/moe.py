@@ -195,6 +195,8 @@ class GroupedExperts(nn.Module):
             # also what the grouped kernel takes; fp32 inputs fell back to one matmul per expert)
             dtype = torch.get_autocast_dtype(x_TD.device.type)
             x_TD, gate_up_EFD, down_EDF = x_TD.to(dtype), gate_up_EFD.to(dtype), down_EDF.to(dtype)
+        if T * K <= self.num_experts:
+            return self._gathered(x_TD, ids_TK, weights_TK, gate_up_EFD, down_EDF)
         flat_ids_M = ids_TK.reshape(-1)
         order_M = torch.argsort(flat_ids_M, stable=True)  # token copies sorted by expert
         counts_E = expert_counts(flat_ids_M, self.num_experts)
@@ -216,6 +218,15 @@ class GroupedExperts(nn.Module):
         for k in range(1, K):
             y_TD = y_TD + y_MD[unsort_TK[:, k]]
         return y_TD.to(y_MD.dtype)
+
+    @staticmethod
+    def _gathered(x_TD, ids_TK, weights_TK, gate_up_EFD, down_EDF) -> torch.Tensor:
+        """Few token copies (decoding: T * K <= E): each copy's expert weights gathered, no sort and no grouped
+        matmul (whose CPU kernel runs one matmul per expert, empty ones too, reading each expert's offset on the host)."""
+        gate_MF, up_MF = torch.einsum("td,tkfd->tkf", x_TD, gate_up_EFD[ids_TK]).chunk(2, dim=-1)
+        h_TKF = F.silu(gate_MF) * up_MF * weights_TK[..., None].to(x_TD.dtype)
+        y_TKD = torch.einsum("tkf,tkdf->tkd", h_TKF, down_EDF[ids_TK])
+        return y_TKD.float().sum(1).to(y_TKD.dtype)
 
     def forward_reference(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         """Naive per-expert, per-slot loop (the official training path); for tests only."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backbone.attention import MultiHeadAttention
+from backbone.attention import MultiHeadAttention, attention_inputs
 from backbone.checkpoint import CheckpointError, load_language_model, save_language_model, write_checkpoint
 from backbone.config import LanguageModelConfig, language_preset, tiny_test_config
 from backbone.convert import language_to_official
@@ -183,7 +183,7 @@ def test_plain_mha_against_hand_reference():
     x = torch.randn(B, T, D)
     pos = torch.arange(T)[None]
     with torch.no_grad():
-        got = attn(x, pos, pos, torch.ones(B, T, dtype=torch.bool))
+        got = attn(x, *attention_inputs(pos, pos, torch.ones(B, T, dtype=torch.bool), None, E, cfg.rope_theta))
         q, k, v = (p(x)[0].view(T, H, E) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
         inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, E, 2).float() / E))
         ang = torch.arange(T).float()[:, None] * inv  # (T, E/2)
@@ -228,10 +228,10 @@ def test_cached_decode_matches_full_forward_with_left_padding(use_mla):
         assert cache.nbytes() == 2 * 16 * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
 
 
-def test_grouped_dispatch_matches_loop_forward_and_backward():
+@pytest.mark.parametrize("T", [40, 2])  # 2 tokens x 3 slots <= 8 experts: the gathered path of decoding
+def test_grouped_dispatch_matches_loop_forward_and_backward(T):
     cfg = tiny_test_config(n_routed_experts=8, num_experts_per_tok=3)
     experts = build_language_model(cfg).model.layers[1].mlp.experts
-    T = 40
     x = torch.randn(T, cfg.hidden_size, requires_grad=True)
     ids = torch.stack([torch.randperm(8)[:3] for _ in range(T)])
     ids[:, 0] = 0  # skewed: expert 0 always, expert 7 maybe never
