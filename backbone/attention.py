@@ -77,6 +77,23 @@ def attention_mask_BTS(query_pos_BT: torch.Tensor, key_pos_BS: torch.Tensor, key
     return mask | (own_slot & ~mask.any(-1, keepdim=True))
 
 
+def attention_inputs(rope_pos_BT: torch.Tensor, slot_pos_BT: torch.Tensor, key_valid_BS: torch.Tensor,
+                     block_ids_BT: torch.Tensor | None, rope_dim: int, rope_theta: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What every layer's attention needs of one forward pass, computed once for all layers: the RoPE angles
+    (cos, sin: (B, T, rope_dim/2)) and the mask (B, T, S) over the S = cache + new key slots (`attention_mask_BTS`),
+    or None where plain causal attention over the T new tokens is the same (no cache before them, nothing padded, no
+    bidirectional block): SDPA's causal kernel then runs without a mask. `key_valid_BS` covers all S slots."""
+    cos, sin = rope_angles(rope_pos_BT, rope_dim, rope_theta)
+    S = key_valid_BS.shape[1]
+    no_past = S == slot_pos_BT.shape[1]
+    # a data-dependent branch, taken outside the layers (which torch.compile compiles)
+    if no_past and block_ids_BT is None and bool(key_valid_BS.all()):
+        return cos, sin, None
+    key_pos_BS = torch.arange(S, device=slot_pos_BT.device).expand(slot_pos_BT.shape[0], S)
+    return cos, sin, attention_mask_BTS(slot_pos_BT, key_pos_BS, key_valid_BS, block_ids_BT)
+
+
 class MultiHeadLatentAttention(nn.Module):
     def __init__(self, config: LanguageModelConfig, layer_idx: int):
         super().__init__()
@@ -109,53 +126,44 @@ class MultiHeadLatentAttention(nn.Module):
         B, T, _ = x_BTD.shape
         return q.view(B, T, self.num_heads, self.qk_head_dim).transpose(1, 2)  # (B, H, T, N+P)
 
-    def forward(
-        self,
-        x_BTD: torch.Tensor,
-        rope_pos_BT: torch.Tensor,
-        slot_pos_BT: torch.Tensor,
-        key_valid_BS: torch.Tensor,
-        cache: KVCache | None = None,
-        block_ids_BT: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, cos_BTF: torch.Tensor, sin_BTF: torch.Tensor, mask_BTS: torch.Tensor | None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """cos, sin, mask: `attention_inputs` of this pass (rope_dim = qk_rope_head_dim)."""
         B, T, _ = x_BTD.shape
         H, N, P, V, R = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim, self.kv_lora_rank
-        cos, sin = rope_angles(rope_pos_BT, P, self.rope_theta)
 
         q_BHTC = self._query(x_BTD)
         q_nope_BHTN, q_pe_BHTP = q_BHTC.split([N, P], dim=-1)
-        q_pe_BHTP = apply_rope_interleaved(q_pe_BHTP, cos, sin)
+        q_pe_BHTP = apply_rope_interleaved(q_pe_BHTP, cos_BTF, sin_BTF)
 
         kv_a = self.kv_a_proj_with_mqa(x_BTD)
         c_kv_BTR, k_pe_BTP = kv_a.split([R, P], dim=-1)
         c_kv_BTR = self.kv_a_layernorm(c_kv_BTR)
-        k_pe_BTP = apply_rope_interleaved(k_pe_BTP[:, None], cos, sin)[:, 0]
+        k_pe_BTP = apply_rope_interleaved(k_pe_BTP[:, None], cos_BTF, sin_BTF)[:, 0]
 
         past_len = 0
         if cache is not None:
             past_len = cache.length
             c_kv_BSR, k_pe_BSP = cache.update_latent(self.layer_idx, c_kv_BTR, k_pe_BTP)
         if cache is None or (past_len == 0 and T > 1):
-            out_BHTV = self._expanded(q_nope_BHTN, q_pe_BHTP, c_kv_BTR, k_pe_BTP, slot_pos_BT, key_valid_BS[:, past_len:],
-                                      block_ids_BT)
+            out_BHTV = self._expanded(q_nope_BHTN, q_pe_BHTP, c_kv_BTR, k_pe_BTP, mask_BTS)
         else:
-            out_BHTV = self._absorbed(q_nope_BHTN, q_pe_BHTP, c_kv_BSR, k_pe_BSP, slot_pos_BT, key_valid_BS)
+            out_BHTV = self._absorbed(q_nope_BHTN, q_pe_BHTP, c_kv_BSR, k_pe_BSP, mask_BTS)
         return self.o_proj(out_BHTV.transpose(1, 2).reshape(B, T, H * V))
 
-    def _expanded(self, q_nope_BHTN, q_pe_BHTP, c_kv_BTR, k_pe_BTP, slot_pos_BT, key_valid_BT, block_ids_BT=None):
-        """MHA mode: expand the latent into per-head K_nope and V and run SDPA over the T new tokens."""
+    def _expanded(self, q_nope_BHTN, q_pe_BHTP, c_kv_BTR, k_pe_BTP, mask_BTT) -> torch.Tensor:
+        """MHA mode: expand the latent into per-head K_nope and V and run SDPA over the T new tokens (no cache before
+        them: the mask's S is T)."""
         B, H, T, N = q_nope_BHTN.shape
         kv_BHTC = self.kv_b_proj(c_kv_BTR).view(B, T, H, N + self.v_head_dim).transpose(1, 2)
         k_nope_BHTN, v_BHTV = kv_BHTC.split([N, self.v_head_dim], dim=-1)
         q = torch.cat((q_nope_BHTN, q_pe_BHTP), dim=-1)
         k = torch.cat((k_nope_BHTN, k_pe_BTP[:, None].expand(B, H, T, -1)), dim=-1)
-        # the causal kernel when nothing is padded (a data-dependent branch: compiled blocks always take the mask)
-        if block_ids_BT is None and not torch.compiler.is_compiling() and bool(key_valid_BT.all()):
+        if mask_BTT is None:
             return F.scaled_dot_product_attention(q, k, v_BHTV, is_causal=True, scale=self.softmax_scale)
-        mask_BTT = attention_mask_BTS(slot_pos_BT, slot_pos_BT, key_valid_BT, block_ids_BT)
         return F.scaled_dot_product_attention(q, k, v_BHTV, attn_mask=mask_BTT[:, None], scale=self.softmax_scale)
 
-    def _absorbed(self, q_nope_BHTN, q_pe_BHTP, c_kv_BSR, k_pe_BSP, slot_pos_BT, key_valid_BS) -> torch.Tensor:
+    def _absorbed(self, q_nope_BHTN, q_pe_BHTP, c_kv_BSR, k_pe_BSP, mask_BTS) -> torch.Tensor:
         """MQA mode: attention against the cached latents; heads fold into query rows of one shared-KV attention."""
         B, H, T, N = q_nope_BHTN.shape
         S = c_kv_BSR.shape[1]
@@ -164,8 +172,8 @@ class MultiHeadLatentAttention(nn.Module):
         q_lat_BHTR = torch.einsum("bhtn,hnr->bhtr", q_nope_BHTN, w_uk_HNR)
         q_BQC = torch.cat((q_lat_BHTR, q_pe_BHTP), dim=-1).reshape(B, 1, H * T, -1)
         k_BSC = torch.cat((c_kv_BSR, k_pe_BSP), dim=-1)[:, None]
-        key_pos_BS = torch.arange(S, device=slot_pos_BT.device).expand(B, S)
-        mask_BTS = attention_mask_BTS(slot_pos_BT, key_pos_BS, key_valid_BS)
+        if mask_BTS is None:  # a first chunk of one token: it sees itself
+            mask_BTS = torch.ones(B, T, S, dtype=torch.bool, device=q_BQC.device)
         mask_BQS = mask_BTS[:, None].expand(B, H, T, S).reshape(B, 1, H * T, S)
         o_lat_BQR = F.scaled_dot_product_attention(q_BQC, k_BSC, c_kv_BSR[:, None], attn_mask=mask_BQS, scale=self.softmax_scale)
         o_lat_BHTR = o_lat_BQR.view(B, H, T, self.kv_lora_rank)
@@ -187,24 +195,18 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(D, D, bias=False)
         self.o_proj = nn.Linear(D, D, bias=False)
 
-    def forward(self, x_BTD, rope_pos_BT, slot_pos_BT, key_valid_BS, cache: KVCache | None = None,
-                block_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, cos_BTF: torch.Tensor, sin_BTF: torch.Tensor, mask_BTS: torch.Tensor | None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """cos, sin, mask: `attention_inputs` of this pass (rope_dim = head_dim)."""
         B, T, D = x_BTD.shape
         H, E = self.num_heads, self.head_dim
-        cos, sin = rope_angles(rope_pos_BT, E, self.rope_theta)
-        q_BHTE = apply_rope_half(self.q_proj(x_BTD).view(B, T, H, E).transpose(1, 2), cos, sin)
-        k_BHTE = apply_rope_half(self.k_proj(x_BTD).view(B, T, H, E).transpose(1, 2), cos, sin)
+        q_BHTE = apply_rope_half(self.q_proj(x_BTD).view(B, T, H, E).transpose(1, 2), cos_BTF, sin_BTF)
+        k_BHTE = apply_rope_half(self.k_proj(x_BTD).view(B, T, H, E).transpose(1, 2), cos_BTF, sin_BTF)
         v_BHTE = self.v_proj(x_BTD).view(B, T, H, E).transpose(1, 2)
-        key_pos_BS = slot_pos_BT
         if cache is not None:
-            past_len = cache.length
             k_BHTE, v_BHTE = cache.update_kv(self.layer_idx, k_BHTE, v_BHTE)
-            key_pos_BS = torch.arange(k_BHTE.shape[2], device=x_BTD.device).expand(B, -1)
-        else:
-            past_len = 0
-        if past_len == 0 and block_ids_BT is None and bool(key_valid_BS.all()):
+        if mask_BTS is None:
             out = F.scaled_dot_product_attention(q_BHTE, k_BHTE, v_BHTE, is_causal=T > 1)
         else:
-            mask_BTS = attention_mask_BTS(slot_pos_BT, key_pos_BS, key_valid_BS, block_ids_BT)
             out = F.scaled_dot_product_attention(q_BHTE, k_BHTE, v_BHTE, attn_mask=mask_BTS[:, None])
         return self.o_proj(out.transpose(1, 2).reshape(B, T, D))

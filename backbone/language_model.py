@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from backbone.attention import MultiHeadAttention, MultiHeadLatentAttention, RMSNorm
+from backbone.attention import MultiHeadAttention, MultiHeadLatentAttention, RMSNorm, attention_inputs
 from backbone.cache import KVCache
 from backbone.config import LanguageModelConfig
 from backbone.moe import MLP, MoE, RouterOutput, balance_aux_loss
@@ -54,9 +54,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x_BTD, rope_pos_BT, slot_pos_BT, key_valid_BS, cache=None, block_ids_BT=None, router_bias_BTE=None):
-        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), rope_pos_BT, slot_pos_BT, key_valid_BS, cache,
-                                       block_ids_BT)
+    def forward(self, x_BTD, cos_BTF, sin_BTF, mask_BTS, cache=None, router_bias_BTE=None):
+        """cos, sin, mask: `backbone.attention.attention_inputs` of this forward pass, shared by every layer."""
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_BTF, sin_BTF, mask_BTS, cache)
         h_BTD = self.post_attention_layernorm(x_BTD)
         if self.is_moe:
             y_BTD, route = self.mlp(h_BTD, router_bias_BTE)
@@ -136,21 +136,23 @@ class DeepseekV2LM(nn.Module):
             slot_pos_BT = torch.arange(T, device=x_BTD.device).expand(B, T)
             key_valid_BS = mask_BT
 
+        cfg = self.config
+        cos_BTF, sin_BTF, mask_BTS = attention_inputs(rope_pos_BT, slot_pos_BT, key_valid_BS, block_ids,
+                                                      cfg.qk_rope_head_dim if cfg.use_mla else cfg.head_dim, cfg.rope_theta)
         routes: list[RouterOutput | None] = []
         for i, layer in enumerate(self.model.layers):
             bias = router_bias.get(i) if router_bias else None
             if self.gradient_checkpointing and self.training and cache is None:
                 x_BTD, route = torch.utils.checkpoint.checkpoint(
-                    layer, x_BTD, rope_pos_BT, slot_pos_BT, key_valid_BS, None, block_ids, bias, use_reentrant=False)
+                    layer, x_BTD, cos_BTF, sin_BTF, mask_BTS, None, bias, use_reentrant=False)
             else:
-                x_BTD, route = layer(x_BTD, rope_pos_BT, slot_pos_BT, key_valid_BS, cache, block_ids, bias)
+                x_BTD, route = layer(x_BTD, cos_BTF, sin_BTF, mask_BTS, cache, bias)
             routes.append(route)
         if cache is not None:
             cache.advance(mask_BT)
         h_BTD = self.model.norm(x_BTD)
 
         aux_loss = None
-        cfg = self.config
         moe_routes = [r for r in routes if r is not None]
         if self.training and moe_routes and cfg.aux_loss_alpha > 0 and cfg.scoring_func == "softmax":
             aux_loss = sum(balance_aux_loss(r, B, cfg.aux_loss_alpha, cfg.seq_aux, token_mask_T=mask_BT.reshape(-1))
