@@ -283,12 +283,24 @@ def test_target_token_carries_the_answers_box_as_numbers():
 
 
 @pytest.mark.parametrize("target_token", [False, True])
-def test_ground_target_policy_says_the_box_it_learned_then_acts(target_token):
+def test_ground_target_policy_says_the_box_it_learned_then_acts(target_token, one_thread):
     policy = make_policy(ground_target=True, target_token=target_token)
     batch = make_batch() | {"grounding": GROUNDING}
-    metrics = _overfit(policy, batch, 150)
+    metrics = _overfit(policy, batch, 200)
     assert metrics["ground_token_acc"] > 0.99 and metrics["bin_accuracy"] > 0.95, metrics
     inference = {k: v for k, v in batch.items() if k not in ("grounding", "action", "action_is_pad")}
     chunk = policy.predict_action_chunk(inference)  # generates the answer itself
     assert policy.last_grounding == GROUNDING
     assert (chunk[0, :4, :2] - batch["action"][0, :4, :2]).abs().max() < 2 / 256
+
+
+def test_compile_decoding_keeps_the_policy_as_it_was():
+    """compile_decoding() compiles lazily (nothing runs until a chunk generates) and registers nothing: the state dict,
+    the parameters and the saved checkpoint are those of the eager policy. (The compiled passes' tokens equal the
+    eager ones: tests/backbone/test_generate.py, and `vla bench policy`'s `grounded_compiled_same_answer`.)"""
+    policy = make_policy(ground_target=True)
+    keys = list(policy.state_dict())
+    assert policy.generates and not make_policy().generates and make_policy("autoregressive").generates
+    assert policy.compile_decoding() < 1.0  # no warm-up asked: nothing compiled yet
+    assert list(policy.state_dict()) == keys
+    assert not [n for n, _ in policy.named_modules() if "_orig_mod" in n]
