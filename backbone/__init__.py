@@ -6,6 +6,7 @@ Public entry points are importable from the package root (resolved lazily, so `i
     backbone.build_language_model(config, device=None)  from a LanguageModelConfig ("meta" counts without memory)
     backbone.language_preset(name)                      tiny / small / base language configs
     backbone.generate(model, input_ids, ...)            latent-cache generation
+    backbone.compile_decoder(model)                     the model compiled for generate's decode passes
     backbone.select_best_resolution(width, height)      DeepSeek-VL2 tiling
     backbone.image_token_count(width, height, num_images=1)
     backbone.compile_blocks(model)                       torch.compile each transformer block in place
@@ -26,6 +27,7 @@ _EXPORTS = {
     "CheckpointError": "backbone.checkpoint",
     "KVCache": "backbone.cache",
     "generate": "backbone.generate",
+    "compile_decoder": "backbone.generate",
     "select_best_resolution": "backbone.processor",
     "image_token_count": "backbone.processor",
     "load_deepseek_vl2": "backbone.deepseek_vl2",

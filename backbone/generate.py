@@ -21,6 +21,15 @@ def sample_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float 
     return torch.multinomial(probs_BV, 1, generator=generator)[:, 0]
 
 
+def compile_decoder(model):
+    """`model` compiled for `generate`'s decode passes (one new token per sequence against the KV cache; pass it as
+    `decode_model`). A small model's decode pass is hundreds of small ops whose dispatch, not arithmetic, sets its
+    time (the demo-size model on this CPU: ~2.8 ms eager, ~0.55 ms compiled, `vla bench policy`); compiled, they run as
+    a few fused kernels. Shapes are dynamic (the cache grows each pass; any batch): the first call compiles (tens of
+    seconds on a CPU), batch size 1 once more. Parameters are shared with `model`."""
+    return torch.compile(model, dynamic=True)
+
+
 @torch.no_grad()
 def prefill(model, cache, input_ids=None, inputs_embeds=None, attention_mask=None, chunk_size: int = 0,
             router_bias: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
@@ -60,6 +69,7 @@ def generate(
     allowed_token_ids: torch.Tensor | None = None,
     router_bias: dict[int, torch.Tensor] | None = None,
     decode_router_bias: dict[int, torch.Tensor] | None = None,
+    decode_model=None,
 ) -> torch.Tensor:
     """Generate up to `max_new_tokens` per prompt. Prompts are left-padded (attention_mask marks real tokens).
 
@@ -67,7 +77,8 @@ def generate(
     `allowed_token_ids` constrains decoding to a vocabulary subset (e.g. action tokens).
     Router-logit biases, so that cached decoding routes as a full forward with the same `router_bias` would:
     `router_bias` {MoE layer: (B, T, E)} for the prompt; `decode_router_bias` {MoE layer: (B, E)} for every generated
-    token (e.g. the VLA policy's per-embodiment prior on action tokens).
+    token (e.g. the VLA policy's per-embodiment prior on action tokens). `decode_model` runs the one-token passes
+    (default `model`; e.g. `compile_decoder(model)`), the prompt's prefill stays with `model`.
     """
     x = input_ids if inputs_embeds is None else inputs_embeds
     B, T = x.shape[:2]
@@ -79,6 +90,7 @@ def generate(
     step_bias = {layer: b[:, None] for layer, b in decode_router_bias.items()} if decode_router_bias else None
     stop = torch.tensor(list(stop_token_ids), dtype=torch.long, device=x.device)
     done_B = torch.zeros(B, dtype=torch.bool, device=x.device)
+    step = model if decode_model is None else decode_model
     out = []
     for _ in range(max_new_tokens):
         if allowed_token_ids is not None:
@@ -92,5 +104,5 @@ def generate(
             done_B |= torch.isin(next_B, stop)
         if len(out) == max_new_tokens or bool(done_B.all()):
             break  # no forward pass for logits nobody reads
-        logits_BV = model(next_B[:, None], cache=cache, logits_to_keep=1, router_bias=step_bias).logits[:, -1]
+        logits_BV = step(next_B[:, None], cache=cache, logits_to_keep=1, router_bias=step_bias).logits[:, -1]
     return torch.stack(out, 1)

@@ -13,6 +13,8 @@ further answer token, and the action pass). `--quick` skips the tiny preset (3.4
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from backbone.tokenizer import build_bpe_tokenizer
@@ -25,6 +27,7 @@ DEMO_BACKBONE = dict(hidden_size=128, intermediate_size=256, moe_intermediate_si
 
 
 GROUNDED = "parallel, grounding first"
+GROUNDED_COMPILED = "parallel, grounding first, compiled decode"
 
 
 def _registry(chunk_len: int) -> EmbodimentRegistry:
@@ -62,13 +65,24 @@ def count_forward_passes(policy, call) -> int:
 
 
 def _measure(name: str, preset: str, overrides: dict, image_size: int, chunk_len: int, repeats: int, dtype,
-             grounded: bool = False) -> list:
+             grounded: bool = False, compiled: bool = False, extra: dict | None = None) -> list:
+    """Rows [model, decoding, forward passes, ms / chunk, control Hz]. `compiled` (with `grounded`): the grounded
+    policy once more with `compile_decoding()`; its first call (the compilation) is timed into `extra["compile_s"]`,
+    and `extra["same_answer"]` says whether both grounded policies generated the same answer."""
     policy = _policy(preset, overrides, chunk_len, dtype)
     rows = {"parallel": (policy, "parallel"), "autoregressive": (policy, "autoregressive")}
     if grounded:
         grounded_policy = _policy(preset, overrides, chunk_len, dtype, ground_target=True, target_token=True)
         rows[GROUNDED] = (grounded_policy, "parallel")
     batch = _batch(image_size)
+    if grounded and compiled:
+        compiled_policy = _policy(preset, overrides, chunk_len, dtype, ground_target=True, target_token=True)
+        compiled_policy.compile_decoding()
+        rows[GROUNDED_COMPILED] = (compiled_policy, "parallel")
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            compiled_policy.select_action(batch)
+        extra["compile_s"] = time.perf_counter() - t0
 
     def new_chunk(row: str):
         policy, decoding = rows[row]
@@ -83,13 +97,17 @@ def _measure(name: str, preset: str, overrides: dict, image_size: int, chunk_len
         seconds = time_interleaved({row: new_chunk(row) for row in rows}, repeats)
         # one more call each, counted on the policy that ran it
         passes = {row: count_forward_passes(rows[row][0], new_chunk(row)) for row in rows}
+    if GROUNDED_COMPILED in rows:
+        extra["same_answer"] = grounded_policy.last_grounding == compiled_policy.last_grounding
     return [[name, row, passes[row], s * 1e3, chunk_len / s] for row, s in seconds.items()]
 
 
 def run(cfg) -> dict:
     setup(cfg)
     chunk_len = 8
-    rows = _measure("demo", "test", DEMO_BACKBONE, 64, chunk_len, 3 if cfg.quick else 10, torch.float32, grounded=True)
+    compiled: dict = {}
+    rows = _measure("demo", "test", DEMO_BACKBONE, 64, chunk_len, 3 if cfg.quick else 10, torch.float32, grounded=True,
+                    compiled=bool(cfg.compile), extra=compiled)
     if not cfg.quick:
         rows += _measure("tiny (VL2-Tiny, 3.4B)", "tiny", {}, 384, chunk_len, 2, torch.bfloat16)
     threads = torch.get_num_threads()
@@ -97,11 +115,18 @@ def run(cfg) -> dict:
     print_table(["model", "decoding", "forward passes", "ms / chunk", "control Hz"], rows)
     result: dict = {"bench": "policy", "chunk_len": chunk_len, "action_dim": 2}
     for model, decoding, passes, ms, hz in rows:
-        key = ("demo" if model == "demo" else "tiny") + "_" + ("grounded" if decoding == GROUNDED else decoding)
+        key = ("demo" if model == "demo" else "tiny") + "_" + {GROUNDED: "grounded", GROUNDED_COMPILED:
+                                                                "grounded_compiled"}.get(decoding, decoding)
         result[f"{key}_ms"] = round(ms, 2)
         result[f"{key}_hz"] = round(hz, 2)
         result[f"{key}_forward_passes"] = passes
     result["parallel_speedup"] = round(result["demo_autoregressive_ms"] / result["demo_parallel_ms"], 2)
+    if compiled:
+        result["grounded_compiled_speedup"] = round(result["demo_grounded_ms"] / result["demo_grounded_compiled_ms"], 2)
+        result["grounded_compile_s"] = round(compiled["compile_s"], 1)
+        result["grounded_compiled_same_answer"] = compiled["same_answer"]
+        print(f"compiled decode: {result['grounded_compiled_speedup']}x the grounded chunk, "
+              f"{result['grounded_compile_s']} s to compile, same answer: {compiled['same_answer']}")
     if "tiny_parallel_ms" in result:
         result["parallel_speedup_tiny"] = round(result["tiny_autoregressive_ms"] / result["tiny_parallel_ms"], 2)
     return result

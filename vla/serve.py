@@ -732,7 +732,14 @@ def main(cfg) -> int:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
-    server = PolicyServer(VLAPolicy.load(path, device=device), options, name=path)
+    policy = VLAPolicy.load(path, device=device)
+    if config["compile"] and policy.generates:
+        sizes = tuple(sorted({1, min(2, options.max_batch), options.max_batch}))
+        print(f"vla serve: compiling the decode passes for batches of {', '.join(map(str, sizes))} ...", flush=True)
+        print(f"vla serve: compiled in {policy.compile_decoding(warm_batch_sizes=sizes):.0f} s", flush=True)
+    elif config["compile"]:
+        print("vla serve: compile=true: nothing to compile (this policy decodes a chunk in one pass)", flush=True)
+    server = PolicyServer(policy, options, name=path)
 
     def ready(port: int) -> None:
         robots = ", ".join(f"{n} ({', '.join(e['cameras'])})" for n, e in server.metadata["embodiments"].items())

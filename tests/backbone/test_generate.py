@@ -1,10 +1,10 @@
 """Generation: greedy matches step-by-step argmax of full forwards, batches with left padding match single prompts,
-stop tokens, nucleus sampling, chunked prefill."""
+stop tokens, nucleus sampling, chunked prefill, compiled decode passes."""
 
 import torch
 
 from backbone.config import tiny_test_config
-from backbone.generate import generate, prefill, sample_next
+from backbone.generate import compile_decoder, generate, prefill, sample_next
 from backbone.language_model import build_language_model
 
 
@@ -49,6 +49,32 @@ def test_batch_with_left_padding_matches_single_prompts():
     batch = generate(model, ids, attention_mask=mask, max_new_tokens=5)
     assert torch.equal(batch[0], generate(model, a[None], max_new_tokens=5)[0])
     assert torch.equal(batch[1], generate(model, b[None], max_new_tokens=5)[0])
+
+
+def test_compiled_decode_passes_give_the_eager_tokens(one_thread):
+    """compile_decoder: the one-token passes run compiled (the prefill eager), on a left-padded batch: the same
+    tokens, through the eager model's parameters (no copy) and its forward hooks."""
+    model = _model()
+    a, b = torch.randint(2, 256, (9,)), torch.randint(2, 256, (4,))
+    ids = torch.stack([a, torch.cat([torch.zeros(5, dtype=torch.long), b])])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, :5] = False
+    decoder = compile_decoder(model)
+    assert {n for n, _ in decoder.named_parameters()} == {f"_orig_mod.{n}" for n, _ in model.named_parameters()}
+    assert all(p is q for p, q in zip(decoder.parameters(), model.parameters()))
+    passes = []
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        return decoder(*args, **kwargs)
+
+    assert torch.equal(generate(model, ids, attention_mask=mask, max_new_tokens=6, decode_model=counted),
+                       generate(model, ids, attention_mask=mask, max_new_tokens=6))
+    assert len(passes) == 5  # every pass after the prefill
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    generate(model, ids, attention_mask=mask, max_new_tokens=6, decode_model=decoder)
+    assert len(calls) == 6  # the prefill, then each cached pass through the compiled module
 
 
 def test_stop_tokens_pad_the_rest():

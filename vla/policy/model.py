@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ from torch import nn
 from backbone.checkpoint import write_checkpoint
 from backbone.convert import deepseek_vl2_to_official
 from backbone.deepseek_vl2 import DeepseekVL2, build_deepseek_vl2, deepseek_vl2_preset, load_deepseek_vl2
-from backbone.generate import generate
+from backbone.generate import compile_decoder, generate
 from backbone.grounding import parse_grounding
 from backbone.tokenizer import Tokenizer, load_tokenizer
 from backbone.vision import layout_global_view, layout_image_tokens
@@ -154,6 +155,9 @@ class VLAPolicy(nn.Module):
         self._queues: dict[int, deque] = {}
         self._ensemble: list[tuple[int, torch.Tensor]] = []
         self.last_grounding: list[str] = []  # ground_target: the boxes the last predicted chunks were planned on
+        # `compile_decoding()`: the compiled language model for generated tokens (held in a dict, not registered as a
+        # submodule: its parameters are the language model's, and the state dict stays as it is)
+        self._compiled: dict[str, Any] = {}
 
     # ---------------------------------------------------------------------------------------------------------------
     # sequence assembly
@@ -466,7 +470,8 @@ class VLAPolicy(nn.Module):
         stop = tok.token_id("<|/det|>")
         new_BN = generate(self.backbone.language, inputs_embeds=seq.inputs_embeds, attention_mask=seq.attention_mask,
                           max_new_tokens=self.config.max_grounding_tokens, stop_token_ids=[stop],
-                          pad_token_id=tok.pad_id, router_bias=self._router_bias(seq))
+                          pad_token_id=tok.pad_id, router_bias=self._router_bias(seq),
+                          decode_model=self._compiled.get("decoder"))
         out = [row[: row.index(stop) + 1] if stop in row else row for row in new_BN.tolist()]
         self.last_grounding = [tok.decode(ids) for ids in out]
         return out
@@ -529,7 +534,8 @@ class VLAPolicy(nn.Module):
             step_bias = {layer: b[:, 0] for layer, b in self.router_prior(robot_B1).items()}
         tokens_BN = generate(self.backbone.language, inputs_embeds=seq.inputs_embeds, attention_mask=seq.attention_mask,
                              max_new_tokens=n_max, allowed_token_ids=self.action_token_ids,
-                             router_bias=prompt_bias, decode_router_bias=step_bias)
+                             router_bias=prompt_bias, decode_router_bias=step_bias,
+                             decode_model=self._compiled.get("decoder"))
         lookup = torch.full((int(self.action_token_ids.max()) + 1,), -1, dtype=torch.long, device=self.device)
         lookup[self.action_token_ids] = torch.arange(len(self.action_token_ids), device=self.device)
         bins_BN = lookup[tokens_BN]
@@ -541,6 +547,29 @@ class VLAPolicy(nn.Module):
                                          router_bias=self._router_bias(full), compute_logits=False)
             hidden, _ = self._action_hidden(out.hidden_states, full)
         return torch.cat([p.reshape(-1) for p in per_sample]), hidden, [e.num_action_tokens for e in embodiments]
+
+    @property
+    def generates(self) -> bool:
+        """Whether a chunk generates tokens one pass at a time (grounding first, or autoregressive action tokens)."""
+        return self.config.ground_target or self.config.decoding == "autoregressive"
+
+    @torch.no_grad()
+    def compile_decoding(self, warm_batch_sizes: tuple[int, ...] = ()) -> float:
+        """Generated tokens (the grounding answer of `ground_target`, autoregressive action tokens) run through the
+        language model compiled by `backbone.generate.compile_decoder`: several times faster per token once the first
+        call (tens of seconds on a CPU) has compiled it. The prompt's pass and the action pass stay eager.
+        `warm_batch_sizes`: compile now, by predicting a chunk from blank frames at each of these batch sizes (a server
+        does this before its first request: batch 1 and larger batches compile apart). Returns the seconds that took."""
+        self._compiled["decoder"] = compile_decoder(self.backbone.language)
+        start = time.perf_counter()
+        emb, tile = self.registry.get(self.registry.names()[0]), self.backbone.config.vision.image_size
+        for size in warm_batch_sizes:
+            batch = {camera: torch.zeros(size, 3, tile, tile, device=self.device) for camera in emb.cameras}
+            batch.update({"observation.state": torch.zeros(size, emb.state_dim, device=self.device),
+                          "task": ["warm up"] * size, "embodiment": [emb.name] * size})
+            self.predict_action_chunk(batch)
+        self.last_grounding = []
+        return time.perf_counter() - start
 
     def reset(self) -> None:
         self._queues.clear()
