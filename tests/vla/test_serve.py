@@ -307,3 +307,22 @@ def test_openpi_client_round_trip(server, policy):
     np.testing.assert_allclose(np.array(result["actions"]), in_process_chunk(policy, obs), atol=1e-4)
     assert "missing key 'embodiment'" in result["error"] or "missing key" in result["error"]
     assert result["again"] == result["actions"]
+
+
+def test_checkpoint_policies_compile_their_decoding_when_asked(tmp_path):
+    """`vla eval policy=checkpoint:DIR policy_options={compile: true}`: a policy that generates gets its decode passes
+    compiled (lazily: nothing compiles here); without the option, or for one that decodes in one pass, nothing."""
+    import gymnasium as gym
+
+    from envs.policies import PolicyContext, make_policy
+
+    emb = get_embodiment("point2d").with_chunk_len(4)
+    stats = {"point2d": Normalizer.from_stats(STATS["point2d"], {"action": "quantile", STATE: "quantile"},
+                                              name="point2d").to_dict()}
+    for name, config in (("grounded", {"ground_target": True}), ("parallel", {})):
+        tiny_policy([emb], normalizer_stats=stats, **config).save(tmp_path / name)
+    space = gym.spaces.Box(-1, 1, (2,))
+    for name, compile_, compiled in (("grounded", True, True), ("grounded", False, False), ("parallel", True, False)):
+        context = PolicyContext("vla/PointNav-v0", emb, space, 1, options={"compile": compile_})
+        env_policy = make_policy(f"checkpoint:{tmp_path / name}", context)
+        assert ("decoder" in env_policy.policy._compiled) == compiled, (name, compile_)

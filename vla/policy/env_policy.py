@@ -55,6 +55,8 @@ def _checkpoint_factory(argument: str, context: PolicyContext) -> EnvPolicy:
     cache = context.options.setdefault("_loaded_policies", {})
     if path not in cache:  # one load per eval run, shared by the envs
         cache[path] = VLAPolicy.load(path)
+        if context.options.get("compile") and cache[path].generates:
+            cache[path].compile_decoding()  # the first chunk that generates compiles (tens of seconds on a CPU)
     if context.embodiment is None:
         raise ValueError(f"env {context.env_id} has no known embodiment; the policy cannot pick its action space")
     return EnvPolicy(cache[path], context.embodiment.name)
