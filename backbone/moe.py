@@ -176,6 +176,12 @@ def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, offsets_E: torch.Tensor,
     return torch.cat(outs) if outs else x_MK.new_zeros(0, w_EKN.shape[-1])
 
 
+# Decoding's few token copies gather their experts' weights when these copies hold at most this many values (the
+# demo-size model: 2 copies of 24,576; VL2-Tiny's 6 copies of 3.4 M are left to the grouped matmul, which reads the
+# same weights without copying them: gathering them made its decode 1.5x slower, `vla bench policy`)
+GATHER_MAX_ELEMENTS = 1 << 20
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored stacked: gate_up_proj (E, 2F, D) = [gate; up], down_proj (E, D, F) (nn.Linear layout)."""
 
@@ -195,7 +201,7 @@ class GroupedExperts(nn.Module):
             # also what the grouped kernel takes; fp32 inputs fell back to one matmul per expert)
             dtype = torch.get_autocast_dtype(x_TD.device.type)
             x_TD, gate_up_EFD, down_EDF = x_TD.to(dtype), gate_up_EFD.to(dtype), down_EDF.to(dtype)
-        if T * K <= self.num_experts:
+        if T * K <= self.num_experts and T * K * 3 * down_EDF[0].numel() <= GATHER_MAX_ELEMENTS:
             return self._gathered(x_TD, ids_TK, weights_TK, gate_up_EFD, down_EDF)
         flat_ids_M = ids_TK.reshape(-1)
         order_M = torch.argsort(flat_ids_M, stable=True)  # token copies sorted by expert
@@ -221,8 +227,9 @@ class GroupedExperts(nn.Module):
 
     @staticmethod
     def _gathered(x_TD, ids_TK, weights_TK, gate_up_EFD, down_EDF) -> torch.Tensor:
-        """Few token copies (decoding: T * K <= E): each copy's expert weights gathered, no sort and no grouped
-        matmul (whose CPU kernel runs one matmul per expert, empty ones too, reading each expert's offset on the host)."""
+        """Few token copies of small experts (decoding: T * K <= E, `GATHER_MAX_ELEMENTS`): each copy's expert weights
+        gathered, no sort and no grouped matmul (whose CPU kernel runs one matmul per expert, empty ones too, reading
+        each expert's offset on the host)."""
         gate_MF, up_MF = torch.einsum("td,tkfd->tkf", x_TD, gate_up_EFD[ids_TK]).chunk(2, dim=-1)
         h_TKF = F.silu(gate_MF) * up_MF * weights_TK[..., None].to(x_TD.dtype)
         y_TKD = torch.einsum("tkf,tkdf->tkd", h_TKF, down_EDF[ids_TK])
