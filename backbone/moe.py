@@ -176,9 +176,12 @@ def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, offsets_E: torch.Tensor,
     return torch.cat(outs) if outs else x_MK.new_zeros(0, w_EKN.shape[-1])
 
 
-# Decoding's few token copies gather their experts' weights when these copies hold at most this many values (the
-# demo-size model: 2 copies of 24,576; VL2-Tiny's 6 copies of 3.4 M are left to the grouped matmul, which reads the
-# same weights without copying them: gathering them made its decode 1.5x slower, `vla bench policy`)
+# Decoding's token copies gather their experts' weights when these copies hold at most this many values (the
+# demo-size model: 24,576 a copy; VL2-Tiny's 3.4 M are left to the grouped matmul, which reads the same weights
+# without copying them: gathering them made its decode 1.5x slower, `vla bench policy`), and, eager, when there are
+# no more copies than experts (the demo size, 1 thread, a decode pass: 1 x 2 copies 2.7 ms gathered against 3.0 ms,
+# 10 x 2 copies 4.7 against 4.3 ms; compiled, where the grouped matmul breaks the graph on CPU, 10 x 2 copies take
+# 1.2 ms gathered against 3.2 ms: docs/experiments/decode_pass.py)
 GATHER_MAX_ELEMENTS = 1 << 20
 
 
@@ -201,7 +204,8 @@ class GroupedExperts(nn.Module):
             # also what the grouped kernel takes; fp32 inputs fell back to one matmul per expert)
             dtype = torch.get_autocast_dtype(x_TD.device.type)
             x_TD, gate_up_EFD, down_EDF = x_TD.to(dtype), gate_up_EFD.to(dtype), down_EDF.to(dtype)
-        if T * K <= self.num_experts and T * K * 3 * down_EDF[0].numel() <= GATHER_MAX_ELEMENTS:
+        few = T * K <= self.num_experts or torch.compiler.is_compiling()  # compiled on CPU the grouped matmul breaks the graph
+        if few and T * K * 3 * down_EDF[0].numel() <= GATHER_MAX_ELEMENTS:
             return self._gathered(x_TD, ids_TK, weights_TK, gate_up_EFD, down_EDF)
         flat_ids_M = ids_TK.reshape(-1)
         order_M = torch.argsort(flat_ids_M, stable=True)  # token copies sorted by expert
