@@ -24,9 +24,10 @@ def sample_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float 
 def compile_decoder(model):
     """`model` compiled for `generate`'s decode passes (one new token per sequence against the KV cache; pass it as
     `decode_model`). A small model's decode pass is hundreds of small ops whose dispatch, not arithmetic, sets its
-    time (the demo-size model on this CPU: ~2.8 ms eager, ~0.55 ms compiled, `vla bench policy`); compiled, they run as
-    a few fused kernels. Shapes are dynamic (the cache grows each pass; any batch): the first call compiles (tens of
-    seconds on a CPU), batch size 1 once more. Parameters are shared with `model`."""
+    time (the demo-size model, one thread: 2.9 ms eager, 0.65 ms compiled, docs/experiments/decode_pass.py); compiled,
+    they run as a few fused kernels. Shapes are dynamic (the cache grows each pass; any batch size), but the first
+    call at batch 1 and the first at a larger batch each compile (tens of seconds on a CPU). Parameters (and forward
+    hooks) are `model`'s."""
     return torch.compile(model, dynamic=True)
 
 

@@ -204,7 +204,8 @@ class GroupedExperts(nn.Module):
             # also what the grouped kernel takes; fp32 inputs fell back to one matmul per expert)
             dtype = torch.get_autocast_dtype(x_TD.device.type)
             x_TD, gate_up_EFD, down_EDF = x_TD.to(dtype), gate_up_EFD.to(dtype), down_EDF.to(dtype)
-        few = T * K <= self.num_experts or torch.compiler.is_compiling()  # compiled on CPU the grouped matmul breaks the graph
+        # compiled, any small number of copies gathers: the grouped matmul is a graph break on CPU
+        few = T * K <= self.num_experts or torch.compiler.is_compiling()
         if few and T * K * 3 * down_EDF[0].numel() <= GATHER_MAX_ELEMENTS:
             return self._gathered(x_TD, ids_TK, weights_TK, gate_up_EFD, down_EDF)
         flat_ids_M = ids_TK.reshape(-1)
@@ -231,9 +232,9 @@ class GroupedExperts(nn.Module):
 
     @staticmethod
     def _gathered(x_TD, ids_TK, weights_TK, gate_up_EFD, down_EDF) -> torch.Tensor:
-        """Few token copies of small experts (decoding: T * K <= E, `GATHER_MAX_ELEMENTS`): each copy's expert weights
-        gathered, no sort and no grouped matmul (whose CPU kernel runs one matmul per expert, empty ones too, reading
-        each expert's offset on the host)."""
+        """Decoding's few token copies of small experts (`GATHER_MAX_ELEMENTS`): each copy's expert weights gathered,
+        no sort and no grouped matmul (whose CPU kernel runs one matmul per expert, empty ones too, reading each
+        expert's offset on the host)."""
         gate_MF, up_MF = torch.einsum("td,tkfd->tkf", x_TD, gate_up_EFD[ids_TK]).chunk(2, dim=-1)
         h_TKF = F.silu(gate_MF) * up_MF * weights_TK[..., None].to(x_TD.dtype)
         y_TKD = torch.einsum("tkf,tkdf->tkd", h_TKF, down_EDF[ids_TK])

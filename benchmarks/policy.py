@@ -69,6 +69,7 @@ def _measure(name: str, preset: str, overrides: dict, image_size: int, chunk_len
     """Rows [model, decoding, forward passes, ms / chunk, control Hz]. `compiled` (with `grounded`): the grounded
     policy once more with `compile_decoding()`; its first call (the compilation) is timed into `extra["compile_s"]`,
     and `extra["same_answer"]` says whether both grounded policies generated the same answer."""
+    extra = {} if extra is None else extra
     policy = _policy(preset, overrides, chunk_len, dtype)
     rows = {"parallel": (policy, "parallel"), "autoregressive": (policy, "autoregressive")}
     if grounded:
