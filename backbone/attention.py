@@ -104,7 +104,6 @@ class MultiHeadLatentAttention(nn.Module):
         self.qk_rope_head_dim = config.qk_rope_head_dim
         self.v_head_dim = config.v_head_dim
         self.qk_head_dim = config.qk_head_dim
-        self.rope_theta = config.rope_theta
         self.softmax_scale = self.qk_head_dim**-0.5
         D, H = config.hidden_size, config.num_attention_heads
         if config.q_lora_rank is None:
@@ -188,7 +187,6 @@ class MultiHeadAttention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.rope_theta = config.rope_theta
         D = config.hidden_size
         self.q_proj = nn.Linear(D, D, bias=False)
         self.k_proj = nn.Linear(D, D, bias=False)

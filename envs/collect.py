@@ -32,8 +32,8 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from functools import cache
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import gymnasium as gym
