@@ -11,6 +11,7 @@ Stage tasks are made by factories registered by name: `register_stage_task(name,
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -301,10 +302,18 @@ class ShardedBatches:
     def __iter__(self) -> "ShardedBatches":
         return self
 
+    @property
+    def round_size(self) -> int:
+        return self.world * self.micro_batch
+
+    def batch_at(self, next_index: int) -> dict[str, Any]:
+        """This process's micro-batch of the round starting at global position `next_index`."""
+        start = next_index + self.rank * self.micro_batch
+        return self.collate([self.sample(i) for i in range(start, start + self.micro_batch)])
+
     def __next__(self) -> dict[str, Any]:
-        start = self.next_index + self.rank * self.micro_batch
-        batch = self.collate([self.sample(i) for i in range(start, start + self.micro_batch)])
-        self.next_index += self.world * self.micro_batch
+        batch = self.batch_at(self.next_index)
+        self.next_index += self.round_size
         return batch
 
     def state_dict(self) -> dict[str, Any]:
@@ -312,6 +321,52 @@ class ShardedBatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.next_index = int(state["next_index"])
+
+
+class _Rounds(torch.utils.data.Dataset):
+    """The k-th round after global position `start` of a ShardedBatches stream, for DataLoader workers."""
+
+    def __init__(self, stream: ShardedBatches, start: int):
+        self.stream, self.start = stream, start
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        return self.stream.batch_at(self.start + k * self.stream.round_size)
+
+
+class PrefetchedBatches:
+    """A ShardedBatches stream drawn ahead by `workers` processes (a torch DataLoader over its rounds, `prefetch`
+    micro-batches each), so that sampling and collating overlap the training step: the same batches in the same order
+    (samples are pure functions of their index), and `state_dict()` counts only the batches handed out, so a resumed
+    run continues exactly where the checkpoint was taken. `pin_memory` for fast host-to-GPU copies."""
+
+    def __init__(self, stream: ShardedBatches, workers: int, prefetch: int = 2, pin_memory: bool = False):
+        if workers < 1:
+            raise ValueError(f"data workers must be >= 1, got {workers}")
+        self.stream, self.workers, self.prefetch, self.pin_memory = stream, workers, prefetch, pin_memory
+        self._it: Iterator[dict[str, Any]] | None = None
+
+    def __iter__(self) -> "PrefetchedBatches":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._it is None:
+            self._it = iter(torch.utils.data.DataLoader(
+                _Rounds(self.stream, self.stream.next_index), batch_size=None, sampler=itertools.count(),
+                num_workers=self.workers, prefetch_factor=self.prefetch, pin_memory=self.pin_memory))
+        batch = next(self._it)
+        self.stream.next_index += self.stream.round_size
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
+        self.close()  # the workers drew from the old position
+
+    def close(self) -> None:
+        """Stop the workers (they also stop when this object is garbage-collected)."""
+        self._it = None
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from vla.train import checkpoint as ckpt
-from vla.train.stages import ModuleGroup, StageTask, apply_freezing, format_freezing_plan
+from vla.train.stages import (ModuleGroup, PrefetchedBatches, ShardedBatches, StageTask, apply_freezing,
+                              format_freezing_plan)
 from vla.train.log import TrainLogger, plot_loss_curve
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -89,6 +90,7 @@ class TrainerConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA with bf16, else fp32) | bf16 | fp32
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each transformer block before training (backbone.compile_blocks)
+    data_workers: int = 0  # processes drawing micro-batches ahead of the step (0: drawn in the step, on this process)
     distributed: str = "ddp"  # ddp | fsdp (used when WORLD_SIZE > 1)
     resume: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -105,6 +107,8 @@ class TrainerConfig:
             raise ValueError(f"schedule kind must be cosine, step or constant, got {self.schedule.kind!r}")
         if self.steps < 1 or self.micro_batch < 1 or self.grad_accum < 1:
             raise ValueError("steps, micro_batch and grad_accum must be >= 1")
+        if self.data_workers < 0:
+            raise ValueError(f"data_workers must be >= 0, got {self.data_workers}")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -369,7 +373,7 @@ class Trainer:
         task.attach(optimizer)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.steps, cfg.schedule))
         trainable = [p for group in optimizer.param_groups for p in group["params"]]
-        batches = task.batches(dist.rank, dist.world, cfg.micro_batch)
+        batches = self.batches()
         step, samples = 0, 0
         if resume_from is not None:
             step, samples = self._load_trainer_state(resume_from, optimizer, scheduler, batches)
@@ -404,6 +408,8 @@ class Trainer:
                     since_ckpt = []
         finally:
             logger.close()
+            if isinstance(batches, PrefetchedBatches):
+                batches.close()
         summary = {"stage": task.name, "steps": step, "samples": samples, "losses": losses,
                    "final_loss": losses.get(step), "checkpoint": str(last_ckpt) if last_ckpt else None,
                    "best": ckpt.read_best(self.ckpt_root)}
@@ -413,6 +419,14 @@ class Trainer:
                 summary["loss_curve"] = str(png) if png else None
             (cfg.out_dir / "summary.json").write_text(json.dumps(summary | {"losses": {str(k): v for k, v in losses.items()}}, indent=2))
         return summary
+
+    def batches(self):
+        """The task's micro-batches for this process, drawn ahead by `data_workers` processes when set."""
+        cfg, dist = self.config, self.dist
+        batches = self.task.batches(dist.rank, dist.world, cfg.micro_batch)
+        if cfg.data_workers and isinstance(batches, ShardedBatches):
+            batches = PrefetchedBatches(batches, cfg.data_workers, pin_memory=dist.device.type == "cuda")
+        return batches
 
     def _train_step(self, model: nn.Module, optimizer, batches, trainable: list[nn.Parameter]) -> tuple[float, dict[str, float], float]:
         """One optimizer step over `grad_accum` micro-batches; returns (global loss, scalars, global tokens)."""

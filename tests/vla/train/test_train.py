@@ -20,7 +20,7 @@ from vla.config import load_config
 from vla.train import run
 from vla.train.checkpoint import CheckpointCorrupt, find_resumable, list_checkpoints, validate_checkpoint
 from vla.train.log import read_csv
-from vla.train.stages import (LossOutput, ModuleGroup, ShardedBatches, StageContext, StageTask, StageTaskError,
+from vla.train.stages import (LossOutput, ModuleGroup, PrefetchedBatches, ShardedBatches, StageContext, StageTask, StageTaskError,
                               apply_freezing, make_stage_task, register_stage_task, vl2_module_group)
 from vla.train.trainer import ScheduleConfig, Trainer, TrainerConfig, lr_factor
 
@@ -149,6 +149,19 @@ def test_sharded_batches_cover_the_global_batch():
     assert one.state_dict() == two[0].state_dict() == two[1].state_dict() == {"next_index": 12}
 
 
+def test_prefetched_batches_are_the_same_stream_and_resume_where_handed_out():
+    plain = ShardedBatches(lambda i: i * i, list, rank=1, world=2, micro_batch=3)
+    ahead = PrefetchedBatches(ShardedBatches(lambda i: i * i, list, rank=1, world=2, micro_batch=3), workers=2)
+    assert [next(ahead) for _ in range(4)] == [next(plain) for _ in range(4)]
+    assert ahead.state_dict() == plain.state_dict() == {"next_index": 24}, "what was handed out, not drawn ahead"
+    ahead.load_state_dict({"next_index": 9})  # not a multiple of a round: saved with another process count
+    plain.load_state_dict({"next_index": 9})
+    assert [next(ahead) for _ in range(2)] == [next(plain) for _ in range(2)]
+    ahead.close()
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        PrefetchedBatches(plain, workers=0)
+
+
 # ---------------------------------------------------------------------------------------------------- checkpoints
 def test_train_writes_logs_and_loadable_checkpoints(tmp_path):
     from backbone.deepseek_vl2 import load_deepseek_vl2
@@ -200,7 +213,9 @@ def test_resume_continues_the_same_trajectory(tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(tmp_path / "ref", out)
     drop_after(out, 2)
-    resumed = run(train_cfg(out, "pretrain", "stage.steps=5", "grad_accum=2", "micro_batch=1", "resume=true"))
+    # resumed with its batches drawn ahead by worker processes: the same batches, from the checkpoint's position
+    resumed = run(train_cfg(out, "pretrain", "stage.steps=5", "grad_accum=2", "micro_batch=1", "resume=true",
+                            "data_workers=2"))
     assert sorted(resumed["losses"]) == [3, 4, 5]
     for step in (3, 4, 5):
         assert abs(resumed["losses"][step] - ref["losses"][step]) < 1e-6, step
