@@ -15,7 +15,9 @@ maximum: the value after a stage covers it and every stage before it; on a GPU t
 stage instead). Runs on 1 torch thread unless `threads=N` is given. `steps=N` sets the vla stage's timed steps (default
 20). `compile=false` skips the compiled row. `device=auto|cpu|cuda` (auto: CUDA when there is one) and
 `precision=auto|bf16|fp32` (the trainer's: bf16 autocast on CUDA, fp32 on CPU) pick where and how it runs;
-`compile_mode=` is torch.compile's mode for the compiled row (default: its default).
+`compile_mode=` is torch.compile's mode for the compiled row (default: its default). `rows=[vla]` (any of align,
+pretrain, sft, vla) runs only those stages; the vla stage's rows always run. `data_workers=N`: every row draws its
+batches in N processes ahead of the step (the trainer's `data_workers`).
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def stage_task(stage: str, out_dir: Path, seed: int, language: dict, vision: dic
 
 def bench_stage(stage: str, out_dir: Path, micro_batch: int, steps: int, warmup: int, seed: int,
                 language: dict, vision: dict, compiled: bool = False, device: torch.device = torch.device("cpu"),
-                precision: str = "auto", compile_mode: str | None = None) -> dict:
+                precision: str = "auto", compile_mode: str | None = None, data_workers: int = 0) -> dict:
     from backbone.deepseek_vl2 import compile_blocks
     from vla.train.trainer import DistInfo, OptimConfig, Trainer, TrainerConfig, build_optimizer
 
@@ -91,12 +93,13 @@ def bench_stage(stage: str, out_dir: Path, micro_batch: int, steps: int, warmup:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     trainer = Trainer(task, TrainerConfig(out_dir=out_dir, steps=steps + warmup, micro_batch=micro_batch,
-                                          precision=precision, log={"progress": False}, optim=OptimConfig(lr=1e-4)),
+                                          precision=precision, data_workers=data_workers, log={"progress": False},
+                                          optim=OptimConfig(lr=1e-4)),
                       DistInfo(device=device))
     optimizer = build_optimizer(dict(task.module.named_parameters()), groups, trainer.config.optim)
     task.attach(optimizer)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    batches = task.batches(0, 1, micro_batch)
+    batches = trainer.batches()
     losses = []
     t_start = time.perf_counter()
     for _ in range(warmup):
@@ -109,6 +112,8 @@ def bench_stage(stage: str, out_dir: Path, micro_batch: int, steps: int, warmup:
         tokens += step_tokens
     _sync(device)
     seconds = time.perf_counter() - t0
+    if hasattr(batches, "close"):
+        batches.close()
     n_params = sum(p.numel() for p in task.module.parameters())
     n_train = sum(p.numel() for p in trainable)
     memory = {"peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20} if device.type == "cuda" else {}
@@ -147,12 +152,17 @@ def run(cfg) -> dict:
     device = _device(str(cfg.get("device", "auto") or "auto"))
     precision = str(cfg.get("precision", "auto") or "auto")
     compile_mode = cfg.get("compile_mode") or None
+    data_workers = int(cfg.get("data_workers", 0) or 0)
     language, vision, demo_micro_batch = demo_model()
     micro_batch, steps, warmup = (4, 3, 3) if quick else (demo_micro_batch, 10, 3)  # first steps pay one-off setup
     vla_steps = int(cfg.get("steps", 0) or 0) or (3 if quick else 20)
     if device.type == "cuda":  # steps of milliseconds: more of them, and compilation's recompiles all in the warmup
         steps, warmup = 3 * steps, 2 * warmup
     seed = int(cfg.get("seed", 0) or 0)
+    stages = [str(r) for r in (cfg.get("rows") or [])] or list(STAGES)
+    if unknown := sorted(set(stages) - set(STAGES)):
+        raise ValueError(f"rows={unknown}: the stages are {list(STAGES)}")
+    stages = [s for s in STAGES if s in stages or s == "vla"]  # the vla rows always run
     results: dict[str, dict] = {}
     memory = "peak GPU MB" if device.type == "cuda" else "peak RSS MB"
     header = ["stage", "trainable/params", "tokens/step", "tokens/s", "samples/s", "s/step", memory]
@@ -160,12 +170,12 @@ def run(cfg) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         # the vla stage eager a second time: how far two eager runs of the same batches drift apart (0 where the
         # kernels are deterministic; on a GPU, atomic adds set a floor under the compiled row's difference)
-        runs = [(stage, stage, False) for stage in STAGES] + [("vla_repeat", "vla", False)] + \
+        runs = [(stage, stage, False) for stage in stages] + [("vla_repeat", "vla", False)] + \
             ([("vla_compiled", "vla", True)] if with_compiled else [])
         for name, stage, compiled in runs:
             r = bench_stage(stage, Path(tmp) / name, micro_batch, vla_steps if stage == "vla" else steps, warmup, seed,
                             dict(language), dict(vision), compiled=compiled, device=device, precision=precision,
-                            compile_mode=compile_mode)
+                            compile_mode=compile_mode, data_workers=data_workers)
             results[name] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "losses"}
             results[name]["losses"] = r["losses"]
             rows.append([name.replace("_", " "), f"{r['trainable_params']:,}/{r['params']:,}", r["tokens_per_step"],
@@ -187,5 +197,6 @@ def run(cfg) -> dict:
         r.pop("losses")
     return {"benchmark": "train", "quick": quick, "micro_batch": micro_batch, "steps": steps, "vla_steps": vla_steps,
             "threads": torch.get_num_threads(), "device": _device_name(device), "precision": precision,
-            "compile_mode": compile_mode, "model": {"preset": "test", **language, "vision": vision, "tile": 64},
+            "compile_mode": compile_mode, "data_workers": data_workers,
+            "model": {"preset": "test", **language, "vision": vision, "tile": 64},
             "stages": results, **summary}

@@ -3,11 +3,13 @@ demo's model and micro-batch, 1 thread unless --threads), 8 batches drawn once a
 times the same forward, backward and optimizer work; the batches' own cost (sampling, collation) is timed apart.
 
     python docs/experiments/step_profile.py [--compile none|dynamic|static] [--mode MODE] [--reps 4] [--threads 1] \\
-        [--profile]
+        [--profile] [--device cpu|cuda] [--bf16]
 
 `--compile dynamic` is `backbone.compile_blocks` as the trainer calls it; `static` compiles one graph per sequence
 length (dynamic=False). The first pass over the batches pays the compilation and is left out of the means. `--profile`
-prints torch.profiler's table of one more pass (with the generated CPU kernels named). Prints one JSON line.
+prints torch.profiler's table of one more pass (with the generated CPU kernels named; on CUDA also sorted by GPU
+time). `--device cuda` times each phase to the GPU's end (synchronized); `--bf16` runs under bf16 autocast as the
+trainer does on a GPU. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the demo runs torch's default)")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (the trainer's GPU precision)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch._dynamo.config.cache_size_limit = 64  # static: one graph per sequence length of the 8 batches
@@ -43,6 +47,8 @@ def main() -> None:
     language, vision, micro_batch = demo_model()
     with tempfile.TemporaryDirectory() as tmp:
         task, groups = stage_task("vla", Path(tmp), 0, language, vision)
+        device = torch.device(args.device)
+        task.module.to(device)
         task.module.train()
         if args.compile != "none":
             compile_blocks(task.module, dynamic=args.compile == "dynamic", mode=args.mode)
@@ -52,17 +58,25 @@ def main() -> None:
         t0 = time.perf_counter()
         replay = [next(batches) for _ in range(8)]
         data_s = (time.perf_counter() - t0) / len(replay)
+        replay = [torch.utils._pytree.tree_map(lambda v: v.to(device) if isinstance(v, torch.Tensor) else v, b)
+                  for b in replay]
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
         def one_pass() -> dict[str, float]:
             sums = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
             for batch in replay:
+                sync()
                 t0 = time.perf_counter()
-                loss = sum(v.float() for v in task.loss(task.module, batch).terms.values())
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                    loss = sum(v.float() for v in task.loss(task.module, batch).terms.values())
+                sync()
                 t1 = time.perf_counter()
                 loss.backward()
+                sync()
                 t2 = time.perf_counter()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                sync()
                 t3 = time.perf_counter()
                 for key, dt in zip(sums, (t1 - t0, t2 - t1, t3 - t2)):
                     sums[key] += dt / len(replay)
@@ -79,11 +93,18 @@ def main() -> None:
             with profile() as prof:
                 one_pass()
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+            if device.type == "cuda":
+                print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20))
     step = sum(means.values())
+    counters = torch._dynamo.utils.counters
+    breaks = {reason[:120]: n for reason, n in counters["graph_break"].items()}
+    if breaks:
+        print("graph breaks:", json.dumps(breaks, indent=1))
     print(json.dumps({"compile": args.compile, "mode": args.mode, "data_s": round(data_s, 4),
                       **{f"{k}_s": round(v, 4) for k, v in means.items()}, "step_s": round(step, 4),
                       "step_with_data_s": round(step + data_s, 4), "first_pass_s": round(first_pass_s, 1),
-                      "threads": torch.get_num_threads()}))
+                      "threads": torch.get_num_threads(), "device": args.device, "bf16": args.bf16,
+                      "graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(breaks.values())}))
 
 
 if __name__ == "__main__":

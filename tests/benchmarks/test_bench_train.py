@@ -22,3 +22,15 @@ def test_bench_train_quick_rows_and_the_eager_floor(capsys):
     assert abs(vla["samples_per_s"] * vla["s_per_step"] - 4) < 0.2  # micro-batch 4 per step (both rounded)
     printed = capsys.readouterr().out
     assert "vla repeat" in printed and "eager run twice" in printed
+
+
+def test_bench_train_vla_rows_only_with_data_workers():
+    from benchmarks.train import run
+
+    cfg = OmegaConf.create({"name": "train", "quick": True, "seed": 0, "compile": False, "device": "cpu",
+                            "rows": ["vla"], "data_workers": 1})
+    out = run(cfg)
+    assert set(out["stages"]) == {"vla", "vla_repeat"} and out["data_workers"] == 1
+    assert out["eager_repeat_max_loss_diff"] == 0.0  # batches drawn by a worker: the same ones, run after run
+    with pytest.raises(ValueError, match=r"rows=\['sfft'\]: the stages are"):
+        run(OmegaConf.create({"name": "train", "quick": True, "compile": False, "rows": ["sfft"]}))
