@@ -38,12 +38,16 @@ class ActionQueries(nn.Module):
         super().__init__()
         self.step_embedding = nn.Parameter(torch.randn(max_steps, width) * init_std)
         self.dim_embedding = nn.Parameter(torch.randn(max_dims, width) * init_std)
+        self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # chunk_layout per (H, A, device)
 
     def forward(self, chunk_len: int, action_dim: int) -> torch.Tensor:
         if chunk_len > self.step_embedding.shape[0] or action_dim > self.dim_embedding.shape[0]:
             raise ValueError(f"chunk {chunk_len}x{action_dim} exceeds the query tables "
                              f"({self.step_embedding.shape[0]} steps x {self.dim_embedding.shape[0]} dims)")
-        steps, dims = chunk_layout(chunk_len, action_dim, self.step_embedding.device)
+        key = (chunk_len, action_dim, self.step_embedding.device)
+        if key not in self._layouts:  # built once, not per sample and step (device ops, on a GPU kernel launches)
+            self._layouts[key] = chunk_layout(chunk_len, action_dim, self.step_embedding.device)
+        steps, dims = self._layouts[key]
         return self.step_embedding[steps] + self.dim_embedding[dims]  # (H*A, width)
 
 

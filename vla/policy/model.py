@@ -248,10 +248,11 @@ class VLAPolicy(nn.Module):
         B, T = len(rows), max(lengths)
         embed = self.backbone.language.embed
         width = self.backbone.language.config.hidden_size
-        ids = torch.full((B, T), tok.pad_id, dtype=torch.long, device=self.device)
-        kinds = torch.full((B, T), PAD, dtype=torch.long, device=self.device)
-        emb_index = torch.full((B, T), -1, dtype=torch.long, device=self.device)
-        dense_slots: list[tuple[int, int, torch.Tensor]] = []
+        # the index tensors are laid out on the host and copied once each (not written slice by slice on the device)
+        ids_BT = np.full((B, T), tok.pad_id, dtype=np.int64)
+        kinds_BT = np.full((B, T), PAD, dtype=np.int64)
+        emb_index_BT = np.full((B, T), -1, dtype=np.int64)
+        dense_slots: list[tuple[int, torch.Tensor]] = []  # (flat position of the first row, embeddings)
         action_start, num_actions = [], []
         ground_start, num_ground = [], []
         for b, segments in enumerate(rows):
@@ -261,24 +262,25 @@ class VLAPolicy(nn.Module):
                 if ground_segment and i == ground_segment[b]:
                     ground_start.append(pos)
                     num_ground.append(n)
-                kinds[b, pos:pos + n] = kind
+                kinds_BT[b, pos:pos + n] = kind
                 if isinstance(content, list):
-                    ids[b, pos:pos + n] = torch.tensor(content, device=self.device)
+                    ids_BT[b, pos:pos + n] = content
                 else:
-                    dense_slots.append((b, pos, content))
+                    dense_slots.append((b * T + pos, content))
                 if kind == ACTION:
                     action_start.append(pos)
                     num_actions.append(n)
-                    emb_index[b, pos:pos + n] = self.registry.index(embodiments[b].name)
+                    emb_index_BT[b, pos:pos + n] = self.registry.index(embodiments[b].name)
                 pos += n
             if not with_actions:
                 action_start.append(T)
                 num_actions.append(embodiments[b].num_action_tokens)
+        ids, kinds, emb_index = (torch.from_numpy(a).to(self.device) for a in (ids_BT, kinds_BT, emb_index_BT))
         x_BTD = embed(ids)
         if dense_slots:  # images, state and query embeddings replace their placeholder positions
-            index = torch.cat([b * T + pos + torch.arange(len(c), device=self.device) for b, pos, c in dense_slots])
-            values = torch.cat([c.to(x_BTD.dtype) for _, _, c in dense_slots])
-            x_BTD = x_BTD.reshape(B * T, width).index_copy(0, index, values).reshape(B, T, width)
+            index = torch.from_numpy(np.concatenate([np.arange(start, start + len(c)) for start, c in dense_slots]))
+            values = torch.cat([c.to(x_BTD.dtype) for _, c in dense_slots])
+            x_BTD = x_BTD.reshape(B * T, width).index_copy(0, index.to(self.device), values).reshape(B, T, width)
         block_ids = None
         if self.config.decoding == "parallel":
             block_ids = torch.where(kinds == ACTION, 0, -1)
@@ -392,7 +394,7 @@ class VLAPolicy(nn.Module):
         return batch
 
     def _step_weights(self, is_pad_H: torch.Tensor) -> torch.Tensor:
-        """(H,) loss weight of each chunk step: 1, or `pad_loss_weight` past the episode's end."""
+        """(..., H) loss weight of each chunk step: 1, or `pad_loss_weight` past the episode's end."""
         return torch.where(is_pad_H.bool(), self.config.pad_loss_weight, 1.0)
 
     def _robot_targets(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -400,16 +402,22 @@ class VLAPolicy(nn.Module):
         steps past the episode's end)."""
         embodiments = self._embodiments(batch, len(batch["observation.state"]))
         actions, is_pad = batch["action"].to(self.device), batch.get("action_is_pad")
-        out: dict[str, Any] = {"embodiments": embodiments, "bins": [], "offsets": [], "weights": []}
-        for b, emb in enumerate(embodiments):
-            chunk = actions[b, : emb.chunk_len, : emb.action_dim]
-            if chunk.shape[0] < emb.chunk_len:
-                raise ValueError(f"sample {b} ({emb.name}): action chunk has {chunk.shape[0]} steps, needs {emb.chunk_len}")
-            bins, offs = self.binners[emb.name].encode_with_offsets(chunk.float())
-            pad = is_pad[b, : emb.chunk_len].to(self.device) if is_pad is not None else torch.zeros(emb.chunk_len, dtype=torch.bool, device=self.device)
-            out["bins"].append(bins)
-            out["offsets"].append(offs)
-            out["weights"].append(self._step_weights(pad)[:, None].expand(-1, emb.action_dim))
+        out: dict[str, Any] = {"embodiments": embodiments, "bins": [None] * len(embodiments),
+                               "offsets": [None] * len(embodiments), "weights": [None] * len(embodiments)}
+        for name in dict.fromkeys(e.name for e in embodiments):  # one encoding per robot, in order of appearance
+            samples = [b for b, e in enumerate(embodiments) if e.name == name]
+            emb = embodiments[samples[0]]
+            if actions.shape[1] < emb.chunk_len:
+                raise ValueError(f"sample {samples[0]} ({name}): action chunk has {actions.shape[1]} steps, needs "
+                                 f"{emb.chunk_len}")
+            rows = samples if len(samples) < len(embodiments) else slice(None)
+            bins_GHA, offs_GHA = self.binners[name].encode_with_offsets(
+                actions[rows, : emb.chunk_len, : emb.action_dim].float())
+            pad_GH = is_pad[rows, : emb.chunk_len].to(self.device) if is_pad is not None else \
+                torch.zeros(len(samples), emb.chunk_len, dtype=torch.bool, device=self.device)
+            weights_GHA = self._step_weights(pad_GH)[..., None].expand(-1, -1, emb.action_dim)
+            for g, b in enumerate(samples):
+                out["bins"][b], out["offsets"][b], out["weights"][b] = bins_GHA[g], offs_GHA[g], weights_GHA[g]
         return out
 
     def _action_terms(self, hidden_BTD: torch.Tensor, seq: SequenceBatch, robot: dict[str, Any],
@@ -428,12 +436,14 @@ class VLAPolicy(nn.Module):
         metrics.update({k: float(v.detach()) for k, v in losses.items()})
         # per-embodiment action loss, for logging
         ce_N = F.cross_entropy(bin_logits.detach().float(), target_N, reduction="none")
-        start = 0
+        sample_N = torch.from_numpy(np.repeat(np.arange(len(robot["weights"])), [w.numel() for w in robot["weights"]]))
+        sample_N = sample_N.to(ce_N.device)
+        ce_sum_B = ce_N.new_zeros(len(robot["weights"])).index_add(0, sample_N, ce_N * weight_N)
+        weight_sum_B = ce_N.new_zeros(len(robot["weights"])).index_add(0, sample_N, weight_N.float())
+        per_sample = (ce_sum_B / weight_sum_B.clamp(min=1)).tolist()  # one host copy for all samples
         per_emb: dict[str, list[float]] = {}
-        for emb, w in zip(robot["embodiments"], robot["weights"]):
-            n = w.numel()
-            per_emb.setdefault(emb.name, []).append(float((ce_N[start:start + n] * w.reshape(-1)).sum() / w.sum().clamp(min=1)))
-            start += n
+        for emb, ce in zip(robot["embodiments"], per_sample):
+            per_emb.setdefault(emb.name, []).append(ce)
         metrics.update({f"loss/{name}": float(np.mean(v)) for name, v in per_emb.items()})
 
     def _answer_box(self, ids: list[int]) -> list[float] | None:

@@ -48,6 +48,25 @@ def test_sequence_has_each_robots_own_action_count():
     assert (seq.block_ids[seq.kinds == ACTION] == 0).all() and (seq.block_ids[seq.kinds != ACTION] == -1).all()
 
 
+def test_robot_targets_encode_each_sample_with_its_own_robots_binner():
+    """The targets are encoded one robot at a time (one call per robot, not per sample): each sample's bins, offsets
+    and weights are still those of its own robot's chunk, in batch order."""
+    policy = make_policy()
+    batch = make_batch()
+    for key in ("action", "action_is_pad", "observation.state", CAM, WRIST):
+        batch[key] = torch.cat([batch[key], batch[key].flip(0)])  # point2d, arm3, arm3, point2d
+    batch["embodiment"] = ["point2d", "arm3", "arm3", "point2d"]
+    batch["task"] = batch["task"] * 2
+    batch["action"] = torch.rand(4, 4, 3, generator=torch.Generator().manual_seed(1)) * 1.8 - 0.9  # all different
+    batch["action_is_pad"][2, 3:] = True
+    robot = policy._robot_targets(batch)
+    for b, emb in enumerate(policy._embodiments(batch, 4)):
+        bins, offsets = policy.binners[emb.name].encode_with_offsets(batch["action"][b, : emb.chunk_len, : emb.action_dim])
+        assert torch.equal(robot["bins"][b], bins) and torch.equal(robot["offsets"][b], offsets)
+        weights = torch.where(batch["action_is_pad"][b, : emb.chunk_len], policy.config.pad_loss_weight, 1.0)
+        assert torch.equal(robot["weights"][b], weights[:, None].expand(-1, emb.action_dim))
+
+
 def test_instruction_first_moves_only_the_instruction_before_the_images():
     from vla.policy.model import IMAGE, TEXT
 
