@@ -34,3 +34,14 @@ def test_bench_train_vla_rows_only_with_data_workers():
     assert out["eager_repeat_max_loss_diff"] == 0.0  # batches drawn by a worker: the same ones, run after run
     with pytest.raises(ValueError, match=r"rows=\['sfft'\]: the stages are"):
         run(OmegaConf.create({"name": "train", "quick": True, "compile": False, "rows": ["sfft"]}))
+
+
+def test_vla_stage_losses_with_data_workers_equal_those_without(tmp_path):
+    """The vla stage's batches (robot mixture from LeRobot datasets + scene conversations) drawn by two worker
+    processes: the same losses, step for step, as drawn in the step."""
+    from benchmarks.train import bench_stage, demo_model
+
+    language, vision, _ = demo_model()
+    losses = [bench_stage("vla", tmp_path / f"w{w}", 4, 3, 1, 0, dict(language), dict(vision), data_workers=w)["losses"]
+              for w in (0, 2)]
+    assert losses[0] == losses[1]
