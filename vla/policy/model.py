@@ -52,7 +52,7 @@ from heads.action_tokenizer import ActionTokenizer
 from heads.embodiment import Embodiment, EmbodimentRegistry, camera_key
 from vla.policy.checkpoint import BACKBONE_DIR, POLICY_CONFIG, POLICY_WEIGHTS
 from vla.policy.lora import head_rows, is_adapter_checkpoint, load_adapter_policy
-from vla.train.stages import LossOutput, next_token_loss, shifted_targets
+from vla.train.stages import LossOutput, gradients_for_all, next_token_loss, shifted_targets
 
 TEXT, IMAGE, STATE, ACTION, PAD = 0, 1, 2, 3, -1
 KIND_NAMES = {TEXT: "text", IMAGE: "image", STATE: "state", ACTION: "action", PAD: "pad"}
@@ -344,13 +344,9 @@ class VLAPolicy(nn.Module):
         if aux_parts:  # one balance term per sequence (seq_aux), robot and conversation alike
             terms["aux"] = sum(a * n for a, n in aux_parts) / sum(n for _, n in aux_parts)
             metrics["aux_loss"] = float(terms["aux"].detach())
-        if self.training:
-            # Every trainable parameter outside the decoder layers gets a gradient (0 where unused: the other robots'
-            # state projections, the action head on a conversations-only micro-batch): every process then reduces
-            # the same parameters (FSDP2 reduce-scatters only those with a gradient; DDP needs no unused-parameter
-            # search), and AdamW treats them alike with 1 or N processes.
+        if self.training:  # zeros for the parameters outside the decoder layers this batch did not use
             first = next(iter(terms))
-            terms[first] = terms[first] + 0.0 * sum(p.sum() for p in self._outside_layers())
+            terms[first] = gradients_for_all(terms[first], self._outside_layers())
         loss = sum(terms.values())
         metrics["loss"] = float(loss.detach())
         if return_terms:

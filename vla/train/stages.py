@@ -585,17 +585,39 @@ class VL2StageTask(StageTask):
 
 
 def _keep_vision_in_graph(module: nn.Module, args: tuple, kwargs: dict, output):
-    """Forward hook: on a text-only training batch (the vision tower is skipped), add 0 x the vision parameters to
-    the logits. Values are unchanged and the gradients are zero, but every process then reduces the same parameters:
-    FSDP2 reduce-scatters only parameters that got a gradient (a text-only batch on one process and an image batch
-    on another would otherwise exchange buffers of different sizes), and DDP needs no unused-parameter search."""
+    """Forward hook: on a text-only training batch (the vision tower is skipped), the vision parameters still get a
+    gradient (zeros; `gradients_for_all`)."""
     crop = kwargs.get("images_spatial_crop")
     if not module.training or (crop is not None and int(crop.sum()) > 0) or output.logits is None:
         return output
-    params = [p for p in module.vision_encoder.parameters() if p.requires_grad]
-    if params:
-        output.logits = output.logits + 0.0 * torch.stack([p.sum() for p in params]).sum()
+    output.logits = gradients_for_all(output.logits, [p for p in module.vision_encoder.parameters() if p.requires_grad])
     return output
+
+
+def gradients_for_all(loss: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
+    """`loss` (or any tensor the loss is computed from), arranged so that every one of `params` has a gradient once
+    the backward pass through it ends: zeros where the batch did not use it (another robot's state projection, the
+    vision tower on a text-only batch). Every process then reduces the same parameters (FSDP2 reduce-scatters only
+    those with a gradient; DDP needs no unused-parameter search), and AdamW updates them alike with 1 or N
+    processes. In a process group the zeros come from the graph (`loss + 0 x the parameters' sum`: the reducers see
+    them); in one process, the parameters still without a gradient when the backward pass ends get zeros, the same
+    values without three autograd ops a parameter (on a GPU, kernel launches)."""
+    if not loss.requires_grad or not params:
+        return loss
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return loss + 0.0 * torch.stack([p.sum() for p in params]).sum()
+
+    def fill_unused() -> None:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    def at_backward(grad: torch.Tensor) -> torch.Tensor:  # runs as the backward pass reaches `loss`
+        torch.autograd.Variable._execution_engine.queue_callback(fill_unused)  # runs when that pass ends
+        return grad
+
+    loss.register_hook(at_backward)
+    return loss
 
 
 def next_token_loss(logits_BTV: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:

@@ -21,7 +21,7 @@ from vla.train import run
 from vla.train.checkpoint import CheckpointCorrupt, find_resumable, list_checkpoints, validate_checkpoint
 from vla.train.log import read_csv
 from vla.train.stages import (LossOutput, ModuleGroup, PrefetchedBatches, ShardedBatches, StageContext, StageTask, StageTaskError,
-                              apply_freezing, make_stage_task, register_stage_task, vl2_module_group)
+                              apply_freezing, gradients_for_all, make_stage_task, register_stage_task, vl2_module_group)
 from vla.train.trainer import ScheduleConfig, Trainer, TrainerConfig, lr_factor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -137,6 +137,27 @@ def test_label_masking_per_stage(tmp_path):
             assert (s["labels"] == s["input_ids"]).all()
         else:  # image-text: every text token, no image position (prompt not masked in pretraining)
             assert ((s["labels"] != -100) == ~s["images_seq_mask"]).all()
+
+
+def _grads_through_gradients_for_all() -> list[torch.Tensor | None]:
+    torch.manual_seed(0)
+    used, unused = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, 2))
+    for _ in range(2):  # accumulated over two backward passes, as with grad_accum
+        gradients_for_all((used ** 2).sum(), [used, unused]).backward()
+    return [used.grad, unused.grad]
+
+
+def test_gradients_for_all_gives_unused_parameters_zeros_in_one_process_and_in_a_group(tmp_path):
+    alone = _grads_through_gradients_for_all()  # one process: zeros filled in when the backward pass ends
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        grouped = _grads_through_gradients_for_all()  # in a process group: zeros from the graph
+    finally:
+        torch.distributed.destroy_process_group()
+    torch.manual_seed(0)
+    expected = 2 * 2 * torch.randn(3)  # d/dx of x^2, twice
+    for grads in (alone, grouped):  # (a plain backward pass leaves the unused one's gradient None)
+        assert grads[1] is not None and torch.equal(grads[0], expected) and torch.equal(grads[1], torch.zeros(2, 2))
 
 
 def test_sharded_batches_cover_the_global_batch():
