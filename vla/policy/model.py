@@ -221,6 +221,17 @@ class VLAPolicy(nn.Module):
         tok = self.tokenizer
         with_actions = not prompt_only and (self.config.decoding == "parallel" or target_bins is not None)
 
+        # the state tokens of each robot's samples in one projection, one query block per chunk layout shared by the
+        # samples that have it (not per sample: device ops forward and backward, on a GPU kernel launches)
+        state_tokens: list[torch.Tensor | None] = [None] * len(embodiments)
+        for name in dict.fromkeys(e.name for e in embodiments):
+            samples = [b for b, e in enumerate(embodiments) if e.name == name]
+            rows = samples if len(samples) < len(embodiments) else slice(None)
+            tokens_GD = self.state_proj(name, state[rows, : embodiments[samples[0]].state_dim].to(self.device))
+            for g, b in enumerate(samples):
+                state_tokens[b] = tokens_GD[g:g + 1]
+        queries: dict[tuple[int, int], torch.Tensor] = {}
+
         rows = []  # per sample: list of (kind, ids or embeddings)
         ground_segment = []  # per sample: the index of its grounding answer's segment
         for b, (emb, task) in enumerate(zip(embodiments, tasks)):
@@ -230,7 +241,7 @@ class VLAPolicy(nn.Module):
             segments: list[tuple[int, Any]] = [(TEXT, [tok.bos_id] + self._encode_text(head))]
             segments += [(IMAGE, f) for f in frames[b]]
             segments.append((TEXT, self._encode_text(tail) + [self.embodiment_token_id[emb.name]]))
-            segments.append((STATE, self.state_proj(emb.name, state[b, : emb.state_dim].to(self.device))[None]))
+            segments.append((STATE, state_tokens[b]))
             segments.append((TEXT, self._encode_text("\n\n<|Assistant|>:")))
             if grounding is not None and not prompt_only:
                 ground_segment.append(len(segments))
@@ -239,7 +250,10 @@ class VLAPolicy(nn.Module):
                     segments.append((STATE, self.box_proj(self._answer_box(grounding[b]))[None]))
             if with_actions:
                 if self.config.decoding == "parallel":
-                    segments.append((ACTION, self.queries(emb.chunk_len, emb.action_dim)))
+                    layout = (emb.chunk_len, emb.action_dim)
+                    if layout not in queries:
+                        queries[layout] = self.queries(*layout)
+                    segments.append((ACTION, queries[layout]))
                 else:
                     segments.append((ACTION, self.action_token_ids[target_bins[b].reshape(-1)].tolist()))
             rows.append(segments)
