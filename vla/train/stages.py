@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import multiprocessing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -342,6 +343,9 @@ class PrefetchedBatches:
     def __init__(self, stream: ShardedBatches, workers: int, prefetch: int = 2, pin_memory: bool = False):
         if workers < 1:
             raise ValueError(f"data workers must be >= 1, got {workers}")
+        if "fork" not in multiprocessing.get_all_start_methods():  # workers inherit the stream (and its model) as is
+            raise ValueError(f"data_workers needs the 'fork' start method, which this platform lacks "
+                             f"({multiprocessing.get_all_start_methods()}): set data_workers=0")
         self.stream, self.workers, self.prefetch, self.pin_memory = stream, workers, prefetch, pin_memory
         self._it: Iterator[dict[str, Any]] | None = None
 
@@ -352,7 +356,8 @@ class PrefetchedBatches:
         if self._it is None:
             self._it = iter(torch.utils.data.DataLoader(
                 _Rounds(self.stream, self.stream.next_index), batch_size=None, sampler=itertools.count(),
-                num_workers=self.workers, prefetch_factor=self.prefetch, pin_memory=self.pin_memory))
+                num_workers=self.workers, prefetch_factor=self.prefetch, pin_memory=self.pin_memory,
+                multiprocessing_context="fork"))
         batch = next(self._it)
         self.stream.next_index += self.stream.round_size
         return batch

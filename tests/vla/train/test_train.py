@@ -183,6 +183,13 @@ def test_prefetched_batches_are_the_same_stream_and_resume_where_handed_out():
         PrefetchedBatches(plain, workers=0)
 
 
+def test_prefetched_batches_refuse_a_platform_without_fork(monkeypatch):
+    import multiprocessing
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])  # as on Windows
+    with pytest.raises(ValueError, match="needs the 'fork' start method.*set data_workers=0"):
+        PrefetchedBatches(ShardedBatches(lambda i: i, list, rank=0, world=1, micro_batch=2), workers=1)
+
+
 # ---------------------------------------------------------------------------------------------------- checkpoints
 def test_train_writes_logs_and_loadable_checkpoints(tmp_path):
     from backbone.deepseek_vl2 import load_deepseek_vl2
