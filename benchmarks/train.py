@@ -7,7 +7,8 @@ stage (align: vision tower + adaptor only; pretrain: everything, 30% text-only; 
 everything, robot mixture of two embodiments + 25% scene VQA, action tokens counted as sequence tokens) runs full
 optimizer steps through the trainer's step function (forward, backward, clipping, AdamW) after warmup steps. The vla
 stage then runs again from the same seed with its blocks compiled: the row gives its step time after the warmup steps
-(which pay the compilation, reported apart as compile_s) and the largest loss difference from the eager run over all its
+(which pay the compilation, reported apart as compile_s; `compiled_graphs_in_timed_steps` counts the graphs compiled
+after them, 0 when the step time holds no compilation) and the largest loss difference from the eager run over all its
 steps (the same batches from the same weights); the vla stage also runs eager twice, and the largest difference between
 those two is the floor (0 where the kernels are deterministic). Reported: tokens/s (all non-padding tokens, images
 included), samples/s, seconds per step, and the peak resident memory of the process (`resource.getrusage`, a running
@@ -105,6 +106,7 @@ def bench_stage(stage: str, out_dir: Path, micro_batch: int, steps: int, warmup:
     for _ in range(warmup):
         losses.append(trainer._train_step(task.module, optimizer, batches, trainable)[0])
     _sync(device)
+    graphs_before = _graphs_compiled()
     tokens, t0 = 0.0, time.perf_counter()
     for _ in range(steps):
         loss, _, step_tokens = trainer._train_step(task.module, optimizer, batches, trainable)
@@ -112,6 +114,7 @@ def bench_stage(stage: str, out_dir: Path, micro_batch: int, steps: int, warmup:
         tokens += step_tokens
     _sync(device)
     seconds = time.perf_counter() - t0
+    graphs_timed = _graphs_compiled() - graphs_before  # compiles inside the timed steps (a batch shape new there)
     if hasattr(batches, "close"):
         batches.close()
     n_params = sum(p.numel() for p in task.module.parameters())
@@ -119,7 +122,15 @@ def bench_stage(stage: str, out_dir: Path, micro_batch: int, steps: int, warmup:
     memory = {"peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20} if device.type == "cuda" else {}
     return memory | {"tokens_per_s": tokens / seconds, "samples_per_s": steps * micro_batch / seconds,
             "s_per_step": seconds / steps, "tokens_per_step": tokens / steps, "params": n_params,
-            "trainable_params": n_train, "peak_rss_mb": _peak_rss_mb(), "warmup_s": t0 - t_start, "losses": losses}
+            "trainable_params": n_train, "peak_rss_mb": _peak_rss_mb(), "warmup_s": t0 - t_start, "losses": losses,
+            "graphs_compiled_in_timed_steps": graphs_timed}
+
+
+def _graphs_compiled() -> int:
+    """Graphs torch.compile has made in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _max_loss_diff(a: dict, b: dict) -> float:
@@ -190,9 +201,11 @@ def run(cfg) -> dict:
         diff = _max_loss_diff(eager, comp)
         summary |= {"compiled_speedup": round(eager["s_per_step"] / comp["s_per_step"], 3),
                     "compile_s": round(comp["warmup_s"] - eager["warmup_s"], 1), "compiled_max_loss_diff": diff,
-                    "compiled_loss_steps": len(comp["losses"])}
+                    "compiled_loss_steps": len(comp["losses"]),
+                    "compiled_graphs_in_timed_steps": comp["graphs_compiled_in_timed_steps"]}
         print(f"vla stage compiled / eager: {summary['compiled_speedup']:.2f}x per step after warmup; compilation "
-              f"~{summary['compile_s']:.0f} s; largest loss difference over {len(comp['losses'])} steps {diff:.2e}")
+              f"~{summary['compile_s']:.0f} s; largest loss difference over {len(comp['losses'])} steps {diff:.2e}; "
+              f"graphs compiled inside the timed steps: {comp['graphs_compiled_in_timed_steps']}")
     for r in results.values():
         r.pop("losses")
     return {"benchmark": "train", "quick": quick, "micro_batch": micro_batch, "steps": steps, "vla_steps": vla_steps,

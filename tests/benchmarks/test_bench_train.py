@@ -22,6 +22,23 @@ def test_bench_train_quick_rows_and_the_eager_floor(capsys):
     assert abs(vla["samples_per_s"] * vla["s_per_step"] - 4) < 0.2  # micro-batch 4 per step (both rounded)
     printed = capsys.readouterr().out
     assert "vla repeat" in printed and "eager run twice" in printed
+    assert vla["graphs_compiled_in_timed_steps"] == 0
+
+
+def test_graphs_compiled_counts_what_torch_compile_makes():
+    """The count behind `graphs_compiled_in_timed_steps` (a compiled row whose timed steps compiled is not timed):
+    one new graph per new specialization, none on a repeated call."""
+    import torch
+
+    from benchmarks.train import _graphs_compiled
+
+    f = torch.compile(lambda x: x * 2 + 1, backend="eager", dynamic=False)
+    before = _graphs_compiled()
+    f(torch.ones(3))
+    f(torch.ones(3))
+    assert _graphs_compiled() - before == 1
+    f(torch.ones(5))  # a new shape: a new graph
+    assert _graphs_compiled() - before == 2
 
 
 def test_bench_train_vla_rows_only_with_data_workers():
