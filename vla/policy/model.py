@@ -226,8 +226,8 @@ class VLAPolicy(nn.Module):
         state_tokens: list[torch.Tensor | None] = [None] * len(embodiments)
         for name in dict.fromkeys(e.name for e in embodiments):
             samples = [b for b, e in enumerate(embodiments) if e.name == name]
-            rows = samples if len(samples) < len(embodiments) else slice(None)
-            tokens_GD = self.state_proj(name, state[rows, : embodiments[samples[0]].state_dim].to(self.device))
+            pick = samples if len(samples) < len(embodiments) else slice(None)
+            tokens_GD = self.state_proj(name, state[pick, : embodiments[samples[0]].state_dim].to(self.device))
             for g, b in enumerate(samples):
                 state_tokens[b] = tokens_GD[g:g + 1]
         queries: dict[tuple[int, int], torch.Tensor] = {}
