@@ -13,10 +13,14 @@
 #         ("pending, uninvoked backwards"): 0.42x;
 #   fp32_autotune: fp32 with `max-autotune`;
 #   profile: docs/experiments/step_profile.py --device cuda, eager then compiled (the step's phases, the batch apart,
-#         and the kernel-launch table), to read against docs/experiments/h200_2026-12-04/.
+#         and the kernel-launch table), to read against docs/experiments/h200_2026-12-04/;
+#   graphs_per_block: step_profile.py --device cuda --compile dynamic --mode reduce-overhead --graph-per-block: each
+#         block instance its own graph, so each its own CUDA graph (whether per-block graphs then replay in training;
+#         the 8 replayed batches bound the shapes). Compiling took 191 s on the CPU against 50 s shared: give it
+#         ROW_TIMEOUT=500 and few other rows.
 # Usage, on a machine with a CUDA GPU and the project importable:
 #   [PYTHON=python3] [ROW_TIMEOUT=300] [DATA_WORKERS=4] bash docs/experiments/gpu_compiled_step.sh [OUT_DIR] [ROWS...]
-#   ROWS: fp32 bf16 fp32_graphs fp32_autotune profile (default: fp32 bf16 profile)
+#   ROWS: fp32 bf16 fp32_graphs fp32_autotune profile graphs_per_block (default: fp32 bf16 profile)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:-outputs/gpu_compiled_step}
@@ -35,12 +39,19 @@ for row in $rows; do
         done
         continue
     fi
+    if [ "$row" = graphs_per_block ]; then
+        echo "== graphs_per_block: step_profile.py --device cuda --compile dynamic --mode reduce-overhead --graph-per-block"
+        timeout "${ROW_TIMEOUT:-300}" "$py" docs/experiments/step_profile.py --device cuda --reps 3 --compile dynamic \
+            --mode reduce-overhead --graph-per-block > "$out/step_profile_graphs_per_block.txt" 2>&1
+        grep -i "cudagraph\|^{" "$out/step_profile_graphs_per_block.txt" | tail -4
+        continue
+    fi
     case "$row" in
         fp32) args="precision=fp32" ;;
         bf16) args="precision=bf16" ;;
         fp32_graphs) args="precision=fp32 compile_mode=reduce-overhead" ;;
         fp32_autotune) args="precision=fp32 compile_mode=max-autotune" ;;
-        *) echo "unknown row $row (fp32, bf16, fp32_graphs, fp32_autotune, profile)" >&2; exit 2 ;;
+        *) echo "unknown row $row (fp32, bf16, fp32_graphs, fp32_autotune, profile, graphs_per_block)" >&2; exit 2 ;;
     esac
     args="$args data_workers=${DATA_WORKERS:-4}"
     echo "== $row: vla bench train device=cuda rows=[vla] $args"

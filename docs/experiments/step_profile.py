@@ -3,13 +3,14 @@ demo's model and micro-batch, 1 thread unless --threads), 8 batches drawn once a
 times the same forward, backward and optimizer work; the batches' own cost (sampling, collation) is timed apart.
 
     python docs/experiments/step_profile.py [--compile none|dynamic|static] [--mode MODE] [--reps 4] [--threads 1] \\
-        [--profile] [--device cpu|cuda] [--bf16]
+        [--profile] [--device cpu|cuda] [--bf16] [--graph-per-block]
 
 `--compile dynamic` is `backbone.compile_blocks` as the trainer calls it; `static` compiles one graph per sequence
 length (dynamic=False). The first pass over the batches pays the compilation and is left out of the means. `--profile`
 prints torch.profiler's table of one more pass (with the generated CPU kernels named; on CUDA also sorted by GPU
 time). `--device cuda` times each phase to the GPU's end (synchronized); `--bf16` runs under bf16 autocast as the
-trainer does on a GPU. Prints one JSON line.
+trainer does on a GPU. `--graph-per-block` gives each block instance its own graph (see --help). Prints one JSON
+line.
 """
 
 from __future__ import annotations
@@ -35,9 +36,14 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (the trainer's GPU precision)")
+    parser.add_argument("--graph-per-block", action="store_true",
+                        help="one graph per block instance, not one shared by the blocks of a kind (dynamo's "
+                             "inline_inbuilt_nn_modules off): under --mode reduce-overhead each block is then its own "
+                             "CUDA graph, not one graph called again before its backward ran")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch._dynamo.config.cache_size_limit = 64  # static: one graph per sequence length of the 8 batches
+    torch._dynamo.config.inline_inbuilt_nn_modules = not args.graph_per_block
     torch._inductor.config.cpp.enable_kernel_profile = True
 
     from backbone.deepseek_vl2 import compile_blocks
@@ -104,6 +110,7 @@ def main() -> None:
                       **{f"{k}_s": round(v, 4) for k, v in means.items()}, "step_s": round(step, 4),
                       "step_with_data_s": round(step + data_s, 4), "first_pass_s": round(first_pass_s, 1),
                       "threads": torch.get_num_threads(), "device": args.device, "bf16": args.bf16,
+                      "graph_per_block": args.graph_per_block,
                       "graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(breaks.values())}))
 
 
