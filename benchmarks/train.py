@@ -84,6 +84,7 @@ def bench_stage(stage: str, out_dir: Path, micro_batch: int, steps: int, warmup:
                 language: dict, vision: dict, compiled: bool = False, device: torch.device = torch.device("cpu"),
                 precision: str = "auto", compile_mode: str | None = None, data_workers: int = 0) -> dict:
     from backbone.deepseek_vl2 import compile_blocks
+    from vla.train.stages import PrefetchedBatches
     from vla.train.trainer import DistInfo, OptimConfig, Trainer, TrainerConfig, build_optimizer
 
     task, groups = stage_task(stage, out_dir, seed, language, vision)
@@ -115,7 +116,7 @@ def bench_stage(stage: str, out_dir: Path, micro_batch: int, steps: int, warmup:
     _sync(device)
     seconds = time.perf_counter() - t0
     graphs_timed = _graphs_compiled() - graphs_before  # compiles inside the timed steps (a batch shape new there)
-    if hasattr(batches, "close"):
+    if isinstance(batches, PrefetchedBatches):  # as Trainer.run does: stop its workers
         batches.close()
     n_params = sum(p.numel() for p in task.module.parameters())
     n_train = sum(p.numel() for p in trainable)

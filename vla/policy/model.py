@@ -224,10 +224,9 @@ class VLAPolicy(nn.Module):
         # the state tokens of each robot's samples in one projection, one query block per chunk layout shared by the
         # samples that have it (not per sample: device ops forward and backward, on a GPU kernel launches)
         state_tokens: list[torch.Tensor | None] = [None] * len(embodiments)
-        for name in dict.fromkeys(e.name for e in embodiments):
-            samples = [b for b, e in enumerate(embodiments) if e.name == name]
-            pick = samples if len(samples) < len(embodiments) else slice(None)
-            tokens_GD = self.state_proj(name, state[pick, : embodiments[samples[0]].state_dim].to(self.device))
+        for samples, pick in _by_robot(embodiments):
+            emb = embodiments[samples[0]]
+            tokens_GD = self.state_proj(emb.name, state[pick, : emb.state_dim].to(self.device))
             for g, b in enumerate(samples):
                 state_tokens[b] = tokens_GD[g:g + 1]
         queries: dict[tuple[int, int], torch.Tensor] = {}
@@ -414,14 +413,12 @@ class VLAPolicy(nn.Module):
         actions, is_pad = batch["action"].to(self.device), batch.get("action_is_pad")
         out: dict[str, Any] = {"embodiments": embodiments, "bins": [None] * len(embodiments),
                                "offsets": [None] * len(embodiments), "weights": [None] * len(embodiments)}
-        for name in dict.fromkeys(e.name for e in embodiments):  # one encoding per robot, in order of appearance
-            samples = [b for b, e in enumerate(embodiments) if e.name == name]
+        for samples, rows in _by_robot(embodiments):  # one encoding per robot
             emb = embodiments[samples[0]]
             if actions.shape[1] < emb.chunk_len:
-                raise ValueError(f"sample {samples[0]} ({name}): action chunk has {actions.shape[1]} steps, needs "
+                raise ValueError(f"sample {samples[0]} ({emb.name}): action chunk has {actions.shape[1]} steps, needs "
                                  f"{emb.chunk_len}")
-            rows = samples if len(samples) < len(embodiments) else slice(None)
-            bins_GHA, offs_GHA = self.binners[name].encode_with_offsets(
+            bins_GHA, offs_GHA = self.binners[emb.name].encode_with_offsets(
                 actions[rows, : emb.chunk_len, : emb.action_dim].float())
             pad_GH = is_pad[rows, : emb.chunk_len].to(self.device) if is_pad is not None else \
                 torch.zeros(len(samples), emb.chunk_len, dtype=torch.bool, device=self.device)
@@ -683,6 +680,14 @@ class VLAPolicy(nn.Module):
         if missing or unexpected:
             raise RuntimeError(f"{path / POLICY_WEIGHTS}: missing {missing}, unexpected {unexpected}")
         return policy.to(device).eval()
+
+
+def _by_robot(embodiments: list[Embodiment]):
+    """Per robot of a batch, in order of first appearance: its samples' positions, and the index that selects their
+    rows (a slice when the batch is that robot's alone: a view, not a gather)."""
+    for name in dict.fromkeys(e.name for e in embodiments):
+        samples = [b for b, e in enumerate(embodiments) if e.name == name]
+        yield samples, (samples if len(samples) < len(embodiments) else slice(None))
 
 
 def _spans(hidden_BTD: torch.Tensor, starts: list[int], counts: list[int], shift: int) -> torch.Tensor:

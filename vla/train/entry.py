@@ -57,7 +57,7 @@ def configs_from(cfg: DictConfig, dist) -> tuple[StageContext, TrainerConfig]:
         out_dir=out_dir, steps=int(stage["steps"]), micro_batch=int(c["micro_batch"]), grad_accum=int(c["grad_accum"]),
         seed=int(c["seed"]), device=str(c["device"]), precision=str(c["precision"]),
         activation_checkpointing=bool(c["activation_checkpointing"]), compile=bool(c["compile"]),
-        data_workers=int(c.get("data_workers", 0) or 0), distributed=str(c["distributed"]),
+        data_workers=int(c["data_workers"]), distributed=str(c["distributed"]),
         resume=bool(c["resume"]), optim=OptimConfig(**optim), schedule=ScheduleConfig(**schedule),
         checkpoint=CheckpointConfig(**c["checkpoint"]), log=LogConfig(**c["log"]),
         extra_info={"stage": stage["name"], "config": c},
