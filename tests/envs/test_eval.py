@@ -101,6 +101,11 @@ def test_eval_refuses_seeds_the_training_dataset_was_collected_from(tmp_path, ca
                  f"seed={trained}", f"train_datasets=[{root}]", f"out={tmp_path / 'eval'}"]) == 1
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vla eval: eval seeds") and "not held out" in lines[0]
+    # an env that cannot run is skipped; when none can, one line and a non-zero exit, no table of nothing
+    assert main(["eval", "policy=random", "env=vla/NoSuchEnv-v0", "episodes=1", f"out={tmp_path / 'none'}"]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("vla eval: error: no env could run: vla/NoSuchEnv-v0: not registered") and \
+        "# Evaluation" not in "\n".join(lines)
     # a dataset that records no seeds cannot be checked: a warning, not a refusal
     (tmp_path / "nav" / COLLECTION_FILE).unlink()
     with pytest.warns(UserWarning, match="records no collection seeds"):

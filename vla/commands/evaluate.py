@@ -75,7 +75,10 @@ def main(cfg) -> int:
     except SeedOverlapError as error:  # eval seeds a training dataset was collected from: not held out
         print(f"vla eval: {error}")
         return 1
+    if not summary["overall"]["episodes"]:  # every env skipped: no numbers to report
+        print("vla eval: error: no env could run: " + "; ".join(s["reason"] for s in summary["skipped"]))
+        return 1
     print(markdown_table(summary, config["policy"]))
     print(f"wrote {out}/summary.json, {out}/summary.md and {len(summary['videos'])} videos")
     print(json.dumps({"policy": config["policy"], "out": out, **summary["overall"], "per_env": {k: v["success_rate"] for k, v in summary["per_env"].items()}, "skipped": [s["env_id"] for s in summary["skipped"]]}))
-    return 0 if summary["overall"]["episodes"] else 1
+    return 0
