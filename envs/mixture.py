@@ -106,7 +106,10 @@ class DatasetSpec:
             path = Path(item)
             if path.is_dir():
                 return cls(repo_id=f"local/{path.name}", root=str(path))
-            return cls(repo_id=str(item))
+            text = str(item)
+            if text.startswith(("/", ".", "~")) or text.count("/") != 1:
+                raise FileNotFoundError(f"{text}: no such dataset folder (and not a hub id, which reads namespace/name)")
+            return cls(repo_id=text)
         raise TypeError(f"cannot make a DatasetSpec from {item!r}")
 
     @property
@@ -126,6 +129,8 @@ class _Member:
 
         self.spec = spec
         self.label = spec.label
+        if spec.root is not None and not (Path(spec.root) / "meta" / "info.json").is_file():
+            raise FileNotFoundError(f"{spec.root}: not a LeRobot dataset (no meta/info.json)")
         meta = LeRobotDatasetMetadata(spec.repo_id, root=spec.root)
         self.fps = int(meta.fps)
         self.embodiment = self._embodiment(spec, meta)

@@ -119,6 +119,10 @@ def one_line_error(error: Exception, command: str, overrides: list[str] = ()) ->
         from envs import BUILTIN_ENVS
 
         return f"{' '.join(str(error).split())} (built-in envs: {', '.join(BUILTIN_ENVS)})"
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    if isinstance(error, OfflineModeIsEnabled):  # a hub id not in the local cache, with the hub off (HF_HUB_OFFLINE=1)
+        return f"{' '.join(str(error).split())} (or give a local folder)"
     if isinstance(error, KeyError) and error.args:  # str(KeyError) quotes its message
         return " ".join(str(error.args[0]).split())
     if isinstance(error, (ValueError, FileNotFoundError, RuntimeError)):

@@ -14,9 +14,13 @@ from vla.cli import main
     (["train", "stage=nope"], ["stage/nope", "align", "pretrain", "sft", "vision", "vla"]),
     (["train", "nosuchkey=1"], ["'nosuchkey'", "micro_batch", "init_from"]),
     (["train", "stage.optim.nope=1"], ["'stage.optim.nope'", "lr", "betas"]),
+    (["train", "stage=vla", "stage.data.datasets=[ROOT]", "out=TMP/run"], ["data: no such dataset folder", "namespace/name"]),
+    (["train", "stage=vla", "stage.data.datasets=[TMP]", "out=TMP/run"], ["not a LeRobot dataset (no meta/info.json)"]),
+    (["train", "stage=vla", "stage.data.datasets=[nobody/no-such-dataset]", "out=TMP/run"],
+     ["nobody/no-such-dataset", "offline mode", "HF_HUB_OFFLINE", "local folder"]),
 ])
 def test_bad_input_is_one_line_with_the_choices(argv, expected, tmp_path, capsys):
-    argv = [a.replace("ROOT", str(tmp_path / "data")) for a in argv]
+    argv = [a.replace("ROOT", str(tmp_path / "data")).replace("TMP", str(tmp_path)) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith(f"vla {argv[0]}: error:"), err
