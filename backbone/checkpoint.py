@@ -24,14 +24,30 @@ class CheckpointError(RuntimeError):
     """A checkpoint folder is missing, corrupt, or does not match the model."""
 
 
-def read_config(path: str | Path) -> dict:
-    cfg_path = Path(path) / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{path}: no config.json (expected a checkpoint folder with config.json + safetensors)")
+def read_safetensors_file(file: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file; a missing, truncated or corrupt file is a `CheckpointError` naming it."""
+    if not Path(file).is_file():
+        raise CheckpointError(f"{file}: missing")
     try:
-        return json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from e
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from e
+
+
+def read_json_file(file: str | Path) -> dict:
+    """A JSON file of a checkpoint folder; a missing or malformed one is a `CheckpointError` naming it."""
+    if not Path(file).is_file():
+        raise CheckpointError(f"{file}: missing")
+    try:
+        return json.loads(Path(file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from e
+
+
+def read_config(path: str | Path) -> dict:
+    if not (Path(path) / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json (expected a checkpoint folder with config.json + safetensors)")
+    return read_json_file(Path(path) / "config.json")
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -60,10 +76,7 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file}: shard listed in {INDEX_NAME} is missing")
-        try:
-            shard = load_file(str(file))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from e
+        shard = read_safetensors_file(file)
         if weight_map is not None:
             listed = {k for k, v in weight_map.items() if v == name}
             absent = sorted(listed - set(shard))

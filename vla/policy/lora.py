@@ -243,30 +243,29 @@ def load_base_backbone(base: str | Path):
 
 def load_base_head(policy, base: str | Path) -> None:
     """When the base is a policy checkpoint, its action head (where names and shapes agree) into `policy`."""
-    from safetensors.torch import load_file
-
+    from backbone.checkpoint import read_safetensors_file
     from vla.policy.checkpoint import POLICY_WEIGHTS
 
     path = Path(base) / POLICY_WEIGHTS
     if not path.is_file():
         return
     own = policy.state_dict()
-    state = {k: v for k, v in load_file(str(path)).items() if k in own and own[k].shape == v.shape}
+    state = {k: v for k, v in read_safetensors_file(path).items() if k in own and own[k].shape == v.shape}
     policy.load_state_dict(state, strict=False)
 
 
 def load_adapter_policy(path: str | Path, device: str | torch.device = "cpu", base: str | Path | None = None):
     """A VLAPolicy with the adapter of checkpoint `path` on its base (`base` overrides the recorded one)."""
     from peft import LoraConfig, set_peft_model_state_dict
-    from safetensors.torch import load_file
 
+    from backbone.checkpoint import read_json_file, read_safetensors_file
     from backbone.tokenizer import load_tokenizer
     from heads.embodiment import EmbodimentRegistry
     from vla.policy.checkpoint import POLICY_CONFIG
     from vla.policy.model import VLAPolicy, VLAPolicyConfig
 
     path = Path(path)
-    meta = json.loads((path / POLICY_CONFIG).read_text())
+    meta = read_json_file(path / POLICY_CONFIG)
     lora_meta = meta.get("lora") or {}
     base = Path(base or lora_meta.get("base") or "")
     if not base.is_dir():
@@ -285,7 +284,7 @@ def load_adapter_policy(path: str | Path, device: str | torch.device = "cpu", ba
     if lora_meta.get("fingerprint") and fingerprint != lora_meta["fingerprint"]:
         raise LoraError(f"{path}: the base {base} does not match the adapter (base weights fingerprint {fingerprint}, "
                         f"the adapter was trained on {lora_meta['fingerprint']})")
-    result = set_peft_model_state_dict(policy, load_file(str(path / ADAPTER_WEIGHTS)), adapter_name="default")
+    result = set_peft_model_state_dict(policy, read_safetensors_file(path / ADAPTER_WEIGHTS), adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise LoraError(f"{path}: the base {base} does not match the adapter: unexpected weights {unexpected[:3]}")
@@ -295,9 +294,10 @@ def load_adapter_policy(path: str | Path, device: str | torch.device = "cpu", ba
 def load_adapter_weights(policy, path: str | Path) -> None:
     """The adapter weights of checkpoint `path` into `policy`, which already carries the same adapters (resume)."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    result = set_peft_model_state_dict(policy, load_file(str(Path(path) / ADAPTER_WEIGHTS)), adapter_name="default")
+    from backbone.checkpoint import read_safetensors_file
+
+    result = set_peft_model_state_dict(policy, read_safetensors_file(Path(path) / ADAPTER_WEIGHTS), adapter_name="default")
     if getattr(result, "unexpected_keys", []):
         raise LoraError(f"{path}: adapter weights do not fit this policy: {result.unexpected_keys[:3]}")
 

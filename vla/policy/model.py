@@ -37,10 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from backbone.checkpoint import write_checkpoint
+from backbone.checkpoint import read_json_file, read_safetensors_file, write_checkpoint
 from backbone.convert import deepseek_vl2_to_official
 from backbone.deepseek_vl2 import DeepseekVL2, build_deepseek_vl2, deepseek_vl2_preset, load_deepseek_vl2
 from backbone.generate import compile_decoder, generate
@@ -669,12 +669,12 @@ class VLAPolicy(nn.Module):
             raise FileNotFoundError(f"{path}: no {POLICY_CONFIG} (not a policy checkpoint)")
         if is_adapter_checkpoint(path):  # a LoRA checkpoint: its base + the adapter
             return load_adapter_policy(path, device)
-        meta = json.loads((path / POLICY_CONFIG).read_text())
+        meta = read_json_file(path / POLICY_CONFIG)
         backbone = load_deepseek_vl2(path / BACKBONE_DIR)
         tokenizer = load_tokenizer(path / BACKBONE_DIR)
         policy = cls(VLAPolicyConfig(**meta["config"]), backbone, tokenizer,
                      EmbodimentRegistry.from_dict(meta["registry"]), meta.get("normalizer_stats"))
-        state = load_file(str(path / POLICY_WEIGHTS))
+        state = read_safetensors_file(path / POLICY_WEIGHTS)
         missing, unexpected = policy.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("backbone.")]
         if missing or unexpected:

@@ -111,6 +111,11 @@ def test_lora_errors_are_clear(base_dir, tmp_path):
 
     with pytest.raises(LoraError, match="does not match the adapter"):
         load_adapter_policy(tmp_path / "adapter", base=other)
+    from backbone.checkpoint import CheckpointError
+
+    (tmp_path / "adapter" / ADAPTER_WEIGHTS).write_bytes(b"\0" * 16)
+    with pytest.raises(CheckpointError, match=f"{ADAPTER_WEIGHTS}: corrupt or truncated"):
+        VLAPolicy.load(tmp_path / "adapter")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

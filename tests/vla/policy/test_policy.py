@@ -224,6 +224,16 @@ def test_select_action_serves_a_chunk_from_the_queue_and_save_load(tmp_path):
     again = VLAPolicy.load(tmp_path)
     assert torch.equal(again.predict_action_chunk(batch), policy.predict_action_chunk(batch))
     assert again.tokenizer.token_id("<|act_255|>") == policy.tokenizer.token_id("<|act_255|>")
+    # a truncated head file or a malformed config is an error naming the file, not a safetensors / json traceback
+    from backbone.checkpoint import CheckpointError
+
+    head = tmp_path / "policy_head.safetensors"
+    head.write_bytes(head.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="policy_head.safetensors: corrupt or truncated"):
+        VLAPolicy.load(tmp_path)
+    (tmp_path / "policy_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="policy_config.json: not valid JSON"):
+        VLAPolicy.load(tmp_path)
 
 
 def test_unknown_embodiment_and_missing_camera_are_clear_errors():
