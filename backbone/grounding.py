@@ -21,6 +21,14 @@ REF_OPEN, REF_CLOSE, DET_OPEN, DET_CLOSE = "<|ref|>", "<|/ref|>", "<|det|>", "<|
 COORD_MAX = 999
 Box = tuple[int, int, int, int]
 
+
+
+def locate_prompt(ref: str) -> str:
+    """The DeepSeek-VL2 paper's visual-grounding question for `ref` ("the red block"); the answer is
+    `<|ref|>ref<|/ref|><|det|>[[x1,y1,x2,y2]]<|/det|>`."""
+    return f"Locate {REF_OPEN}{ref}{REF_CLOSE} in the given image."
+
+
 _TAG = re.compile(r"<\|(/?)(ref|det)\|>")
 _NUMBER = re.compile(r"^[+-]?\d+(\.\d*)?$")
 _PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),

@@ -48,6 +48,7 @@ import gymnasium as gym
 import numpy as np
 
 from backbone.grounding import iou as _iou
+from backbone.grounding import locate_prompt
 from backbone.grounding import parse_grounding as _parse_grounding
 
 import envs
@@ -197,7 +198,7 @@ def grounding_turn(obj: dict[str, Any], width: int, height: int) -> Turn:
     ref = f"the {obj['name']}"
     det = to_det(obj["bbox"], width, height)
     return Turn(
-        f"Locate <|ref|>{ref}<|/ref|> in the given image.",
+        locate_prompt(ref),
         grounding_answer(ref, det),
         {"kind": "grounding", "ref": ref, "bbox": list(obj["bbox"]), "det": det, "answer": grounding_answer(ref, det)},
     )

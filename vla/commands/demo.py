@@ -229,7 +229,7 @@ def evaluate_language(c: dict[str, Any], out: Path, policy_dir: str, lang: dict[
                       roots: dict[str, str] | None = None, trained_scenes: set = frozenset()) -> dict[str, Any]:
     """Scene VQA and grounding of `policy_dir` on the held-out scenes `lang["eval"]`, refused when one of them is a
     scene of `lang`'s training parts, a robot dataset's episodes or `trained_scenes` (the starting checkpoint's)."""
-    from backbone.grounding import draw_grounding
+    from backbone.grounding import draw_grounding, locate_prompt
     from envs.collect import read_collection_record
     from envs.scene_language import blind_baseline, check_held_out, load_conversations, scene_keys
     from vla.policy.checkpoint import load_vl2_for_chat
@@ -249,8 +249,7 @@ def evaluate_language(c: dict[str, Any], out: Path, policy_dir: str, lang: dict[
     # one grounding picture: the model's box (and the question) on a held-out scene
     record = records[0]
     target = record.meta["objects"][0]["name"]
-    text = answer(model, processor, f"Locate <|ref|>the {target}<|/ref|> in the given image.", [record.images[0]],
-                  max_new_tokens=40)
+    text = answer(model, processor, locate_prompt(f"the {target}"), [record.images[0]], max_new_tokens=40)
     picture = out / "grounding.png"
     from PIL import Image
 

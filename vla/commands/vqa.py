@@ -1,9 +1,15 @@
 """`vla vqa`: ask a DeepSeek-VL2 checkpoint (or a policy checkpoint) a question about an image.
 
-    vla vqa checkpoint=DIR image=scene.png question="Where is the red block?"
-    vla vqa checkpoint=DIR image=scene.png question="'Locate <|ref|>the red block<|/ref|>.'" draw=boxes.png
+    vla vqa checkpoint=DIR image=scene.png question="What colour is the triangle?"
+    vla vqa checkpoint=DIR image=scene.png locate="the red square" draw=boxes.png
+    vla vqa checkpoint=DIR image=scene.png question="'Locate <|ref|>the red square<|/ref|> in the given image.'"
 
-Prints the answer. With `draw=OUT.png`, `<|ref|>label<|/ref|><|det|>[[x1,y1,x2,y2]]<|/det|>` boxes (0-999
+Prints the answer. `locate=REF` asks the DeepSeek-VL2 paper's grounding question, "Locate <|ref|>REF<|/ref|> in the
+given image." (`backbone.grounding.locate_prompt`; written in `question=` it needs Hydra's quotes, as above, because
+of the `|`). The shipped mini checkpoint answers the questions of its scene-language data, worded as there
+(`envs.scene_language.question_turns`: "How many shapes are there?", "What colour is the triangle?", "What shape is
+the red object?", "Which shape is highest up?", "Is the red square left of the blue circle?", "Is there a green
+triangle?", and locate); free-form questions are for the official checkpoints. With `draw=OUT.png`, `<|ref|>label<|/ref|><|det|>[[x1,y1,x2,y2]]<|/det|>` boxes (0-999
 coordinates relative to the original image) are rescaled and drawn; malformed box output is reported, not fatal.
 """
 
@@ -12,7 +18,7 @@ from __future__ import annotations
 import torch
 from omegaconf import ListConfig
 
-from backbone.grounding import draw_grounding, parse_grounding
+from backbone.grounding import draw_grounding, locate_prompt, parse_grounding
 from backbone.processor import load_image
 from vla.policy.checkpoint import load_vl2_for_chat
 
@@ -38,8 +44,11 @@ def answer(model, processor, question: str, images: list, *, grounding: bool = F
 def main(cfg) -> int:
     paths = list(cfg.image) if isinstance(cfg.image, (list, ListConfig)) else [cfg.image]
     images = [load_image(p) for p in paths]
+    if (cfg.question is None) == (cfg.locate is None):
+        raise ValueError("vqa: give exactly one of question=... or locate=REF (e.g. locate='the red square')")
+    question = cfg.question if cfg.locate is None else locate_prompt(str(cfg.locate))
     model, processor = load_vl2_for_chat(cfg.checkpoint)
-    text = answer(model, processor, cfg.question, images, grounding=cfg.grounding, system=cfg.system,
+    text = answer(model, processor, question, images, grounding=cfg.grounding, system=cfg.system,
                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                   prefill_chunk_size=cfg.prefill_chunk_size, generator=torch.Generator().manual_seed(cfg.seed))
     print(text)

@@ -118,6 +118,11 @@ def test_vla_vqa_answers_and_draws_boxes_from_the_shipped_checkpoint(tmp_path, c
                  f"question='Locate <|ref|>the {target}<|/ref|> in the given image.'"]) == 0
     printed = capsys.readouterr().out
     assert "<|det|>" in printed and "drew " in printed and (tmp_path / "boxes.png").stat().st_size > 0
+    # locate=REF asks the same question without Hydra's quoting
+    assert main(["vqa", f"checkpoint={SHIPPED}", f"image={image}", f"locate=the {target}"]) == 0
+    assert capsys.readouterr().out == printed.splitlines()[0] + "\n"
+    assert main(["vqa", f"checkpoint={SHIPPED}", f"image={image}"]) == 2  # neither question nor locate
+    assert "exactly one of question=... or locate=" in capsys.readouterr().err
 
 
 
