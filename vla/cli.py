@@ -67,9 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[command][0])
     try:
         if wants_help:
-            print((module.__doc__ or COMMANDS[command][2]).strip())
-            print("\nconfig (override with key=value):\n")
-            print(OmegaConf.to_yaml(load_config(command, overrides)))
+            usage = sys.modules[module.main.__module__].__doc__  # where main is written (vla.train: its entry)
+            text = f"{(usage or COMMANDS[command][2]).strip()}\n\nconfig (override with key=value):\n\n"
+            try:
+                print(text + OmegaConf.to_yaml(load_config(command, overrides)))
+                sys.stdout.flush()
+            except BrokenPipeError:  # `vla train --help | head`: the reader has gone, not an error
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
         cfg = load_config(command, overrides)
         return int(module.main(cfg) or 0)

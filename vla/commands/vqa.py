@@ -1,4 +1,4 @@
-"""`vla vqa`: ask a DeepSeek-VL2 checkpoint (or a policy checkpoint) a question about an image.
+"""`vla vqa`: ask a DeepSeek-VL2 checkpoint (or a policy checkpoint, full or LoRA) a question about an image.
 
     vla vqa checkpoint=DIR image=scene.png question="What colour is the triangle?"
     vla vqa checkpoint=DIR image=scene.png locate="the red square" draw=boxes.png

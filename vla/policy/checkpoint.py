@@ -5,9 +5,12 @@ normalizer stats), `policy_head.safetensors` (POLICY_WEIGHTS: action queries, of
 prior) and `backbone/` (BACKBONE_DIR: the DeepSeek-VL2 weights in the official format, with the tokenizer); a LoRA
 checkpoint holds the adapter instead (vla/policy/lora.py).
 
+`load_vl2_for_chat` (what `vla vqa` asks) reads any of these:
+
 * An official-format DeepSeek-VL2 folder (config.json with vision/projector/language configs + safetensors), as
   released by DeepSeek or written by `vla train` / `save_deepseek_vl2`, with the tokenizer files beside it.
 * A policy checkpoint written by the VLA policy (its backbone lives in the same official format).
+* A LoRA checkpoint (its base with the adapters folded in).
 """
 
 from __future__ import annotations
@@ -39,7 +42,16 @@ def resolve_vl2_folder(path: str | Path) -> Path:
 
 
 def load_vl2_for_chat(path: str | Path) -> tuple[DeepseekVL2, DeepseekVL2Processor]:
-    """Model (eval, fp32 on CPU) and processor (tokenizer from the same folder) for question answering."""
+    """Model (eval, fp32 on CPU) and processor (tokenizer from the same folder) for question answering; a LoRA
+    checkpoint's model is its base with the adapters folded in (what `vla merge-lora` writes)."""
+    from vla.policy.lora import is_adapter_checkpoint
+
+    if Path(path).is_dir() and is_adapter_checkpoint(path):
+        from vla.policy.lora import merge_lora
+        from vla.policy.model import VLAPolicy
+
+        policy = merge_lora(VLAPolicy.load(path))
+        return policy.backbone.eval(), DeepseekVL2Processor(policy.tokenizer, policy.backbone.config.processor_config())
     folder = resolve_vl2_folder(path)
     if not (folder / "tokenizer.json").is_file():
         raise CheckpointError(f"{folder}: no tokenizer.json beside the weights (save the tokenizer with the model)")

@@ -5,9 +5,13 @@
     vla train stage=sft init_from=runs/pretrain/checkpoints/step-00000300 stage.steps=500 micro_batch=8
     vla train stage=sft out=runs/sft resume=true          # after a crash / kill: continue from the last checkpoint
     torchrun --nproc-per-node 8 -m vla.train stage=sft distributed=fsdp ...   # the same, over 8 processes
+    vla train stage=vla init_from=checkpoints/dsvl2-mini "stage.data.datasets=[data/nav,data/arm]" out=runs/vla
+    vla train stage=vla init_from=runs/vla/checkpoints/step-00002500 peft.method=lora "stage.data.datasets=[data/nav]"
 
 Each stage starts from `init_from` (a previous stage's checkpoint, or an official-format DeepSeek-VL2 folder) or,
-without one, from a random init of `model.preset`. Outputs in `out`: checkpoints/step-N (official-format weights +
+without one, from a random init of `model.preset`. The vla stage reads LeRobotDatasets (v3: folders or hub ids, each
+`{root: DIR, weight: W, embodiment: NAME}` if needed); `peft.method=lora` trains LoRA adapters (`vla merge-lora` folds
+them into a full policy folder). Outputs in `out`: checkpoints/step-N (official-format weights +
 tokenizer + trainer state), metrics.csv, tensorboard/, loss_curve.png, summary.json. Configs: configs/train.yaml and
 configs/stage/<stage>.yaml (the `stage.*` keys).
 """

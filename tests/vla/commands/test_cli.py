@@ -68,3 +68,20 @@ def test_vla_policy_specs_are_registered_by_a_call_not_by_imports():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip().splitlines()[-1] == (
         "['expert', 'prior', 'random'] ['checkpoint', 'expert', 'lerobot', 'prior', 'random', 'remote']")
+
+
+def test_help_shows_the_command_usage_and_survives_a_closed_pipe(capsys):
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    assert main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("`vla train`") and "stage=vla init_from=" in text and "config (override with key=value)" in text
+    # `vla train --help | head -0`: the reader has gone before the help is written; no BrokenPipeError traceback
+    proc = subprocess.Popen([sys.executable, "-m", "vla", "train", "--help"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 0 and "Traceback" not in err, err

@@ -173,6 +173,23 @@ def test_vla_train_lora_saves_the_adapter_resumes_and_merges(nav_data, tmp_path,
     b = {camera: image, STATE: torch.zeros(1, 2), "task": ["go"], "embodiment": adapter_policy.registry.names()[0]}
     torch.testing.assert_close(merged.predict_action_chunk(b), adapter_policy.predict_action_chunk(b), atol=1e-5, rtol=1e-5)
 
+    # the adapter checkpoint still answers questions: its base with the adapters folded in, as the merged folder
+    from vla.policy.checkpoint import load_vl2_for_chat
+
+    (chat, processor), (chat_merged, _) = load_vl2_for_chat(ckpt), load_vl2_for_chat(out)
+    assert not any(".lora_" in n for n, _ in chat.named_parameters())
+    ids = torch.tensor([processor.tokenizer.encode("How many shapes are there?")])
+    torch.testing.assert_close(chat.language(input_ids=ids).logits, chat_merged.language(input_ids=ids).logits,
+                               atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(chat.language(input_ids=ids).logits,  # the adapters changed the base's answers
+                              load_vl2_for_chat(base)[0].language(input_ids=ids).logits)
+    from PIL import Image
+
+    Image.fromarray(next(iter(obs["pixels"].values()))).save(tmp_path / "scene.png")
+    capsys.readouterr()
+    assert main(["vqa", f"checkpoint={ckpt}", f"image={tmp_path / 'scene.png'}", "question=How many shapes?",
+                 "max_new_tokens=3"]) == 0 and capsys.readouterr().out.strip()
+
 
 def test_vla_train_lora_errors_are_one_line(nav_data, tmp_path):
     from vla.train.stages import StageTaskError
