@@ -9,8 +9,10 @@ given image." (`backbone.grounding.locate_prompt`; written in `question=` it nee
 of the `|`). The shipped mini checkpoint answers the questions of its scene-language data, worded as there
 (`envs.scene_language.question_turns`: "How many shapes are there?", "What colour is the triangle?", "What shape is
 the red object?", "Which shape is highest up?", "Is the red square left of the blue circle?", "Is there a green
-triangle?", and locate); free-form questions are for the official checkpoints. With `draw=OUT.png`, `<|ref|>label<|/ref|><|det|>[[x1,y1,x2,y2]]<|/det|>` boxes (0-999
-coordinates relative to the original image) are rescaled and drawn; malformed box output is reported, not fatal.
+triangle?", and locate); free-form questions are for the official checkpoints.
+
+With `draw=OUT.png`, `<|ref|>label<|/ref|><|det|>[[x1,y1,x2,y2]]<|/det|>` boxes (0-999 coordinates relative to the
+original image) are rescaled and drawn; malformed box output is reported, not fatal.
 """
 
 from __future__ import annotations
