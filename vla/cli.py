@@ -124,6 +124,10 @@ def one_line_error(error: Exception, command: str, overrides: list[str] = ()) ->
 
         return f"{' '.join(str(error).split())} (built-in envs: {', '.join(BUILTIN_ENVS)})"
     from huggingface_hub.errors import OfflineModeIsEnabled
+    from websockets.exceptions import WebSocketException
+
+    if isinstance(error, WebSocketException):  # a `remote:` policy's server refused (e.g. HTTP 401: the api_key)
+        return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
     if isinstance(error, OfflineModeIsEnabled):  # a hub id not in the local cache, with the hub off (HF_HUB_OFFLINE=1)
         return f"{' '.join(str(error).split())} (or give a local folder)"

@@ -603,8 +603,11 @@ class RemoteClient:
 
         headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None
         self.timeout_s = timeout_s
-        self.ws = connect(url, compression=None, max_size=None, additional_headers=headers, open_timeout=timeout_s,
-                          proxy=None)
+        try:
+            self.ws = connect(url, compression=None, max_size=None, additional_headers=headers, open_timeout=timeout_s,
+                              proxy=None)
+        except OSError as error:  # refused, unreachable, timed out (a server that answers but refuses: InvalidStatus)
+            raise RemoteError(f"{url}: cannot connect ({error}); is `vla serve` running there?") from error
         self.metadata = unpackb(self.ws.recv(timeout=timeout_s))
 
     def send(self, observation: dict[str, Any]) -> None:

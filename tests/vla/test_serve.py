@@ -131,7 +131,7 @@ def test_step_mode_session_matches_select_action(policy):
 # ---------------------------------------------------------------------------------------------------------------------
 # the server
 # ---------------------------------------------------------------------------------------------------------------------
-def test_metadata_healthz_and_api_key(server):
+def test_metadata_healthz_and_api_key(server, capsys):
     with urllib.request.urlopen(f"http://127.0.0.1:{server.server.port}/healthz", timeout=10) as response:
         assert response.status == 200
     from websockets.exceptions import InvalidStatus
@@ -139,6 +139,17 @@ def test_metadata_healthz_and_api_key(server):
     for key in (None, "wrong"):
         with pytest.raises(InvalidStatus, match="401"):
             client(server, key)
+    # from the command line, a wrong key or no server is one line
+    from vla.cli import main
+
+    url = server.url.replace(f":{server.server.port}", ":1")  # port 1: nothing listens
+    for policy_url, options, expected in ((server.url, "policy_options={api_key: wrong}", "InvalidStatus: server "
+                                           "rejected WebSocket connection: HTTP 401"),
+                                          (url, "policy_options={}", f"{url}: cannot connect")):
+        assert main(["eval", f"policy=remote:{policy_url}", "env=vla/PointNav-v0", "episodes=1", "videos=0",
+                     options]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("vla eval: error: ") and expected in err, err
     c = client(server)
     meta = c.metadata
     assert meta["embodiments"]["point2d"] == {"cameras": [TOP], "action_dim": 2, "state_dim": 2, "chunk_len": 4, "fps": 10}
