@@ -125,13 +125,18 @@ class _Member:
         stats_source: str = "data", in_memory: bool = False,
     ):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from huggingface_hub.errors import OfflineModeIsEnabled
         from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
 
         self.spec = spec
         self.label = spec.label
         if spec.root is not None and not (Path(spec.root) / "meta" / "info.json").is_file():
             raise FileNotFoundError(f"{spec.root}: not a LeRobot dataset (no meta/info.json)")
-        meta = LeRobotDatasetMetadata(spec.repo_id, root=spec.root)
+        try:
+            meta = LeRobotDatasetMetadata(spec.repo_id, root=spec.root)
+        except OfflineModeIsEnabled as error:
+            raise FileNotFoundError(f"{spec.repo_id}: no such local folder, and not in the local Hugging Face cache "
+                                    f"(HF_HUB_OFFLINE=1: nothing is downloaded)") from error
         self.fps = int(meta.fps)
         self.embodiment = self._embodiment(spec, meta)
         features = meta.features

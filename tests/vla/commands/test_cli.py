@@ -17,7 +17,7 @@ from vla.cli import main
     (["train", "stage=vla", "stage.data.datasets=[ROOT]", "out=TMP/run"], ["data: no such dataset folder", "namespace/name"]),
     (["train", "stage=vla", "stage.data.datasets=[TMP]", "out=TMP/run"], ["not a LeRobot dataset (no meta/info.json)"]),
     (["train", "stage=vla", "stage.data.datasets=[nobody/no-such-dataset]", "out=TMP/run"],
-     ["nobody/no-such-dataset", "offline mode", "HF_HUB_OFFLINE", "local folder"]),
+     ["nobody/no-such-dataset: no such local folder, and not in the local Hugging Face cache", "HF_HUB_OFFLINE=1"]),
 ])
 def test_bad_input_is_one_line_with_the_choices(argv, expected, tmp_path, capsys):
     argv = [a.replace("ROOT", str(tmp_path / "data")).replace("TMP", str(tmp_path)) for a in argv]
