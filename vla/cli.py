@@ -133,7 +133,7 @@ def one_line_error(error: Exception, command: str, overrides: list[str] = ()) ->
         return f"{' '.join(str(error).split())} (or give a local folder)"
     if isinstance(error, KeyError) and error.args:  # str(KeyError) quotes its message
         return " ".join(str(error.args[0]).split())
-    if isinstance(error, (ValueError, FileNotFoundError, RuntimeError)):
+    if isinstance(error, (ValueError, FileNotFoundError, FileExistsError, RuntimeError)):
         return " ".join(str(error).split()) if isinstance(error, ValueError) else str(error)
     return None
 

@@ -26,8 +26,7 @@ def scene_language(cfg) -> int:
 
     target = Path(cfg.root) / f"{cfg.stage}.jsonl"
     if target.exists() and not cfg.overwrite:
-        print(f"vla collect: {target} already exists; pass overwrite=true to replace it")
-        return 1
+        raise FileExistsError(f"{target} already exists; pass overwrite=true to replace it")
     ids = env_ids("builtin" if cfg.env in (None, "builtin", "all") else cfg.env)
     path = generate_scene_language(cfg.root, cfg.stage, int(cfg.episodes), seed=int(cfg.seed), env_ids=ids, image_size=int(cfg.image_size))
     print(json.dumps({"jsonl": str(path), "records": int(cfg.episodes), "stage": cfg.stage, "envs": ids}))
@@ -39,26 +38,21 @@ def main(cfg) -> int:
     if cfg.kind == "scene_language":
         return scene_language(cfg)
     if cfg.kind != "demos":
-        print(f"vla collect: unknown kind {cfg.kind!r}; use demos or scene_language")
-        return 1
+        raise ValueError(f"unknown kind {cfg.kind!r}; use demos or scene_language")
     from envs.collect import collect_dataset
 
-    try:
-        result = collect_dataset(
-            cfg.env,
-            cfg.root,
-            int(cfg.episodes),
-            repo_id=cfg.repo_id,
-            noise=float(cfg.noise),
-            label=str(cfg.label),
-            seed=int(cfg.seed),
-            image_size=int(cfg.image_size),
-            overwrite=bool(cfg.overwrite),
-            keep_failures=bool(cfg.keep_failures),
-            env_kwargs=OmegaConf.to_container(cfg.env_kwargs, resolve=True) if cfg.get("env_kwargs") else None,
-        )
-    except (FileExistsError, ValueError) as error:  # an existing folder, a bad option
-        print(f"vla collect: {error}")
-        return 1
+    result = collect_dataset(  # an existing folder or a bad option: one line from the CLI
+        cfg.env,
+        cfg.root,
+        int(cfg.episodes),
+        repo_id=cfg.repo_id,
+        noise=float(cfg.noise),
+        label=str(cfg.label),
+        seed=int(cfg.seed),
+        image_size=int(cfg.image_size),
+        overwrite=bool(cfg.overwrite),
+        keep_failures=bool(cfg.keep_failures),
+        env_kwargs=OmegaConf.to_container(cfg.env_kwargs, resolve=True) if cfg.get("env_kwargs") else None,
+    )
     print(json.dumps(dataclasses.asdict(result)))
     return 0

@@ -11,6 +11,9 @@ from vla.cli import main
 
 @pytest.mark.parametrize("argv, expected", [
     (["collect", "env=vla/Nope-v0", "episodes=1", "root=ROOT"], ["Nope", "vla/PointNav-v0", "vla/ArmReach-v0"]),
+    (["collect", "env=vla/PointNav-v0", "episodes=1", "root=TMP"], ["already exists", "overwrite=true"]),
+    (["collect", "env=vla/PointNav-v0", "episodes=0", "root=ROOT"], ["episodes must be >= 1"]),
+    (["collect", "kind=nope", "root=ROOT"], ["unknown kind 'nope'", "scene_language"]),
     (["train", "stage=nope"], ["stage/nope", "align", "pretrain", "sft", "vision", "vla"]),
     (["train", "nosuchkey=1"], ["'nosuchkey'", "micro_batch", "init_from"]),
     (["train", "stage.optim.nope=1"], ["'stage.optim.nope'", "lr", "betas"]),
