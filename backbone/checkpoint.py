@@ -24,6 +24,28 @@ class CheckpointError(RuntimeError):
     """A checkpoint folder is missing, corrupt, or does not match the model."""
 
 
+def checkpoint_folder(name: str | Path) -> Path:
+    """The local folder of a checkpoint: `name` itself when it is a directory, else a Hugging Face hub id
+    (`deepseek-ai/deepseek-vl2-tiny`) found in the local hub cache, or downloaded into it where the hub is on
+    (HF_HUB_OFFLINE unset or 0; `./run.sh` and the tests set it to 1, so nothing is downloaded at run time)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    text = str(name)
+    if path.exists() or text.startswith(("/", ".", "~")) or text.count("/") != 1:
+        raise CheckpointError(f"{name}: not a directory")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    try:
+        return Path(snapshot_download(text))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+        raise CheckpointError(f"{text}: no such local folder, and not in the local Hugging Face cache (with "
+                              f"HF_HUB_OFFLINE=1 nothing is downloaded: give the folder, or set HF_HUB_OFFLINE=0)") from e
+    except (HfHubHTTPError, OSError) as e:
+        raise CheckpointError(f"{text}: no such local folder, and the hub gave no checkpoint ({e})") from e
+
+
 def read_safetensors_file(file: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of one safetensors file; a missing, truncated or corrupt file is a `CheckpointError` naming it."""
     if not Path(file).is_file():
@@ -169,13 +191,11 @@ def language_config_from_json(cfg: dict) -> LanguageModelConfig:
 
 
 def load_language_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
-    """Load a DeepSeek-V2-family causal LM from a local folder (official, DeepSeek-VL2 `language.*`, or transformers
-    naming). Returns a `DeepseekV2LM`; `model(input_ids).logits` is (B, T, V)."""
+    """Load a DeepSeek-V2-family causal LM from a local folder or hub id (`checkpoint_folder`; official, DeepSeek-VL2
+    `language.*`, or transformers naming). Returns a `DeepseekV2LM`; `model(input_ids).logits` is (B, T, V)."""
     from backbone.language_model import build_language_model
 
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory")
+    path = checkpoint_folder(path)
     config = language_config_from_json(read_config(path))
     state = strip_prefix(read_safetensors(path), "language.")
     try:

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from backbone.cache import KVCache
-from backbone.checkpoint import CheckpointError, load_into, read_config, read_safetensors, write_checkpoint
+from backbone.checkpoint import (CheckpointError, checkpoint_folder, load_into, read_config, read_safetensors,
+                                 write_checkpoint)
 from backbone.config import LanguageModelConfig, language_preset, tiny_test_config
 from backbone.convert import deepseek_vl2_from_official, deepseek_vl2_to_official
 from backbone.generate import generate, prefill
@@ -168,10 +169,9 @@ def build_deepseek_vl2(config: DeepseekVL2Config | str, device: str | torch.devi
 
 
 def load_deepseek_vl2(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> DeepseekVL2:
-    """Load an official-format DeepSeek-VL2 checkpoint from a local folder (`vision.attn_pool.*` is ignored)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory")
+    """Load an official-format DeepSeek-VL2 checkpoint from a local folder or a hub id in the local cache
+    (`backbone.checkpoint.checkpoint_folder`; `vision.attn_pool.*` is ignored)."""
+    path = checkpoint_folder(path)
     config = DeepseekVL2Config.from_official(read_config(path))
     try:
         state = deepseek_vl2_from_official(read_safetensors(path), config.language.n_routed_experts)

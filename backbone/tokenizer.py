@@ -148,8 +148,11 @@ def _ensure_special_tokens(hf: PreTrainedTokenizerFast) -> None:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """The official (or a saved built) tokenizer from a local folder holding `tokenizer.json`."""
-    return Tokenizer.from_pretrained(path)
+    """The official (or a saved built) tokenizer from a folder holding `tokenizer.json` (or a hub id in the local
+    cache: `backbone.checkpoint.checkpoint_folder`)."""
+    from backbone.checkpoint import checkpoint_folder
+
+    return Tokenizer.from_pretrained(checkpoint_folder(path))
 
 
 def build_bpe_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 512) -> Tokenizer:

@@ -137,6 +137,11 @@ class _Member:
         except OfflineModeIsEnabled as error:
             raise FileNotFoundError(f"{spec.repo_id}: no such local folder, and not in the local Hugging Face cache "
                                     f"(HF_HUB_OFFLINE=1: nothing is downloaded)") from error
+        except Exception as error:  # noqa: BLE001 - a hub id the hub could not give (unreachable, unknown, private)
+            if spec.root is not None:
+                raise
+            raise FileNotFoundError(f"{spec.repo_id}: no such local folder, and the Hugging Face hub could not give it "
+                                    f"({type(error).__name__}: {' '.join(str(error).split())})") from error
         self.fps = int(meta.fps)
         self.embodiment = self._embodiment(spec, meta)
         features = meta.features

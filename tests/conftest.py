@@ -1,9 +1,14 @@
-"""Shared fixtures."""
+"""Shared fixtures. Tests never download: the hub is off (as `./run.sh` sets it) before anything imports
+huggingface_hub, which reads HF_HUB_OFFLINE once."""
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture

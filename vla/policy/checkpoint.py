@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from backbone.checkpoint import CheckpointError, read_config
+from backbone.checkpoint import CheckpointError, checkpoint_folder, read_config
 from backbone.deepseek_vl2 import DeepseekVL2, load_deepseek_vl2
 from backbone.processor import DeepseekVL2Processor
 from backbone.tokenizer import load_tokenizer
@@ -29,9 +29,7 @@ BACKBONE_DIR = "backbone"  # sub-folder of a policy checkpoint holding the VL2 w
 
 def resolve_vl2_folder(path: str | Path) -> Path:
     """The folder holding the official-format VL2 weights for `path` (itself, or a policy's backbone folder)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: checkpoint folder not found")
+    path = checkpoint_folder(path)  # a folder, or a hub id in the local Hugging Face cache
     if (path / BACKBONE_DIR / "config.json").is_file():
         return path / BACKBONE_DIR
     cfg = read_config(path)
@@ -46,7 +44,8 @@ def load_vl2_for_chat(path: str | Path) -> tuple[DeepseekVL2, DeepseekVL2Process
     checkpoint's model is its base with the adapters folded in (what `vla merge-lora` writes)."""
     from vla.policy.lora import is_adapter_checkpoint
 
-    if Path(path).is_dir() and is_adapter_checkpoint(path):
+    path = checkpoint_folder(path)
+    if is_adapter_checkpoint(path):
         from vla.policy.lora import merge_lora
         from vla.policy.model import VLAPolicy
 

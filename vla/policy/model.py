@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from backbone.checkpoint import read_json_file, read_safetensors_file, write_checkpoint
+from backbone.checkpoint import checkpoint_folder, read_json_file, read_safetensors_file, write_checkpoint
 from backbone.convert import deepseek_vl2_to_official
 from backbone.deepseek_vl2 import DeepseekVL2, build_deepseek_vl2, deepseek_vl2_preset, load_deepseek_vl2
 from backbone.generate import compile_decoder, generate
@@ -664,7 +664,7 @@ class VLAPolicy(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "VLAPolicy":
-        path = Path(path)
+        path = checkpoint_folder(path)  # a folder, or a hub id in the local Hugging Face cache
         if not (path / POLICY_CONFIG).is_file():
             raise FileNotFoundError(f"{path}: no {POLICY_CONFIG} (not a policy checkpoint)")
         if is_adapter_checkpoint(path):  # a LoRA checkpoint: its base + the adapter

@@ -8,8 +8,8 @@
     vla train stage=vla init_from=checkpoints/dsvl2-mini "stage.data.datasets=[data/nav,data/arm]" out=runs/vla
     vla train stage=vla init_from=runs/vla/checkpoints/step-00002500 peft.method=lora "stage.data.datasets=[data/nav]"
 
-Each stage starts from `init_from` (a previous stage's checkpoint, or an official-format DeepSeek-VL2 folder) or,
-without one, from a random init of `model.preset`. The vla stage reads LeRobotDatasets (v3: folders or hub ids, each
+Each stage starts from `init_from` (a previous stage's checkpoint, or an official-format DeepSeek-VL2 folder or hub id
+in the local Hugging Face cache) or, without one, from a random init of `model.preset`. The vla stage reads LeRobotDatasets (v3: folders or hub ids, each
 `{root: DIR, weight: W, embodiment: NAME}` if needed); `peft.method=lora` trains LoRA adapters (`vla merge-lora` folds
 them into a full policy folder). Outputs in `out`: checkpoints/step-N (official-format weights +
 tokenizer + trainer state), metrics.csv, tensorboard/, loss_curve.png, summary.json. Configs: configs/train.yaml and
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from backbone.checkpoint import checkpoint_folder
 from vla.config import load_config, with_settings
 from vla.train.stages import StageContext, make_stage_task
 from vla.train.trainer import (CheckpointConfig, LogConfig, OptimConfig, ScheduleConfig, Trainer, TrainerConfig,
@@ -42,12 +43,14 @@ def configs_from(cfg: DictConfig, dist) -> tuple[StageContext, TrainerConfig]:
     c = _plain(cfg)
     stage = c["stage"]
     out_dir = Path(c["out"])
+    # a folder, or a hub id resolved to its folder in the local Hugging Face cache
+    init_from, tokenizer = (str(checkpoint_folder(c[k])) if c.get(k) else None for k in ("init_from", "tokenizer"))
     ctx = StageContext(
-        name=stage["name"], out_dir=out_dir, seed=int(c["seed"]), init_from=c.get("init_from"),
+        name=stage["name"], out_dir=out_dir, seed=int(c["seed"]), init_from=init_from,
         model_preset=c["model"]["preset"], model_language=dict(c["model"].get("language") or {}),
         model_vision=dict(c["model"].get("vision") or {}),
         model_center_image_tokens=c["model"].get("center_image_tokens"),
-        tokenizer=c.get("tokenizer"), tokenizer_vocab=int(c["tokenizer_vocab"]),
+        tokenizer=tokenizer, tokenizer_vocab=int(c["tokenizer_vocab"]),
         trainable=list(stage.get("trainable") or ["all"]), frozen=list(stage.get("frozen") or []),
         lr_mult=dict(stage.get("lr_mult") or {}), data=dict(stage.get("data") or {}),
         options=dict(stage.get("options") or {}), peft=dict(c.get("peft") or {}), rank=dist.rank, world=dist.world,

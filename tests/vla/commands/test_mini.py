@@ -140,6 +140,50 @@ def _script(*args: str) -> str:
     return out.stdout
 
 
+def test_a_hub_id_loads_from_the_local_hugging_face_cache(tmp_path, monkeypatch, capsys):
+    """`load_deepseek_vl2`, `vla vqa` and `vla train init_from=` take a hub id as well as a folder: with the hub off
+    (HF_HUB_OFFLINE=1, as in ./run.sh) it is read from the local cache, here one holding the shipped checkpoint."""
+    import huggingface_hub.constants
+
+    from backbone.checkpoint import CheckpointError, checkpoint_folder
+    from backbone.deepseek_vl2 import load_deepseek_vl2
+    from vla.cli import main
+
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--someone--dsvl2-mini"
+    shutil.copytree(SHIPPED, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    assert checkpoint_folder("someone/dsvl2-mini") == repo / "snapshots" / commit
+    shipped, cached = load_deepseek_vl2(SHIPPED), load_deepseek_vl2("someone/dsvl2-mini")
+    for (name, a), (_, b) in zip(shipped.state_dict().items(), cached.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(CheckpointError, match="someone/other: no such local folder, and not in the local Hugging Face"):
+        checkpoint_folder("someone/other")
+    with pytest.raises(CheckpointError, match="not a directory"):
+        checkpoint_folder(tmp_path / "missing")
+
+    image = tmp_path / "scene.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "white").save(image)
+    capsys.readouterr()
+    assert main(["vqa", "checkpoint=someone/dsvl2-mini", f"image={image}", "question=How many shapes are there?"]) == 0
+    assert main(["vqa", f"checkpoint={SHIPPED}", f"image={image}", "question=How many shapes are there?"]) == 0
+    by_id, by_folder = capsys.readouterr().out.splitlines()
+    assert by_id == by_folder
+    from vla.train.entry import configs_from
+    from vla.config import load_config
+
+    class One:  # one process
+        enabled, rank, world, barrier = False, 0, 1, None
+    ctx, _ = configs_from(load_config("train", ["stage=sft", "init_from=someone/dsvl2-mini", f"out={tmp_path}"]), One)
+    assert ctx.init_from == str(repo / "snapshots" / commit)
+
+
 def test_grounding_errors_script_scores_the_shipped_checkpoint():
     out = _script("docs/experiments/grounding_errors.py", "checkpoints/dsvl2-mini", "--scenes", "4")
     assert re.search(r"\d+ boxes \(4 held-out scenes\): x1 within 40 units [01]\.\d\d, y1 within 40 [01]\.\d\d", out)
