@@ -24,6 +24,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint folder is missing, corrupt, or does not match the model."""
 
 
+def is_hub_id(text: str) -> bool:
+    """Whether `text` reads as a Hugging Face hub repository, `namespace/name`, rather than a path."""
+    return not text.startswith(("/", ".", "~")) and text.count("/") == 1
+
+
 def checkpoint_folder(name: str | Path) -> Path:
     """The local folder of a checkpoint: `name` itself when it is a directory, else a Hugging Face hub id
     (`deepseek-ai/deepseek-vl2-tiny`) found in the local hub cache, or downloaded into it where the hub is on
@@ -32,7 +37,7 @@ def checkpoint_folder(name: str | Path) -> Path:
     if path.is_dir():
         return path
     text = str(name)
-    if path.exists() or text.startswith(("/", ".", "~")) or text.count("/") != 1:
+    if path.exists() or not is_hub_id(text):
         raise CheckpointError(f"{name}: not a directory")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
@@ -67,9 +72,10 @@ def read_json_file(file: str | Path) -> dict:
 
 
 def read_config(path: str | Path) -> dict:
-    if not (Path(path) / "config.json").is_file():
+    file = Path(path) / "config.json"
+    if not file.is_file():
         raise CheckpointError(f"{path}: no config.json (expected a checkpoint folder with config.json + safetensors)")
-    return read_json_file(Path(path) / "config.json")
+    return read_json_file(file)
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:

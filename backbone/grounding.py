@@ -22,7 +22,6 @@ COORD_MAX = 999
 Box = tuple[int, int, int, int]
 
 
-
 def locate_prompt(ref: str) -> str:
     """The DeepSeek-VL2 paper's visual-grounding question for `ref` ("the red block"); the answer is
     `<|ref|>ref<|/ref|><|det|>[[x1,y1,x2,y2]]<|/det|>`."""

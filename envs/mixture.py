@@ -63,6 +63,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from backbone.checkpoint import is_hub_id
 from envs.collect import read_collection_record, video_backend
 from envs.embodiments import EMBODIMENTS, Embodiment, get_embodiment
 from envs.normalize import Normalizer, feature_stats
@@ -106,10 +107,9 @@ class DatasetSpec:
             path = Path(item)
             if path.is_dir():
                 return cls(repo_id=f"local/{path.name}", root=str(path))
-            text = str(item)
-            if text.startswith(("/", ".", "~")) or text.count("/") != 1:
-                raise FileNotFoundError(f"{text}: no such dataset folder (and not a hub id, which reads namespace/name)")
-            return cls(repo_id=text)
+            if not is_hub_id(str(item)):
+                raise FileNotFoundError(f"{item}: no such dataset folder (and not a hub id, which reads namespace/name)")
+            return cls(repo_id=str(item))
         raise TypeError(f"cannot make a DatasetSpec from {item!r}")
 
     @property
@@ -134,14 +134,13 @@ class _Member:
             raise FileNotFoundError(f"{spec.root}: not a LeRobot dataset (no meta/info.json)")
         try:
             meta = LeRobotDatasetMetadata(spec.repo_id, root=spec.root)
-        except OfflineModeIsEnabled as error:
-            raise FileNotFoundError(f"{spec.repo_id}: no such local folder, and not in the local Hugging Face cache "
-                                    f"(HF_HUB_OFFLINE=1: nothing is downloaded)") from error
-        except Exception as error:  # noqa: BLE001 - a hub id the hub could not give (unreachable, unknown, private)
-            if spec.root is not None:
+        except Exception as error:  # noqa: BLE001 - a hub id the hub could not give (off, unreachable, unknown)
+            if spec.root is not None:  # a local folder's own fault: as it is
                 raise
-            raise FileNotFoundError(f"{spec.repo_id}: no such local folder, and the Hugging Face hub could not give it "
-                                    f"({type(error).__name__}: {' '.join(str(error).split())})") from error
+            why = ("not in the local Hugging Face cache (HF_HUB_OFFLINE=1: nothing is downloaded)"
+                   if isinstance(error, OfflineModeIsEnabled) else
+                   f"the Hugging Face hub could not give it ({type(error).__name__}: {' '.join(str(error).split())})")
+            raise FileNotFoundError(f"{spec.repo_id}: no such local folder, and {why}") from error
         self.fps = int(meta.fps)
         self.embodiment = self._embodiment(spec, meta)
         features = meta.features

@@ -128,7 +128,6 @@ def one_line_error(error: Exception, command: str, overrides: list[str] = ()) ->
 
     if isinstance(error, WebSocketException):  # a `remote:` policy's server refused (e.g. HTTP 401: the api_key)
         return f"{type(error).__name__}: {' '.join(str(error).split())}"
-
     if isinstance(error, OfflineModeIsEnabled):  # a hub id not in the local cache, with the hub off (HF_HUB_OFFLINE=1)
         return f"{' '.join(str(error).split())} (or give a local folder)"
     if isinstance(error, KeyError) and error.args:  # str(KeyError) quotes its message

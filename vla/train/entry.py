@@ -9,11 +9,11 @@
     vla train stage=vla init_from=runs/vla/checkpoints/step-00002500 peft.method=lora "stage.data.datasets=[data/nav]"
 
 Each stage starts from `init_from` (a previous stage's checkpoint, or an official-format DeepSeek-VL2 folder or hub id
-in the local Hugging Face cache) or, without one, from a random init of `model.preset`. The vla stage reads LeRobotDatasets (v3: folders or hub ids, each
-`{root: DIR, weight: W, embodiment: NAME}` if needed); `peft.method=lora` trains LoRA adapters (`vla merge-lora` folds
-them into a full policy folder). Outputs in `out`: checkpoints/step-N (official-format weights +
-tokenizer + trainer state), metrics.csv, tensorboard/, loss_curve.png, summary.json. Configs: configs/train.yaml and
-configs/stage/<stage>.yaml (the `stage.*` keys).
+in the local Hugging Face cache) or, without one, from a random init of `model.preset`. The vla stage reads
+LeRobotDatasets (v3: folders or hub ids, each `{root: DIR, weight: W, embodiment: NAME}` if needed);
+`peft.method=lora` trains LoRA adapters (`vla merge-lora` folds them into a full policy folder). Outputs in `out`:
+checkpoints/step-N (official-format weights + tokenizer + trainer state), metrics.csv, tensorboard/, loss_curve.png,
+summary.json. Configs: configs/train.yaml and configs/stage/<stage>.yaml (the `stage.*` keys).
 """
 
 from __future__ import annotations
