@@ -47,8 +47,12 @@ so workers never duplicate samples.
 Datasets of the same embodiment share one normalizer, with stats computed exactly over all their frames
 (`stats_source="data"`): a policy has one set of stats per robot, the one it trains with, saves and rolls out with.
 
-Errors name the dataset (and episode, frame and key where it applies): non-finite actions/states, missing stats,
-missing requested cameras, shapes that disagree with the embodiment or the stats, unknown embodiments.
+A dataset whose `robot_type` is not a registered robot describes its own (`envs.embodiments.embodiment_from_features`:
+action and state sizes, cameras, fps from `meta/info.json`; a chunk past an episode's end repeats the last action),
+so any LeRobotDataset v3 trains without registering anything; `embodiment={name: ..., hold_action: [...]}` names one
+and adds what its features cannot say. Errors name the dataset (and episode, frame and key where it applies):
+non-finite actions/states, missing stats, missing requested cameras, shapes that disagree with the embodiment or the
+stats, an unknown embodiment name given as an override, datasets of one robot name that disagree on its sizes.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ import torch
 
 from backbone.checkpoint import is_hub_id
 from envs.collect import read_collection_record, video_backend
-from envs.embodiments import EMBODIMENTS, Embodiment, get_embodiment
+from envs.embodiments import EMBODIMENTS, Embodiment, embodiment_from_features, get_embodiment
 from envs.normalize import Normalizer, feature_stats
 from envs.scene_language import grounding_answer
 from heads.embodiment import camera_name
@@ -81,12 +85,13 @@ class DataError(ValueError):
 @dataclass
 class DatasetSpec:
     """One member of a mixture: a hub id (`root=None`) or a local dataset (`root`), its sampling weight, and an
-    optional embodiment override (default: the dataset's `robot_type`)."""
+    optional embodiment (default: the dataset's `robot_type`): a registered robot's name, or a mapping that names and
+    describes a new one (`{name: so100, hold_action: null}`; its sizes, cameras and rate are the dataset's)."""
 
     repo_id: str
     root: str | None = None
     weight: float = 1.0
-    embodiment: str | None = None
+    embodiment: str | dict[str, Any] | None = None
     episodes: list[int] | None = None
 
     @classmethod
@@ -184,16 +189,32 @@ class _Member:
         return grounding_answer(target["ref"], target["det"]) if target else ""
 
     def _embodiment(self, spec: DatasetSpec, meta) -> Embodiment:
-        name = spec.embodiment or meta.robot_type
-        if not name:
-            raise DataError(f"{self.label}: no robot_type in meta/info.json; pass embodiment=... (known: {', '.join(sorted(EMBODIMENTS))})")
+        """The robot of this dataset: `spec.embodiment` as a name is a registered robot (a typo is an error); as a
+        mapping it describes a new one (`{name: ..., hold_action: [...]}`), the rest from the dataset's features;
+        without it, the dataset's `robot_type`, registered or else described by the dataset itself."""
+        known = ", ".join(sorted(EMBODIMENTS))
+        if isinstance(spec.embodiment, str):
+            try:
+                return get_embodiment(spec.embodiment)
+            except KeyError:
+                raise DataError(
+                    f"{self.label}: unknown embodiment {spec.embodiment!r}; known embodiments: {known} (or describe a "
+                    f"new robot: embodiment={{name: {spec.embodiment}}}, envs.register_embodiment(...))") from None
+        described = dict(spec.embodiment or {})
+        described.setdefault("name", meta.robot_type)
+        if not described["name"]:
+            raise DataError(f"{self.label}: no robot_type in meta/info.json; pass embodiment=NAME (known: {known}) "
+                            f"or embodiment={{name: NAME}} to describe a new robot from this dataset")
+        if spec.embodiment is None and described["name"] in EMBODIMENTS:
+            return EMBODIMENTS[described["name"]]
+        if described["name"] in EMBODIMENTS:
+            raise DataError(f"{self.label}: embodiment {described['name']!r} is a registered robot; pass "
+                            f"embodiment={described['name']} to use it, or describe a new one under another name")
+        described.setdefault("description", f"described by {self.label}'s meta/info.json")
         try:
-            return get_embodiment(name)
-        except KeyError:
-            raise DataError(
-                f"{self.label}: unknown embodiment {name!r}; known embodiments: {', '.join(sorted(EMBODIMENTS))} "
-                "(pass embodiment=... or envs.register_embodiment(...))"
-            ) from None
+            return embodiment_from_features(meta.features, meta.fps, described)
+        except ValueError as error:
+            raise DataError(f"{self.label}: {error}") from None
 
     def _check_shape(self, features: dict, key: str, size: int) -> None:
         if key not in features:
@@ -317,6 +338,10 @@ class MixtureDataset(torch.utils.data.Dataset):
         for name, group in by_robot.items():
             if len(group) > 1:
                 labels = ", ".join(m.label for m in group)
+                robots = {(m.embodiment.action_dim, m.embodiment.state_dim, m.embodiment.hold_action) for m in group}
+                if len(robots) > 1:  # robots described by their datasets (registered ones are checked per dataset)
+                    raise DataError(f"{labels} are all embodiment {name!r} but differ in (action size, state size, "
+                                    f"hold_action): {sorted(robots, key=str)}; give one of them another name")
                 if any(m.stat_values is None for m in group):
                     raise DataError(f"{labels} are all embodiment {name!r}: their stats merge exactly only from the data "
                                     f"(quantiles cannot be merged from meta/stats.json); use stats_source='data'")

@@ -59,3 +59,42 @@ def tiny_policy(embodiments, seed: int = 0, normalizer_stats=None, **config):
     return build_policy(VLAPolicyConfig(**{"max_chunk_len": 8, "max_action_dim": 4, **config}),
                         EmbodimentRegistry(list(embodiments)), build_bpe_tokenizer(vocab_size=300), "test",
                         normalizer_stats=normalizer_stats)
+
+
+def write_dataset(root, actions_per_episode, state_size=2, robot_type="point2d", cameras=("top",), fps=10,
+                  action_names=None):
+    """A tiny hand-made LeRobotDataset (point2d-like by default) with the given per-episode action arrays."""
+    import numpy as np
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    action_size = len(actions_per_episode[0][0])
+    features = {f"observation.images.{c}": {"dtype": "image", "shape": (16, 16, 3), "names": ["height", "width", "channels"]}
+                for c in cameras}
+    features |= {
+        "observation.state": {"dtype": "float32", "shape": (state_size,), "names": None},
+        "action": {"dtype": "float32", "shape": (action_size,), "names": action_names},
+    }
+    dataset = LeRobotDataset.create("local/hand", fps=fps, features=features, root=root, robot_type=robot_type, use_videos=False)
+    for actions in actions_per_episode:
+        for action in actions:
+            dataset.add_frame(
+                {f"observation.images.{c}": np.zeros((16, 16, 3), np.uint8) for c in cameras}
+                | {
+                    "observation.state": np.zeros(state_size, np.float32),
+                    "action": np.asarray(action, np.float32),
+                    "task": "go",
+                }
+            )
+        dataset.save_episode()
+    dataset.finalize()
+    return str(root)
+
+
+JOINTS = ["shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper"]
+
+
+def so100_like(root, action_size=6, robot_type="so100"):
+    """A robot the project does not know: 6 joints (named as lerobot names them), two cameras, 30 fps."""
+    episodes = [[[0.1 * (i + j) for j in range(action_size)] for i in range(5)]] * 2
+    return write_dataset(root, episodes, state_size=action_size, robot_type=robot_type, cameras=("front", "wrist"),
+                         fps=30, action_names={"motors": JOINTS} if action_size == len(JOINTS) else None)

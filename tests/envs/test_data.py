@@ -16,8 +16,10 @@ import torch
 
 from envs import point_nav
 from envs.collect import collect_dataset
+from envs.embodiments import Embodiment
 from envs.mixture import DataError, DatasetSpec, MixtureDataset, MixtureSampler, make_mixture_loader
 from envs.normalize import Normalizer, StatsError, normalize, unnormalize
+from helpers import JOINTS, so100_like, write_dataset
 
 IMAGE = 32
 
@@ -34,31 +36,6 @@ def load(root, **kwargs):
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     return LeRobotDataset("local/test", root=root, **kwargs)
-
-
-def write_dataset(root, actions_per_episode, state_size=2, robot_type="point2d"):
-    """A tiny hand-made point2d-like dataset with the given per-episode action arrays."""
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset
-
-    features = {
-        "observation.images.top": {"dtype": "image", "shape": (16, 16, 3), "names": ["height", "width", "channels"]},
-        "observation.state": {"dtype": "float32", "shape": (state_size,), "names": None},
-        "action": {"dtype": "float32", "shape": (2,), "names": None},
-    }
-    dataset = LeRobotDataset.create("local/hand", fps=10, features=features, root=root, robot_type=robot_type, use_videos=False)
-    for actions in actions_per_episode:
-        for action in actions:
-            dataset.add_frame(
-                {
-                    "observation.images.top": np.zeros((16, 16, 3), np.uint8),
-                    "observation.state": np.zeros(state_size, np.float32),
-                    "action": np.asarray(action, np.float32),
-                    "task": "go",
-                }
-            )
-        dataset.save_episode()
-    dataset.finalize()
-    return str(root)
 
 
 # ---------------------------------------------------------------------------------------------- collection
@@ -396,6 +373,38 @@ def test_nan_action_error_names_dataset_episode_and_key(tmp_path):
     root = write_dataset(tmp_path / "nan", [good, bad])
     with pytest.raises(DataError, match=r"dataset 'local/nan'.*non-finite 'action'.*episode 1, frame 1"):
         MixtureDataset([DatasetSpec("local/nan", root=root)])
+
+
+def test_a_robot_the_project_does_not_know_is_described_by_its_dataset(tmp_path):
+    root = so100_like(tmp_path / "so100")
+    member = MixtureDataset([root], action_horizon=4).members[0]
+    robot = member.embodiment
+    assert robot == Embodiment(name="so100", action_dim=6, state_dim=6, fps=30.0, action_names=tuple(JOINTS),
+                               cameras=("observation.images.front", "observation.images.wrist"),
+                               description="described by dataset 'local/so100' (" + root + ")'s meta/info.json")
+    assert robot.hold_action is None  # position control: a chunk past the episode's end repeats the last action
+    sample = MixtureDataset([root], action_horizon=4)[3]
+    assert sample["embodiment"] == "so100" and sample["action"].shape == (4, 6) and sample["action_is_pad"].tolist() == [False, False, True, True]
+    # a mapping names a new robot and adds what the features cannot say
+    spec = {"root": root, "embodiment": {"name": "my_arm", "hold_action": [0.0] * 6}}
+    assert MixtureDataset([spec]).members[0].embodiment.hold_action == (0.0,) * 6
+    bad = [
+        ({"root": root, "embodiment": {"name": "my_arm", "action_dim": 7}}, "not action_dim"),
+        ({"root": root, "embodiment": {"name": "arm3"}}, "'arm3' is a registered robot; pass embodiment=arm3"),
+        ({"root": root, "embodiment": {"name": "my arm"}}, "embodiment name must"),
+        ({"root": root, "embodiment": {"name": "my_arm", "hold_action": [0.0]}}, "hold_action has 1 values"),
+    ]
+    for spec, message in bad:
+        with pytest.raises(DataError, match=message):
+            MixtureDataset([spec])
+    # two datasets under one robot name must describe the same robot
+    other = so100_like(tmp_path / "so100_7", action_size=7)
+    with pytest.raises(DataError, match=r"are all embodiment 'so100' but differ .*\(6, 6, None\), \(7, 7, None\)"):
+        MixtureDataset([root, other])
+    untyped = so100_like(tmp_path / "untyped", robot_type=None)
+    with pytest.raises(DataError, match=r"no robot_type .*embodiment=\{name: NAME\}"):
+        MixtureDataset([untyped])
+    assert MixtureDataset([{"root": untyped, "embodiment": {"name": "so100"}}]).members[0].embodiment.name == "so100"
 
 
 def test_bad_data_errors(roots, tmp_path):

@@ -89,3 +89,29 @@ def test_vla_stage_two_processes_match_one(robot_data, tmp_path, mode):
     assert [True, True] in halves and [False, False] in halves and any(sum(h) == 1 for h in halves), is_vqa
 
     two_processes_match_one(tmp_path, common, mode)
+
+
+def test_a_robot_the_project_does_not_know_trains_from_its_dataset_alone(tmp_path, capsys):
+    """`vla train stage=vla` on LeRobot datasets of robots nobody registered: the robot's sizes, cameras and rate come
+    from each dataset (one by its robot_type, one named and given a hold_action on the command line); the checkpoint
+    serves both in their own units."""
+    import numpy as np
+
+    from helpers import so100_like
+    from vla.cli import main
+    from vla.policy import VLAPolicy
+    from vla.policy.env_policy import EnvPolicy
+
+    so100, other = so100_like(tmp_path / "so100"), so100_like(tmp_path / "other", action_size=4, robot_type="koch")
+    datasets = (f"stage.data={{datasets: [{{root: '{so100}'}}, {{root: '{other}', embodiment: {{name: my_arm, "
+                f"hold_action: [0, 0, 0, 0]}}}}], chunk_len: 2}}")
+    assert main(["train", "stage=vla", datasets, f"out={tmp_path / 'run'}", "stage.steps=2", "micro_batch=2",
+                 "log.progress=false", "log.tensorboard=false", "log.plot=false", "checkpoint.every=0",
+                 "model.language={hidden_size: 64, num_hidden_layers: 2}"]) == 0
+    assert "so100 (action 6, H=2, 2 camera(s), 30 Hz), my_arm (action 4, H=2, 2 camera(s), 30 Hz)" in capsys.readouterr().out
+    policy = VLAPolicy.load(tmp_path / "run" / "checkpoints" / "step-00000002")
+    assert policy.registry.get("my_arm").hold_action == (0.0,) * 4 and policy.registry.get("so100").hold_action is None
+    observation = {"pixels": {c: np.zeros((2, 16, 16, 3), np.uint8) for c in ("front", "wrist")}, "task": ["go", "go"]}
+    for robot, size in (("so100", 6), ("my_arm", 4)):
+        actions = EnvPolicy(policy, robot).select_action(observation | {"agent_pos": np.zeros((2, size), np.float32)})
+        assert actions.shape == (2, size) and np.isfinite(actions).all()
