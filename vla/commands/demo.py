@@ -10,7 +10,9 @@
    on training frames).
 4. Write `<out>/report.md` (table, loss curves, success bars, routing heatmap, rollout GIFs, a grounding picture),
    print the table and, last, one JSON line.
-Everything is measured in this run; nothing is downloaded.
+Everything is measured in this run; nothing is downloaded. `demo.resume=true` picks a crashed or interrupted run up
+where it stopped (same `out`, same settings): finished datasets and stages are kept, a stage continues from its last
+checkpoint (every `checkpoint_every` steps), the evaluation runs again.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from omegaconf import OmegaConf
 
 
 EVAL_SEED = 1000  # held-out episodes use env seeds 1000+ (collection starts at 0; `vla bench peers` uses the same)
+SETTINGS_FILE = "demo_settings.json"  # the run's settings, which `demo.resume` must find unchanged
 
 
 def _quiet_libraries() -> None:
@@ -66,6 +69,7 @@ def _settings(cfg) -> dict[str, Any]:
         cfg = with_settings(cfg, overrides)
     c = OmegaConf.to_container(cfg, resolve=True)
     c["from_scratch"] = bool(c["demo"].get("from_scratch", False))
+    c["resume"] = bool(c["demo"].get("resume", False))
     if quick:
         if episodes is not None:  # the same robots, fewer demonstrations each
             c["robots"] = [{**robot, "episodes": int(episodes)} for robot in c["robots"]]
@@ -73,6 +77,35 @@ def _settings(cfg) -> dict[str, Any]:
     c.pop("quick_overrides")
     c["quick"] = quick
     return c
+
+
+def _comparable(c: dict[str, Any]) -> dict[str, Any]:
+    """The settings a resumed run must share with the run it continues (everything but `resume` itself)."""
+    return {k: v for k, v in c.items() if k != "resume"} | {"demo": {k: v for k, v in c["demo"].items() if k != "resume"}}
+
+
+def prepare_out(c: dict[str, Any]) -> Path:
+    """`<out>` emptied for a new run, or, with `demo.resume`, kept when it holds a run of the same settings."""
+    out = Path(c["out"])
+    settings = json.loads(json.dumps(_comparable(c)))
+    if c["resume"] and out.exists():
+        path = out / SETTINGS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{out}: no {SETTINGS_FILE}, so not a vla demo run to resume; give another out= "
+                                    f"or leave demo.resume off (which replaces it)")
+        earlier = json.loads(path.read_text())
+        changed = sorted(k for k in settings.keys() | earlier.keys() if settings.get(k) != earlier.get(k))
+        if changed:
+            raise ValueError(f"{out} was run with other settings ({', '.join(changed)}); demo.resume continues a run "
+                             f"only with the settings it started with")
+        _say(f"resuming the run in {out}: finished datasets and stages are kept, stages continue from their last "
+             f"checkpoint, the evaluation runs again")
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+    return out
 
 
 def _collect_one(c: dict[str, Any], robot: dict[str, Any], root: Path):
@@ -91,10 +124,19 @@ def collect(c: dict[str, Any], out: Path) -> dict[str, str]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    from envs.collect import read_collection_record
+
     roots = {robot["name"]: out / "data" / robot["name"] for robot in c["robots"]}
-    workers = min(len(c["robots"]), os.cpu_count() or 1)
+    todo = []
+    for robot in c["robots"]:
+        record = read_collection_record(roots[robot["name"]]) if c.get("resume") else None
+        if record and len(record["episode_seeds"]) == int(robot["episodes"]):  # written last: the dataset is whole
+            _say(f"kept the {robot['episodes']} episodes of {robot['name']} collected earlier ({roots[robot['name']]})")
+        else:
+            todo.append(robot)
+    workers = max(1, min(len(todo), os.cpu_count() or 1))
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        jobs = [pool.submit(_collect_one, c, robot, roots[robot["name"]]) for robot in c["robots"]]
+        jobs = [pool.submit(_collect_one, c, robot, roots[robot["name"]]) for robot in todo]
         for job in jobs:
             result = job.result()
             _say(f"collected {result.episodes} episodes ({result.frames} frames) of {result.embodiment} in {result.seconds:.1f} s")
@@ -118,15 +160,22 @@ def scene_language(c: dict[str, Any], out: Path) -> dict[str, Path]:
 def train_stage(c: dict[str, Any], out: Path, stage: str, init_from: str | None, stage_settings: dict[str, Any],
                 run_name: str | None = None, steps: int | None = None, **settings: Any) -> dict[str, Any]:
     """One stage with the demo's settings, in `<out>/train/<run_name or stage>` (`steps`: default the config's).
-    `stage_settings` go under `stage` (its data, options), `settings` at the top (e.g. tokenizer)."""
+    `stage_settings` go under `stage` (its data, options), `settings` at the top (e.g. tokenizer). With `c["resume"]`
+    a stage that finished in an earlier run is kept (its summary.json) and one that stopped continues from its last
+    checkpoint."""
     from vla.train import run, stage_config
 
     steps = int(c["steps"][stage] if steps is None else steps)
+    run_dir = out / "train" / (run_name or stage)
+    if c.get("resume") and (done := finished_stage(run_dir, steps)) is not None:
+        _say(f"stage {run_name or stage}: finished in the run resumed ({steps} steps), kept")
+        return done
     config = {
-        "out": out / "train" / (run_name or stage), "seed": c["seed"], "micro_batch": c["micro_batch"],
+        "out": run_dir, "seed": c["seed"], "micro_batch": c["micro_batch"], "resume": bool(c.get("resume")),
         "model": {"language": c["model"], **({"vision": c["vision"]} if c.get("vision") else {}),
                   **({"center_image_tokens": c["center_image_tokens"]} if c.get("center_image_tokens") is not None else {})},
-        "checkpoint": {"every": 0, "keep_last": 1}, "log": {"progress": True, "tensorboard": False},
+        "checkpoint": {"every": int(c.get("checkpoint_every") or 0), "keep_last": 1},
+        "log": {"progress": True, "tensorboard": False},
         "stage": {"steps": steps, "optim": {"lr": c["lr"][stage]},
                   "schedule": {"warmup_steps": max(1, steps // 10)},
                   # the recipe's 0.1x vision-tower learning rate is for a pretrained tower: every stage after the one
@@ -135,8 +184,20 @@ def train_stage(c: dict[str, Any], out: Path, stage: str, init_from: str | None,
         **({"init_from": init_from} if init_from else {}), **settings,
     }
     summary = run(stage_config(stage, config))
-    _say(f"stage {run_name or stage}: {summary['steps']} steps, final loss {summary['final_loss']:.3f}")
+    loss = summary["final_loss"]  # None when a resumed stage had saved its last step before it stopped
+    _say(f"stage {run_name or stage}: {summary['steps']} steps, final loss {'n/a' if loss is None else f'{loss:.3f}'}")
     return summary
+
+
+def finished_stage(run_dir: Path, steps: int) -> dict[str, Any] | None:
+    """The summary of a stage run that reached `steps` with its checkpoint in place, else None."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    if summary.get("steps") != steps or not summary.get("checkpoint") or not Path(summary["checkpoint"]).is_dir():
+        return None
+    return summary | {"losses": {int(k): v for k, v in summary.get("losses", {}).items()}}
 
 
 def train_vla(c: dict[str, Any], out: Path, init: str, roots: dict[str, str], lang: dict[str, Path],
@@ -186,6 +247,7 @@ def train_policy(c: dict[str, Any], out: Path, clock: _Clock) -> dict[str, Any]:
     vla_summary = train_vla(c, out, start, roots, lang)
     stage_dirs["vla"] = out / "train" / "vla"
     policy_dir = str(out / "policy")
+    shutil.rmtree(policy_dir, ignore_errors=True)  # a resumed run's earlier copy
     shutil.copytree(vla_summary["checkpoint"], policy_dir)
     clock.lap("stage vla")
     return {"roots": roots, "lang": lang, "stage_dirs": stage_dirs, "start": start, "start_scenes": start_scenes,
@@ -415,10 +477,7 @@ def main(cfg) -> int:
     _quiet_libraries()
     clock = _Clock()
     c = _settings(cfg)
-    out = Path(c["out"])
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out = prepare_out(c)
     _say(f"writing to {out}{' (quick)' if c['quick'] else ''}")
     trained = train_policy(c, out, clock)
     roots, lang, stage_dirs, policy_dir = trained["roots"], trained["lang"], trained["stage_dirs"], trained["policy_dir"]

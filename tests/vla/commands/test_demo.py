@@ -1,6 +1,7 @@
 """CI runs the demo's smoke variant and checks the report and the final JSON line."""
 
 import json
+from pathlib import Path
 
 from vla.cli import main
 
@@ -104,3 +105,47 @@ def test_report_says_how_grounding_is_scored_and_where_routing_was_measured(tmp_
     assert "an answer is right only if it gives exactly one box and that box has IoU >= 0.5" in after
     assert "Started from `checkpoints/dsvl2-mini` (shipped; " in report
     assert "## Expert routing per robot (training frames)" in report and "Routing NMI is measured on training frames" in report
+
+
+def test_a_crashed_demo_resumes_where_it_stopped_with_the_same_weights(tmp_path, capsys, monkeypatch):
+    """`demo.resume=true` after a crash in the vla stage: the datasets are kept, the stage continues from its last
+    checkpoint, and the policy is the one an uninterrupted stage makes (byte for byte)."""
+    from vla.commands import demo
+    from vla.config import load_config
+    from vla.train.trainer import Trainer
+
+    out = tmp_path / "demo"
+    overrides = ["demo.quick=true", f"out={out}", "checkpoint_every=2",
+                 "robots=[{env: vla/PointNav-v0, name: nav, episodes: 6, env_kwargs: {num_objects: [2, 2]}}]"]
+    train_step, calls = Trainer._train_step, []
+
+    def crash_at_step_3(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected crash")
+        return train_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_train_step", crash_at_step_3)
+    assert main(["demo", *overrides]) == 2
+    assert "injected crash" in capsys.readouterr().err
+    monkeypatch.setattr(Trainer, "_train_step", train_step)
+    assert main(["demo", *overrides, "demo.resume=true"]) == 0
+    log = capsys.readouterr().out
+    assert "kept the 6 episodes of nav collected earlier" in log and "resuming from" in log and "step-00000002" in log
+    assert json.loads(log.strip().splitlines()[-1])["success"].keys() == {"point2d"}
+
+    # the same stage, uninterrupted, on the same data
+    c = demo._settings(load_config("demo", overrides))
+    start = demo.starting_checkpoint(c, out)[0]
+    again = demo.train_vla(c, out, start, {"nav": str(out / "data" / "nav")}, demo.scene_language(c, out), run_name="again")
+    ours = sorted(p.relative_to(out / "policy") for p in (out / "policy").rglob("*.safetensors"))
+    assert ours and ours == sorted(p.relative_to(again["checkpoint"]) for p in Path(again["checkpoint"]).rglob("*.safetensors"))
+    for name in ours:
+        assert (out / "policy" / name).read_bytes() == (Path(again["checkpoint"]) / name).read_bytes(), name
+
+    # resuming needs the same settings, and a demo run to resume
+    assert main(["demo", *overrides, "demo.resume=true", "seed=1"]) == 2
+    assert "was run with other settings (seed)" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    assert main(["demo", "demo.quick=true", f"out={tmp_path / 'other'}", "demo.resume=true"]) == 2
+    assert "no demo_settings.json, so not a vla demo run to resume" in capsys.readouterr().err
