@@ -12,6 +12,9 @@ activation checkpointing cuts them):
   forward pass (`trainable_token_indices`).
 - the trainable share under LoRA r=16 (adapters + added vocabulary rows + action head, counted on meta) - which is
   also the size of the adapter checkpoint relative to the full one in the same dtype.
+- LoRA r=16 with the routed experts adapted too (`peft.experts=true`): the same sum with their adapters, plus one bf16
+  copy of the routed experts' weights, W + BA, which peft forms in each forward pass and the expert matmuls keep for
+  the backward pass (with activation checkpointing only one layer's at a time).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def meta_policy(preset: str):
 
 
 def size_preset(preset: str, r: int = 16) -> dict:
+    from backbone.moe import GroupedExperts
     from vla.policy.lora import apply_lora, make_lora_config, trainable_count
 
     policy = meta_policy(preset)
@@ -49,17 +53,25 @@ def size_preset(preset: str, r: int = 16) -> dict:
     unit = max(sum(p.numel() for p in layer.parameters()) for layer in policy.backbone.language.model.layers)
     language = policy.backbone.language
     token_copies = 2 * (language.model.embed_tokens.weight.numel() + language.lm_head.weight.numel())
+    routed = sum(p.numel() for m in policy.modules() if isinstance(m, GroupedExperts) for p in m.parameters())
     apply_lora(policy, make_lora_config(policy, r=r), materialize=False)
     trainable, total = trainable_count(policy)
     assert total == params, (total, params)
+    with_experts = meta_policy(preset)
+    apply_lora(with_experts, make_lora_config(with_experts, r=r, experts=True), materialize=False)
+    trainable_e, total_e = trainable_count(with_experts)
+    assert total_e == params, (total_e, params)
     return {
         "params": params,
         "lora_trainable": trainable,
+        "lora_experts_trainable": trainable_e,
         "inference_gb": 2 * params / GB,
         "full_ft_gb_1gpu": FULL_FT_BYTES * params / GB,
         "full_ft_gb_8gpu": (FULL_FT_BYTES * params / GPUS + 2 * 2 * unit) / GB,
         "lora_gb_1gpu": (2 * params + FULL_FT_BYTES * trainable + token_copies) / GB,
         "lora_trainable_fraction": trainable / params,
+        "lora_experts_gb_1gpu": (2 * params + FULL_FT_BYTES * trainable_e + token_copies + 2 * routed) / GB,
+        "lora_experts_trainable_fraction": trainable_e / params,
     }
 
 
@@ -73,11 +85,13 @@ def run(cfg) -> dict:
         rows.append([preset, f"{s['params'] / 1e9:.2f}B", f"{s['inference_gb']:.1f}", f"{s['full_ft_gb_1gpu']:.1f}",
                      f"{s['full_ft_gb_8gpu']:.1f}", f"{s['lora_gb_1gpu']:.1f}",
                      f"{s['lora_trainable'] / 1e6:.1f}M ({100 * s['lora_trainable_fraction']:.2f}%)",
+                     f"{s['lora_experts_gb_1gpu']:.1f}",
+                     f"{s['lora_experts_trainable'] / 1e6:.1f}M ({100 * s['lora_experts_trainable_fraction']:.2f}%)",
                      f"{time.perf_counter() - t0:.1f}"])
-        out[preset] = {k: round(s[k], 6 if k == "lora_trainable_fraction" else 2)
+        out[preset] = {k: round(s[k], 6 if k.endswith("_fraction") else 2)
                        for k in ("inference_gb", "full_ft_gb_1gpu", "full_ft_gb_8gpu", "lora_gb_1gpu",
-                                 "lora_trainable_fraction")}
+                                 "lora_trainable_fraction", "lora_experts_gb_1gpu", "lora_experts_trainable_fraction")}
     print("GB per GPU (weights + optimizer; activations on top), built on the meta device")
     print_table(["preset", "params", "bf16 inference", "full FT 1 GPU", "full FT 8 GPU (FSDP)", "LoRA r=16 1 GPU",
-                 "LoRA trainable", "build s"], rows)
+                 "LoRA trainable", "LoRA + experts 1 GPU", "LoRA + experts trainable", "build s"], rows)
     return out

@@ -2,9 +2,11 @@
 
 What is adapted (`lora_target_names`): every `nn.Linear` of the language model's attention (MLA `q_proj` or
 `q_a_proj`/`q_b_proj`, `kv_a_proj_with_mqa`, `kv_b_proj`, `o_proj`), of the dense MLPs and of the shared experts,
-and of the vision projector. Frozen: the vision tower, the router and the routed experts (`GroupedExperts` keeps all
-experts in two fused 3-D parameters, which peft's `nn.Linear` LoRA cannot wrap; see README.md, "Fine-tuning at real
-size").
+and of the vision projector. Frozen: the vision tower, the router and, by default, the routed experts. With
+`experts=True` (`vla train peft.experts=true`) the routed experts are adapted too: `GroupedExperts` keeps each
+layer's experts in two fused 3-D parameters (`gate_up_proj` (E, 2F, D), `down_proj` (E, D, F)), which peft adapts
+through `target_parameters` (one rank-r pair per expert, added to the weight inside the forward; peft allows no
+dropout there).
 
 What trains in full beside the adapters:
 - the rows of the vocabulary this policy added (action bins and embodiment tokens), in the input embedding and in
@@ -37,6 +39,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LORA_TARGET_PATTERN = (r"backbone\.(language\.model\.layers\.\d+\.(self_attn\.(q_proj|q_a_proj|q_b_proj|"
                        r"kv_a_proj_with_mqa|kv_b_proj|o_proj)|mlp\.(shared_experts\.)?(gate_proj|up_proj|down_proj))"
                        r"|vision_encoder\.projector\.layers\.\d+)")
+#: the routed experts' fused parameters (backbone.moe.GroupedExperts), adapted with `experts=True`
+EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
 #: VLAPolicy submodules trained in full (peft `modules_to_save`)
 HEAD_MODULES = ("queries", "offset_head", "state_proj", "box_proj", "router_prior")
 
@@ -79,43 +83,70 @@ def new_token_ids(policy) -> list[int]:
     return sorted({policy.tokenizer.token_id(t) for t in policy.registry.special_tokens(policy.config.n_bins)})
 
 
+def expert_target_parameters(policy: nn.Module, prefix: str = "") -> list[str]:
+    """Full names of the routed experts' fused parameters (every MoE layer's `gate_up_proj` and `down_proj`)."""
+    from backbone.moe import GroupedExperts
+
+    return [f"{prefix}{name}.{param}" for name, module in policy.named_modules() if isinstance(module, GroupedExperts)
+            for param in EXPERT_PARAMETERS]
+
+
 def make_lora_config(policy, r: int = 16, alpha: int | None = None, dropout: float = 0.0,
-                     targets: list[str] | str | None = None, prefix: str = ""):
+                     targets: list[str] | str | None = None, prefix: str = "", experts: bool = False):
     """A peft LoraConfig for `policy` (a VLAPolicy; `prefix` = its name inside a wrapper, e.g. "model." in the
-    lerobot plugin)."""
+    lerobot plugin); `experts`: the routed experts too."""
     from peft import LoraConfig
 
-    return LoraConfig(**default_peft_targets(policy, prefix, targets), r=int(r),
+    if experts and dropout:
+        raise LoraError(f"LoRA on the routed experts takes no dropout (peft adds their update to the weight, not to "
+                        f"an activation): set peft.dropout=0, or leave peft.experts off (dropout {dropout})")
+    return LoraConfig(**default_peft_targets(policy, prefix, targets, experts), r=int(r),
                       lora_alpha=int(alpha if alpha is not None else 2 * r), lora_dropout=float(dropout))
 
 
-def default_peft_targets(policy, prefix: str = "", targets: list[str] | str | None = None) -> dict[str, Any]:
+def default_peft_targets(policy, prefix: str = "", targets: list[str] | str | None = None,
+                         experts: bool = False) -> dict[str, Any]:
     """peft config fields: `target_modules`, `modules_to_save` (the action head), `trainable_token_indices` (the
-    added vocabulary rows of the embedding and the LM head)."""
+    added vocabulary rows of the embedding and the LM head), and with `experts` `target_parameters` (the routed
+    experts)."""
     ids = new_token_ids(policy)
     present = [m for m in HEAD_MODULES if getattr(policy, m, None) is not None]
-    return {
+    fields = {
         "target_modules": lora_target_names(policy, prefix, targets),
         "modules_to_save": [prefix + m for m in present],
         "trainable_token_indices": {prefix + "backbone.language.model.embed_tokens": ids,
                                     prefix + "backbone.language.lm_head": ids},
     }
+    if experts:
+        fields["target_parameters"] = expert_target_parameters(policy, prefix)
+        if not fields["target_parameters"]:
+            raise LoraError("peft.experts: this model has no routed experts (no MoE layer)")
+    return fields
 
 
-def _adapted_layers(policy) -> list[str]:
-    from peft.tuners.lora import LoraLayer
+def _adapted_weights(policy) -> list[str]:
+    """The state-dict name of the base weight under each adapter: `<layer>.base_layer.weight` for a linear layer,
+    `<experts>.base_layer[.base_layer].<parameter>` for the routed experts (peft nests one wrapper per parameter)."""
+    from peft.tuners.lora import LoraLayer, ParamWrapper
 
-    return [name for name, layer in policy.named_modules() if isinstance(layer, LoraLayer)]
+    module_names = {id(module): name for name, module in policy.named_modules()}
+    names = []
+    for name, layer in policy.named_modules():
+        if isinstance(layer, ParamWrapper):
+            names.append(f"{module_names[id(layer.get_base_layer())]}.{layer.parameter_name}")
+        elif isinstance(layer, LoraLayer):
+            names.append(f"{name}.base_layer.weight")
+    return names
 
 
 def base_fingerprint(policy, state_dict: dict[str, torch.Tensor] | None = None) -> str:
-    """A digest of the base weights under the adapters (name, shape and sum of every adapted layer's weight): an
+    """A digest of the base weights under the adapters (name, shape and sum of every adapted weight): an
     adapter loaded onto another base fails with a clear error instead of acting wrongly. From `state_dict` (full
     tensors, e.g. gathered from FSDP2 shards) where given, else the policy's own weights ("meta" on meta)."""
     state = state_dict if state_dict is not None else policy.state_dict(keep_vars=True)
     h = hashlib.sha256()
-    for name in _adapted_layers(policy):
-        weight = state[f"{name}.base_layer.weight"]
+    for name in _adapted_weights(policy):
+        weight = state[name]
         if weight.is_meta:  # sizing on the meta device, or FSDP2 before the shards are read: no values to digest
             return "meta"
         h.update(f"{name}:{tuple(weight.shape)}:{float(weight.detach().double().sum()):.6e};".encode())

@@ -208,8 +208,9 @@ def load_sharded(module: nn.Module, init: MetaInit, device: torch.device) -> Non
     loaded: set[str] = set()
 
     def put(name: str, value: torch.Tensor, where: str, strict: bool = True) -> None:
-        """`name`: canonical (files) or a module name (extras)."""
-        names = aliases.get(name) or ([name] if name in targets else [])
+        """`name`: canonical (files) or a module name (extras: exactly that tensor; the canonical name may be shared,
+        e.g. by the LoRA pairs of the routed experts' two parameters, one peft wrapper nested in the other)."""
+        names = [name] if where == "extras" else aliases.get(name) or ([name] if name in targets else [])
         if not names:
             if strict:
                 raise CheckpointError(f"{where}: unexpected tensor {name}")

@@ -102,7 +102,7 @@ class VLAStageTask(StageTask):
         if self.peft.get("method") == "lora":
             config = make_lora_config(self.module, r=int(self.peft.get("r") or 16), alpha=self.peft.get("alpha"),
                                       dropout=float(self.peft.get("dropout") or 0.0),
-                                      targets=self.peft.get("target_modules"))
+                                      targets=self.peft.get("target_modules"), experts=bool(self.peft.get("experts")))
             apply_lora(self.module, config, seed=ctx.seed)
             self.lora_base = str(Path(ctx.init_from).resolve())
         self.meta_init = None

@@ -118,6 +118,58 @@ def test_lora_errors_are_clear(base_dir, tmp_path):
         VLAPolicy.load(tmp_path / "adapter")
 
 
+def test_lora_on_the_routed_experts_is_a_rank_r_update_per_expert(base_dir, tmp_path):
+    """`experts=True`: peft's target_parameters on GroupedExperts' fused (E, out, in) weights; the adapted layer
+    computes our grouped forward with W_e + (alpha / r) B_e A_e for every expert e (checked against that forward on the
+    summed weights), trains, and survives save -> load -> merge."""
+    from peft.tuners.lora import ParamWrapper
+
+    from backbone.moe import GroupedExperts
+
+    policy = VLAPolicy.load(base_dir)
+    config = make_lora_config(policy, r=4, experts=True)
+    layers = [n for n, m in policy.named_modules() if isinstance(m, GroupedExperts)]
+    assert layers and sorted(config.target_parameters) == sorted(f"{n}.{p}" for n in layers for p in ("gate_up_proj", "down_proj"))
+    apply_lora(policy, config)
+    perturb_trainable(policy)
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert any(".mlp.experts." in n and ".lora_B." in n for n in trainable)
+    assert not any(n.endswith(("gate_up_proj", "down_proj")) for n in trainable)  # the experts' own weights stay frozen
+
+    outer = dict(policy.named_modules())[layers[0]]
+    assert isinstance(outer, ParamWrapper) and isinstance(outer.get_base_layer(), GroupedExperts)
+    experts = outer.get_base_layer()
+    reference = GroupedExperts(*experts.gate_up_proj.shape[:1], experts.down_proj.shape[1], experts.down_proj.shape[2])
+    with torch.no_grad():
+        for wrapper in (outer, outer.base_layer):
+            name = wrapper.parameter_name
+            E, r = wrapper.num_experts, wrapper.r["default"]
+            A = wrapper.lora_A["default"].weight.reshape(E, r, -1)  # (E, r, in)
+            B = wrapper.lora_B["default"].weight.reshape(-1, r, E).permute(2, 0, 1)  # (E, out, r)
+            getattr(reference, name).copy_(getattr(experts, name) + wrapper.scaling["default"] * B @ A)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, experts.down_proj.shape[1], generator=g)
+    ids, weights = torch.randint(0, experts.gate_up_proj.shape[0], (9, 2), generator=g), torch.rand(9, 2, generator=g)
+    torch.testing.assert_close(outer(x, ids, weights), reference(x, ids, weights), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(experts(x, ids, weights), reference(x, ids, weights))  # the update does something
+
+    policy.train()
+    loss, _ = policy(batch() | {"action": torch.rand(2, 4, 2) * 2 - 1, "action_is_pad": torch.zeros(2, 4, dtype=torch.bool)})
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in policy.named_parameters() if ".mlp.experts." in n and ".lora_" in n)
+    policy.eval()
+    expected = policy.predict_action_chunk(batch())
+    save_adapter(policy, tmp_path / "adapter", base=str(base_dir))
+    loaded = VLAPolicy.load(tmp_path / "adapter")
+    torch.testing.assert_close(loaded.predict_action_chunk(batch()), expected, atol=1e-5, rtol=1e-5)
+    merged = merge_lora(loaded)
+    assert not any(".lora_" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(merged.predict_action_chunk(batch()), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(LoraError, match="routed experts takes no dropout"):
+        make_lora_config(VLAPolicy.load(base_dir), experts=True, dropout=0.1)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # vla train ... peft.method=lora, resume, vla merge-lora
 # ---------------------------------------------------------------------------------------------------------------------
@@ -138,16 +190,21 @@ def _train(data, out, steps, *extra):
         f"stage.data={{datasets: [{{root: '{data}'}}], chunk_len: 4}}", *extra]))
 
 
-def test_vla_train_lora_saves_the_adapter_resumes_and_merges(nav_data, tmp_path, capsys):
+@pytest.mark.parametrize("experts", ["false", "true"])
+def test_vla_train_lora_saves_the_adapter_resumes_and_merges(nav_data, tmp_path, capsys, experts):
     from vla.cli import main
 
     base = _train(nav_data, tmp_path / "full", 1)["checkpoint"]
-    lora = ["peft.method=lora", "peft.r=4", f"init_from={base}"]
+    lora = ["peft.method=lora", "peft.r=4", f"init_from={base}", f"peft.experts={experts}"]
     straight = _train(nav_data, tmp_path / "lora", 3, *lora)
     ckpt = Path(straight["checkpoint"])
     names = {p.name for p in ckpt.iterdir()}
     assert {ADAPTER_CONFIG, ADAPTER_WEIGHTS} <= names and BACKBONE_DIR not in names
     assert straight["losses"][3] != straight["losses"][1]  # it trains
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt / ADAPTER_WEIGHTS), framework="pt") as f:  # the routed experts' pairs with peft.experts
+        assert any(".mlp.experts." in key for key in f.keys()) == (experts == "true")
     adapter_bytes = (ckpt / ADAPTER_WEIGHTS).stat().st_size
     full_bytes = sum(p.stat().st_size for p in Path(base).rglob("*.safetensors"))
     assert adapter_bytes < full_bytes
@@ -204,9 +261,9 @@ def test_vla_train_lora_errors_are_one_line(nav_data, tmp_path):
                                   "peft.method=lora", "log.progress=false"]))
 
 
-@pytest.mark.parametrize("mode", ["fsdp"])
-def test_vla_train_lora_two_processes_match_one(nav_data, tmp_path, mode):
-    """LoRA under torchrun (gloo, FSDP2): the same losses as one process."""
+@pytest.mark.parametrize("mode, experts", [("fsdp", "false"), ("fsdp", "true")])
+def test_vla_train_lora_two_processes_match_one(nav_data, tmp_path, mode, experts):
+    """LoRA under torchrun (gloo, FSDP2; with the routed experts adapted too): the same losses as one process."""
     from helpers import two_processes_match_one
 
     base = _train(nav_data, tmp_path / "full", 1)["checkpoint"]
@@ -214,5 +271,5 @@ def test_vla_train_lora_two_processes_match_one(nav_data, tmp_path, mode):
               "log.plot=false", "stage.optim.lr=3e-3", "stage.schedule.kind=constant", "stage.schedule.warmup_steps=0",
               "model.language={hidden_size: 64, num_hidden_layers: 2}",
               f"stage.data={{datasets: [{{root: '{nav_data}'}}], chunk_len: 4}}",
-              "peft.method=lora", "peft.r=4", f"init_from={base}"]
+              "peft.method=lora", "peft.r=4", f"peft.experts={experts}", f"init_from={base}"]
     two_processes_match_one(tmp_path, common, mode)
