@@ -4,8 +4,9 @@ Demo-size model (the demo's language overrides of the test preset, 64-px frames,
 (point robot and 3-link arm, one object per scene) with scripted-expert demonstrations. A base policy is trained
 with the vla stage from a random init (`base_steps`), then fine-tuned on the same mixture for `steps` more steps,
 once in full and once with LoRA r=16 (`peft.method=lora`: adapters on attention / dense MLP / shared experts /
-projector, the action head and the added token rows in full). Success on held-out seeds (1000+) for the base, the
-full and the LoRA fine-tune; the row reports LoRA's success as a share of full fine-tuning's.
+projector, the action head and the added token rows in full), and once more with LoRA r=16 on the routed experts too
+(`peft.experts=true`). Success on held-out seeds (1000+) for the base, the full and the LoRA fine-tunes; the last
+lines report each LoRA's success as a share of full fine-tuning's.
 `--quick`: a smoke run (tiny data and steps; numbers meaningless).
 """
 
@@ -21,6 +22,7 @@ MODEL = "{hidden_size: 128, intermediate_size: 256, moe_intermediate_size: 64, n
         "num_attention_heads: 4, kv_lora_rank: 32, qk_nope_head_dim: 32, qk_rope_head_dim: 16, v_head_dim: 32}"
 ROBOTS = (("vla/PointNav-v0", "nav", 1.0), ("vla/ArmReach-v0", "arm", 2.0))
 FULL = {"episodes": 200, "base_steps": 2000, "steps": 800, "micro_batch": 16, "eval_episodes": 200}
+RUNS = ("base", "full", "lora", "lora_experts")
 QUICK = {"episodes": 4, "base_steps": 3, "steps": 3, "micro_batch": 4, "eval_episodes": 2}
 
 
@@ -65,15 +67,17 @@ def run(cfg) -> dict:
         runs["base"] = _train(tmp / "base", s["base_steps"], 1e-3, datasets, s["micro_batch"], [])
         timings["base"] = time.perf_counter() - t0
         base = runs["base"]["checkpoint"]
-        for label, lr, extra in (("full", 3e-4, []), ("lora", 1e-3, ["peft.method=lora", "peft.r=16"])):
+        lora = ["peft.method=lora", "peft.r=16"]
+        for label, lr, extra in (("full", 3e-4, []), ("lora", 1e-3, lora), ("lora_experts", 1e-3, [*lora, "peft.experts=true"])):
             t0 = time.perf_counter()
             runs[label] = _train(tmp / label, s["steps"], lr, datasets, s["micro_batch"], [f"init_from={base}", *extra])
             timings[label] = time.perf_counter() - t0
         adapter_mb = (Path(runs["lora"]["checkpoint"]) / ADAPTER_WEIGHTS).stat().st_size / 2**20
+        experts_mb = (Path(runs["lora_experts"]["checkpoint"]) / ADAPTER_WEIGHTS).stat().st_size / 2**20
         full_mb = sum(p.stat().st_size for p in Path(runs["full"]["checkpoint"]).rglob("*.safetensors")) / 2**20
         success: dict[str, dict[str, float]] = {}
         t0 = time.perf_counter()
-        for label in ("base", "full", "lora"):
+        for label in RUNS:
             for env_id, name, _ in ROBOTS:
                 summary = evaluate(f"checkpoint:{runs[label]['checkpoint']}", [env_id], episodes=s["eval_episodes"],
                                    batch_size=10 if s["eval_episodes"] >= 10 else s["eval_episodes"], seed=1000,
@@ -82,15 +86,18 @@ def run(cfg) -> dict:
                 success.setdefault(label, {})[name] = summary["overall"]["success_rate"]
         timings["eval"] = time.perf_counter() - t0
     mean = {label: sum(v.values()) / len(v) for label, v in success.items()}
-    ratio = mean["lora"] / mean["full"] if mean["full"] > 0 else None
-    print(f"vla stage: base {s['base_steps']} steps from random init, then {s['steps']} steps full vs LoRA r=16; "
-          f"success on {s['eval_episodes']} held-out episodes per robot")
+    ratio = {label: mean[label] / mean["full"] if mean["full"] > 0 else None for label in ("lora", "lora_experts")}
+    print(f"vla stage: base {s['base_steps']} steps from random init, then {s['steps']} steps full vs LoRA r=16 (vs LoRA "
+          f"r=16 with the routed experts); success on {s['eval_episodes']} held-out episodes per robot")
     rows = [[label, f"{success[label]['nav']:.2f}", f"{success[label]['arm']:.2f}", f"{mean[label]:.3f}",
-             f"{runs[label]['final_loss']:.3f}", f"{timings[label]:.0f}"] for label in ("base", "full", "lora")]
+             f"{runs[label]['final_loss']:.3f}", f"{timings[label]:.0f}"] for label in RUNS]
     print_table(["run", "nav success", "arm success", "mean", "final loss", "train s"], rows)
-    print(f"LoRA / full success: {'n/a' if ratio is None else f'{ratio:.2f}'}; adapter {adapter_mb:.2f} MB vs full "
-          f"checkpoint {full_mb:.2f} MB")
+    shown = {k: "n/a" if v is None else f"{v:.2f}" for k, v in ratio.items()}
+    print(f"LoRA / full success: {shown['lora']}, with the routed experts {shown['lora_experts']}; adapter "
+          f"{adapter_mb:.2f} MB ({experts_mb:.2f} MB with the experts) vs full checkpoint {full_mb:.2f} MB")
     return {"success": success, "mean_success": {k: round(v, 4) for k, v in mean.items()},
-            "lora_over_full": None if ratio is None else round(ratio, 4), "adapter_mb": round(adapter_mb, 3),
+            "lora_over_full": None if ratio["lora"] is None else round(ratio["lora"], 4),
+            "lora_experts_over_full": None if ratio["lora_experts"] is None else round(ratio["lora_experts"], 4),
+            "adapter_mb": round(adapter_mb, 3), "experts_adapter_mb": round(experts_mb, 3),
             "full_checkpoint_mb": round(full_mb, 3), "settings": s, "seconds": {k: round(v, 1) for k, v in timings.items()},
             "quick": bool(cfg.get("quick"))}
