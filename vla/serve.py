@@ -735,7 +735,7 @@ def main(cfg) -> int:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
-    policy = VLAPolicy.load(path, device=device)
+    policy = VLAPolicy.load(path, device=device, merge_adapters=True)  # a LoRA checkpoint folded into its base
     if config["compile"] and policy.generates:
         sizes = tuple(sorted({1, min(2, options.max_batch), options.max_batch}))
         print(f"vla serve: compiling the decode passes for batches of {', '.join(map(str, sizes))} ...", flush=True)

@@ -46,10 +46,9 @@ def load_vl2_for_chat(path: str | Path) -> tuple[DeepseekVL2, DeepseekVL2Process
 
     path = checkpoint_folder(path)
     if is_adapter_checkpoint(path):
-        from vla.policy.lora import merge_lora
         from vla.policy.model import VLAPolicy
 
-        policy = merge_lora(VLAPolicy.load(path))
+        policy = VLAPolicy.load(path, merge_adapters=True)
         return policy.backbone.eval(), DeepseekVL2Processor(policy.tokenizer, policy.backbone.config.processor_config())
     folder = resolve_vl2_folder(path)
     if not (folder / "tokenizer.json").is_file():

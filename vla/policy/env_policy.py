@@ -54,7 +54,7 @@ def _checkpoint_factory(argument: str, context: PolicyContext) -> EnvPolicy:
         raise ValueError("policy=checkpoint:DIR needs a checkpoint folder")
     cache = context.options.setdefault("_loaded_policies", {})
     if path not in cache:  # one load per eval run, shared by the envs
-        cache[path] = VLAPolicy.load(path)
+        cache[path] = VLAPolicy.load(path, merge_adapters=True)  # a LoRA checkpoint folded into its base
         if context.options.get("compile") and cache[path].generates:
             cache[path].compile_decoding()  # the first chunk that generates compiles (tens of seconds on a CPU)
     if context.embodiment is None:

@@ -51,7 +51,7 @@ from heads.action_head import ActionQueries, BoxProjection, OffsetHead, RouterPr
 from heads.action_tokenizer import ActionTokenizer
 from heads.embodiment import Embodiment, EmbodimentRegistry, camera_key
 from vla.policy.checkpoint import BACKBONE_DIR, POLICY_CONFIG, POLICY_WEIGHTS
-from vla.policy.lora import head_rows, is_adapter_checkpoint, load_adapter_policy
+from vla.policy.lora import head_rows, is_adapter_checkpoint, load_adapter_policy, merge_lora
 from vla.train.stages import LossOutput, gradients_for_all, next_token_loss, shifted_targets
 
 TEXT, IMAGE, STATE, ACTION, PAD = 0, 1, 2, 3, -1
@@ -663,12 +663,16 @@ class VLAPolicy(nn.Module):
         (path / POLICY_CONFIG).write_text(json.dumps(meta, indent=2))
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "VLAPolicy":
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", merge_adapters: bool = False) -> "VLAPolicy":
+        """A policy checkpoint (folder or hub id). A LoRA checkpoint is its base with the adapter on it, or with
+        `merge_adapters` the adapter folded into the base: the same actions (to 1e-5) without the adapters' cost in
+        every pass, what rollouts and serving load."""
         path = checkpoint_folder(path)  # a folder, or a hub id in the local Hugging Face cache
         if not (path / POLICY_CONFIG).is_file():
             raise FileNotFoundError(f"{path}: no {POLICY_CONFIG} (not a policy checkpoint)")
         if is_adapter_checkpoint(path):  # a LoRA checkpoint: its base + the adapter
-            return load_adapter_policy(path, device)
+            policy = load_adapter_policy(path, device)
+            return merge_lora(policy).eval() if merge_adapters else policy
         meta = read_json_file(path / POLICY_CONFIG)
         backbone = load_deepseek_vl2(path / BACKBONE_DIR)
         tokenizer = load_tokenizer(path / BACKBONE_DIR)

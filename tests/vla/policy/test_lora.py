@@ -229,6 +229,10 @@ def test_vla_train_lora_saves_the_adapter_resumes_and_merges(nav_data, tmp_path,
     image = torch.as_tensor(next(iter(obs["pixels"].values()))).permute(2, 0, 1)[None].float() / 255
     b = {camera: image, STATE: torch.zeros(1, 2), "task": ["go"], "embodiment": adapter_policy.registry.names()[0]}
     torch.testing.assert_close(merged.predict_action_chunk(b), adapter_policy.predict_action_chunk(b), atol=1e-5, rtol=1e-5)
+    # what rollouts and `vla serve` load: the adapter folded into its base on loading, the same actions
+    folded = VLAPolicy.load(ckpt, merge_adapters=True)
+    assert is_lora(adapter_policy) and not is_lora(folded) and not any(".lora_" in n for n, _ in folded.named_parameters())
+    torch.testing.assert_close(folded.predict_action_chunk(b), adapter_policy.predict_action_chunk(b), atol=1e-5, rtol=1e-5)
 
     # the adapter checkpoint still answers questions: its base with the adapters folded in, as the merged folder
     from vla.policy.checkpoint import load_vl2_for_chat
