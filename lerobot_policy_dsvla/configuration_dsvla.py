@@ -60,6 +60,9 @@ class DSVLAConfig(PreTrainedConfig):
     optimizer_weight_decay: float = 1e-2
     optimizer_grad_clip_norm: float = 1.0
 
+    # lerobot-train --peft.*: LoRA on the routed experts too (peft target_parameters; needs --peft.lora_dropout 0)
+    lora_experts: bool = False
+
     push_to_hub: bool = False  # offline by default (the base class defaults to True)
 
     def __post_init__(self) -> None:

@@ -178,11 +178,12 @@ class DSVLAPolicy(PreTrainedPolicy):
     def _get_default_peft_targets(self) -> dict[str, Any]:
         """LoRA on the attention projections (MLA q / kv_a / kv_b / o), dense MLPs, shared experts and the vision
         projector; the action head trains in full (`modules_to_save`) and so do the added vocabulary rows (action
-        bins, embodiment tokens) of the embedding and the LM head (`trainable_token_indices`). Vision tower, router
-        and routed experts stay frozen. See vla/policy/lora.py."""
+        bins, embodiment tokens) of the embedding and the LM head (`trainable_token_indices`). Vision tower and
+        router stay frozen, and so do the routed experts unless `--policy.lora_experts=true` (peft's
+        `target_parameters`). See vla/policy/lora.py."""
         from vla.policy.lora import default_peft_targets
 
-        return default_peft_targets(self.model, prefix="model.")
+        return default_peft_targets(self.model, prefix="model.", experts=self.config.lora_experts)
 
     def _validate_peft_config(self, peft_config) -> None:
         """A base checkpoint is required (lerobot's check), and every `--peft.target_modules` entry must name at

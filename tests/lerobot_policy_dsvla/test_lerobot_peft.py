@@ -109,3 +109,8 @@ def test_default_peft_targets_and_clear_target_error():
     policy._validate_peft_config(LoraConfig(target_modules=["q_proj", "o_proj"]))
     with pytest.raises(LoraError, match="'qkv' matches no linear layer"):
         policy._validate_peft_config(LoraConfig(target_modules=["q_proj", "qkv"]))
+    assert "target_parameters" not in targets
+    policy.config.lora_experts = True  # --policy.lora_experts=true: the routed experts' fused weights too
+    experts = policy._get_default_peft_targets()["target_parameters"]
+    assert "model.backbone.language.model.layers.1.mlp.experts.gate_up_proj" in experts
+    assert len(experts) == 2 * sum(type(m).__name__ == "GroupedExperts" for m in policy.model.modules())
