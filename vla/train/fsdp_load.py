@@ -207,10 +207,11 @@ def load_sharded(module: nn.Module, init: MetaInit, device: torch.device) -> Non
               and c not in init.grow}
     loaded: set[str] = set()
 
-    def put(name: str, value: torch.Tensor, where: str, strict: bool = True) -> None:
-        """`name`: canonical (files) or a module name (extras: exactly that tensor; the canonical name may be shared,
-        e.g. by the LoRA pairs of the routed experts' two parameters, one peft wrapper nested in the other)."""
-        names = [name] if where == "extras" else aliases.get(name) or ([name] if name in targets else [])
+    def put(name: str, value: torch.Tensor, where: str, strict: bool = True, exact: bool = False) -> None:
+        """`name`: canonical (files: every module name holding it) or, `exact`, a module name (extras: that tensor
+        alone; a canonical name may be shared, e.g. by the LoRA pairs of the routed experts' two parameters, one peft
+        wrapper nested in the other)."""
+        names = [name] if exact else aliases.get(name) or ([name] if name in targets else [])
         if not names:
             if strict:
                 raise CheckpointError(f"{where}: unexpected tensor {name}")
@@ -236,7 +237,7 @@ def load_sharded(module: nn.Module, init: MetaInit, device: torch.device) -> Non
 
     for name, value in init.extras.items():
         if name in targets:
-            put(name, value, "extras")
+            put(name, value, "extras", exact=True)
     for prefix, file in init.files:
         from safetensors import safe_open
 
