@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 
 # command -> (module with `main(cfg) -> int | None`, positional key or None, one-line help)
@@ -22,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
     "merge-lora": ("vla.commands.merge_lora", "checkpoint", "fold a LoRA checkpoint into its base: a full policy folder"),
     "serve": ("vla.serve", None, "serve a policy checkpoint over websockets (openpi's protocol; openpi-client works)"),
 }
+
+# what continues a command's stopped run
+RESUME_HINTS = {"train": ": the same command with resume=true continues it",
+                "demo": ": the same command with demo.resume=true continues it (finished datasets and stages are kept)"}
 
 
 def _usage() -> str:
@@ -77,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = load_config(command, overrides)
         return int(module.main(cfg) or 0)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or a training stage stopped by a signal after its checkpoint
+        if os.environ.get("RANK", "0") == "0":  # once under torchrun
+            what = str(stop) or "interrupted"
+            print(f"vla {command}: {what}{RESUME_HINTS.get(command, '')}", file=sys.stderr)
+        return getattr(stop, "exit_code", 128 + signal.SIGINT)
     except Exception as e:
         # Bad input (missing file, corrupt checkpoint, wrong shape, unknown name or config key): one clear line, no
         # traceback. VLA_DEBUG=1 shows the traceback.

@@ -3,7 +3,7 @@
     vla train stage=align out=runs/align
     vla train stage=pretrain init_from=runs/align/checkpoints/step-00000200 out=runs/pretrain
     vla train stage=sft init_from=runs/pretrain/checkpoints/step-00000300 stage.steps=500 micro_batch=8
-    vla train stage=sft out=runs/sft resume=true          # after a crash / kill: continue from the last checkpoint
+    vla train stage=sft out=runs/sft resume=true          # after Ctrl-C, a preemption, a crash: continue from the last checkpoint
     torchrun --nproc-per-node 8 -m vla.train stage=sft distributed=fsdp ...   # the same, over 8 processes
     vla train stage=vla init_from=checkpoints/dsvl2-mini "stage.data.datasets=[data/nav,data/arm]" out=runs/vla
     vla train stage=vla init_from=runs/vla/checkpoints/step-00002500 peft.method=lora "stage.data.datasets=[data/nav]"

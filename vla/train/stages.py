@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import multiprocessing
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -334,6 +335,13 @@ class _Rounds(torch.utils.data.Dataset):
         return self.stream.batch_at(self.start + k * self.stream.round_size)
 
 
+def _leave_stops_to_the_trainer(worker_id: int) -> None:
+    """A data worker ignores Ctrl-C and SIGTERM (a terminal and a scheduler send them to every process): the trainer
+    finishes its step and checkpoints with the batches it was handed; the workers end with it."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class PrefetchedBatches:
     """A ShardedBatches stream drawn ahead by `workers` processes (a torch DataLoader over its rounds, `prefetch`
     micro-batches each), so that sampling and collating overlap the training step: the same batches in the same order
@@ -357,7 +365,7 @@ class PrefetchedBatches:
             self._it = iter(torch.utils.data.DataLoader(
                 _Rounds(self.stream, self.stream.next_index), batch_size=None, sampler=itertools.count(),
                 num_workers=self.workers, prefetch_factor=self.prefetch, pin_memory=self.pin_memory,
-                multiprocessing_context="fork"))
+                multiprocessing_context="fork", worker_init_fn=_leave_stops_to_the_trainer))
         batch = next(self._it)
         self.stream.next_index += self.stream.round_size
         return batch

@@ -12,6 +12,10 @@ One optimizer step:
   4. clip the gradient norm, AdamW step (which also runs hooks such as the noaux_tc expert-bias update), schedule.
 Then log (rank 0), and checkpoint every `checkpoint.every` steps and at the end.
 
+A stop (Ctrl-C, or the SIGTERM a scheduler or torchrun sends) ends the run after the step in progress with a
+checkpoint of that step (every process agrees on the step), then raises `TrainingStopped`; `resume=true` continues
+from it as if nothing had happened. A second Ctrl-C stops at once (the last checkpoint stays the one to resume).
+
 Processes: `torchrun --nproc-per-node N -m vla.train ...` sets WORLD_SIZE; `distributed: ddp` wraps the module in
 DistributedDataParallel, `fsdp` shards it with FSDP2 (`fully_shard` on the task's `fsdp_units()` then the root).
 Checkpoints hold full (unsharded) state dicts keyed by parameter name, so they load with any process count.
@@ -24,6 +28,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,6 +234,60 @@ def build_optimizer(named_params: dict[str, nn.Parameter], groups: list[ModuleGr
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# Stopping on a signal
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """A run stopped by a signal after saving a checkpoint of the step it had finished. A KeyboardInterrupt, so that
+    it passes every `except Exception` on its way out, as Ctrl-C does; `exit_code` is the shell's 128 + signal."""
+
+    def __init__(self, signum: int, step: int, steps: int, checkpoint: Path | None):
+        self.signum, self.step, self.steps, self.checkpoint = signum, step, steps, checkpoint
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step} of {steps}; "
+                         f"checkpoint {checkpoint}")
+
+
+class StopOnSignal:
+    """Within `with`: SIGINT and SIGTERM only note that a stop was asked for (the loop reads `asked` after each
+    step); a second SIGINT more than a second after the first raises KeyboardInterrupt (the copy torchrun forwards of
+    the same key press, which every process of the terminal also gets, is not a second one). The previous handlers
+    come back on exit. Outside the main thread (where Python has no signal handlers) it does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._at = 0.0
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        now = time.monotonic()
+        if self.signum is None:
+            self.signum, self._at = signum, now
+        elif signum == signal.SIGINT and now - self._at > 1.0:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def asked(self, dist: DistInfo) -> int | None:
+        """The signal that asked for a stop on any process (collective when distributed), or None."""
+        if not dist.enabled:
+            return self.signum
+        flag = torch.tensor([self.signum or 0], device=dist.device)
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # The trainer
 # ------------------------------------------------------------------------------------------------------------------
 
@@ -384,32 +444,39 @@ class Trainer:
         since_ckpt: list[float] = []
         last_ckpt = resume_from
         t_last, tokens_since, samples_since, steps_since = time.perf_counter(), 0.0, 0, 0
-        try:
-            while step < cfg.steps:
-                lr = cfg.optim.lr * lr_factor(step, cfg.steps, cfg.schedule)  # this step's lr (multiplier 1)
-                loss_value, scalars, tokens = self._train_step(model, optimizer, batches, trainable)
-                scheduler.step()
-                step += 1
-                step_samples = cfg.micro_batch * cfg.grad_accum * dist.world
-                samples += step_samples
-                losses[step] = loss_value
-                since_ckpt.append(loss_value)
-                tokens_since, samples_since, steps_since = tokens_since + tokens, samples_since + step_samples, steps_since + 1
-                elapsed = time.perf_counter() - t_last
-                tok_s = tokens_since / max(elapsed, 1e-9)
-                logger.progress(step, loss_value, lr, tok_s)
-                if step % cfg.log.every == 0 or step == cfg.steps:
-                    scalars |= {"train/loss": loss_value, "train/lr": lr, "train/tokens_per_s": tok_s,
-                                "train/samples_per_s": samples_since / max(elapsed, 1e-9)}
-                    logger.log(step, scalars)
-                    t_last, tokens_since, samples_since, steps_since = time.perf_counter(), 0.0, 0, 0
-                if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.steps:
-                    last_ckpt = self.save_checkpoint(step, samples, float(np.mean(since_ckpt)), optimizer, scheduler, batches)
-                    since_ckpt = []
-        finally:
-            logger.close()
-            if isinstance(batches, PrefetchedBatches):
-                batches.close()
+        with StopOnSignal() as stop:
+            try:
+                while step < cfg.steps:
+                    lr = cfg.optim.lr * lr_factor(step, cfg.steps, cfg.schedule)  # this step's lr (multiplier 1)
+                    loss_value, scalars, tokens = self._train_step(model, optimizer, batches, trainable)
+                    scheduler.step()
+                    step += 1
+                    step_samples = cfg.micro_batch * cfg.grad_accum * dist.world
+                    samples += step_samples
+                    losses[step] = loss_value
+                    since_ckpt.append(loss_value)
+                    tokens_since, samples_since, steps_since = tokens_since + tokens, samples_since + step_samples, steps_since + 1
+                    elapsed = time.perf_counter() - t_last
+                    tok_s = tokens_since / max(elapsed, 1e-9)
+                    logger.progress(step, loss_value, lr, tok_s)
+                    if step % cfg.log.every == 0 or step == cfg.steps:
+                        scalars |= {"train/loss": loss_value, "train/lr": lr, "train/tokens_per_s": tok_s,
+                                    "train/samples_per_s": samples_since / max(elapsed, 1e-9)}
+                        logger.log(step, scalars)
+                        t_last, tokens_since, samples_since, steps_since = time.perf_counter(), 0.0, 0, 0
+                    saved = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.steps
+                    if saved:
+                        last_ckpt = self.save_checkpoint(step, samples, float(np.mean(since_ckpt)), optimizer, scheduler, batches)
+                        since_ckpt = []
+                    if step < cfg.steps and (signum := stop.asked(dist)) is not None:
+                        self.say(f"{signal.Signals(signum).name}: stopping after step {step}, with a checkpoint")
+                        if not saved:
+                            last_ckpt = self.save_checkpoint(step, samples, float(np.mean(since_ckpt)), optimizer, scheduler, batches)
+                        raise TrainingStopped(signum, step, cfg.steps, last_ckpt)
+            finally:
+                logger.close()
+                if isinstance(batches, PrefetchedBatches):
+                    batches.close()
         summary = {"stage": task.name, "steps": step, "samples": samples, "losses": losses,
                    "final_loss": losses.get(step), "checkpoint": str(last_ckpt) if last_ckpt else None,
                    "best": ckpt.read_best(self.ckpt_root)}

@@ -88,3 +88,15 @@ def test_help_shows_the_command_usage_and_survives_a_closed_pipe(capsys):
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait() == 0 and "Traceback" not in err, err
+
+
+def test_ctrl_c_is_one_line_and_says_how_the_demo_goes_on(monkeypatch, capsys):
+    import vla.commands.demo
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vla.commands.demo, "main", interrupted)
+    assert main(["demo", "demo.quick=true"]) == 130
+    assert capsys.readouterr().err == ("vla demo: interrupted: the same command with demo.resume=true continues it "
+                                       "(finished datasets and stages are kept)\n")

@@ -301,6 +301,84 @@ def test_sigkill_then_resume(tmp_path):
         assert abs(resumed["losses"][step] - ref["losses"][step]) < 1e-6, step
 
 
+def _stop_when_logging(proc: subprocess.Popen, out: Path, signum: int, rows: int = 2) -> None:
+    """Send `signum` to `proc` once its run has logged `rows` steps (it must still be running then)."""
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.csv").is_file() and len((out / "metrics.csv").read_text().splitlines()) > rows:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    os.kill(proc.pid, signum)
+
+
+def test_ctrl_c_checkpoints_the_step_it_finished_and_resume_continues(tmp_path):
+    """SIGINT (Ctrl-C) ends a run after its step in progress with a checkpoint of that step (no periodic ones here),
+    exit 130 with one line; resumed from it, the run goes on as the uninterrupted one (constant lr, so that the
+    interrupted 10,000-step run and the short reference share their schedule)."""
+    args = ["stage=sft", "stage.data.generate=16", "micro_batch=2", "checkpoint.every=0", "log.progress=false",
+            "log.tensorboard=false", "log.plot=false", "threads=1", "stage.schedule.kind=constant"]
+    out = tmp_path / "stopped"
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "vla.train", *args, "stage.steps=10000", "data_workers=1",
+                             f"out={out}"], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _stop_when_logging(proc, out, signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    [(step, path)] = list_checkpoints(out / "checkpoints")
+    assert 2 <= step < 10000
+    assert err.strip().splitlines()[-1] == (f"vla train: stopped by SIGINT at step {step} of 10000; checkpoint {path}: "
+                                            f"the same command with resume=true continues it")
+    validate_checkpoint(path)
+    resumed = run(load_config("train", [*args, f"stage.steps={step + 2}", f"out={out}", "resume=true"]))
+    ref = run(load_config("train", [*args, f"stage.steps={step + 2}", f"out={tmp_path / 'ref'}"]))
+    assert sorted(resumed["losses"]) == [step + 1, step + 2]
+    for s in (step + 1, step + 2):
+        assert abs(resumed["losses"][s] - ref["losses"][s]) < 1e-6, s
+
+
+def test_sigterm_under_torchrun_stops_every_process_at_one_step(tmp_path):
+    """torchrun forwards SIGTERM (a scheduler's preemption) to its processes: they agree on one step, write one
+    checkpoint of both, and the stop line is printed once."""
+    args = ["stage=sft", "stage.steps=10000", "stage.data.generate=16", "micro_batch=2", "checkpoint.every=0",
+            "log.progress=false", "log.tensorboard=false", "log.plot=false", "threads=1"]
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "vla.train",
+           *args, f"out={out}"]
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _stop_when_logging(proc, out, signal.SIGTERM)
+        printed, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    [(step, path)] = list_checkpoints(out / "checkpoints")
+    assert [line for line in err.splitlines() if line.startswith("vla train:")] == [
+        f"vla train: stopped by SIGTERM at step {step} of 10000; checkpoint {path}: the same command with resume=true "
+        f"continues it"]
+    assert printed.count(f"SIGTERM: stopping after step {step}, with a checkpoint") == 1
+    validate_checkpoint(path)
+    assert torch.load(path / "trainer_state.pt", weights_only=False)["world"] == 2
+
+
+def test_a_second_ctrl_c_stops_at_once_but_not_torchruns_copy_of_the_first():
+    from vla.train.trainer import StopOnSignal
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopOnSignal() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGINT)  # within a second: the same stop, forwarded
+        assert stop.signum == signal.SIGTERM
+        stop._at -= 2.0
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 # ---------------------------------------------------------------------------------------------------- registry
 class ToyTask(StageTask):
     """A generic stage task: linear regression over two 'embodiments' (tests the base class's defaults, not VL2)."""
