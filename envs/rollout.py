@@ -150,7 +150,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate `policy` on each env for `episodes` episodes (episode k uses env seed `seed + k`) in batches of
     `batch_size` parallel envs; write `summary.json`, `summary.md` and GIFs of the first `videos` episodes per env
-    under `out` (if given). Returns the summary (see `summarize`, plus `episodes` and `skipped`).
+    under `out` (if given). Returns the summary (see `summarize`, plus `episodes` and `skipped`: the envs that cannot
+    run here, e.g. a simulator not installed; `EnvUnavailable` when none can).
 
     Held-out guard: before any rollout, the eval seeds of each env are checked against the episode seeds recorded
     by `train_datasets` (the policy's training data) and by the prior's dataset (`policy_options["dataset"]` or
@@ -178,8 +179,7 @@ def evaluate(
         kwargs = {**default_env_kwargs(env_id, image_size), **(env_kwargs or {}).get(env_id, {})}
         try:
             probe = probe_env(env_id, kwargs, import_modules)
-        except EnvUnavailable as error:
-            print(f"skipping {error}")
+        except EnvUnavailable as error:  # listed in the summary (and its table); an error when no env can run
             skipped.append({"env_id": env_id, "reason": str(error)})
             continue
         embodiment = embodiment_of(probe, env_id)
@@ -222,6 +222,8 @@ def evaluate(
         finally:
             vec_env.close()
         all_results += env_results
+    if len(skipped) == len(env_ids):
+        raise EnvUnavailable("no env could run: " + "; ".join(s["reason"] for s in skipped))
     summary = summarize(all_results)
     summary["policy"] = policy if isinstance(policy, str) else repr(policy)
     summary["skipped"] = skipped

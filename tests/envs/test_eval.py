@@ -95,17 +95,20 @@ def test_eval_refuses_seeds_the_training_dataset_was_collected_from(tmp_path, ca
     # seeds past the dataset's, or another env, are held out
     assert evaluate("random", ["vla/PointNav-v0"], seed=trained + 1, train_datasets=[root], **kwargs)["overall"]["episodes"] == 2
     assert evaluate("random", ["vla/ArmReach-v0"], seed=trained, train_datasets=[root], **kwargs)["overall"]["episodes"] == 2
-    # the CLI refuses with one line and a non-zero exit
+    # the CLI refuses with one error line, as every command does
     capsys.readouterr()
     assert main(["eval", "policy=random", "env=vla/PointNav-v0", "episodes=2", "batch_size=2", "videos=0", "image_size=32",
-                 f"seed={trained}", f"train_datasets=[{root}]", f"out={tmp_path / 'eval'}"]) == 1
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("vla eval: eval seeds") and "not held out" in lines[0]
-    # an env that cannot run is skipped; when none can, one line and a non-zero exit, no table of nothing
-    assert main(["eval", "policy=random", "env=vla/NoSuchEnv-v0", "episodes=1", f"out={tmp_path / 'none'}"]) == 1
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1].startswith("vla eval: error: no env could run: vla/NoSuchEnv-v0: not registered") and \
-        "# Evaluation" not in "\n".join(lines)
+                 f"seed={trained}", f"train_datasets=[{root}]", f"out={tmp_path / 'eval'}"]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err.count("\n") == 1
+    assert printed.err.startswith("vla eval: error: eval seeds") and "not held out" in printed.err
+    # an env that cannot run is skipped (listed in the summary); when none can, one error line, no table of nothing
+    assert main(["eval", "policy=random", "env=vla/NoSuchEnv-v0", "episodes=1", f"out={tmp_path / 'none'}"]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err.count("\n") == 1
+    assert printed.err.startswith("vla eval: error: no env could run: vla/NoSuchEnv-v0: not registered")
+    summary = evaluate("random", ["vla/NoSuchEnv-v0", "vla/PointNav-v0"], **kwargs)
+    assert [s["env_id"] for s in summary["skipped"]] == ["vla/NoSuchEnv-v0"] and summary["overall"]["episodes"] == 2
     # a dataset that records no seeds cannot be checked: a warning, not a refusal
     (tmp_path / "nav" / COLLECTION_FILE).unlink()
     with pytest.warns(UserWarning, match="records no collection seeds"):
