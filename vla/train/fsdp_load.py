@@ -208,8 +208,8 @@ def load_sharded(module: nn.Module, init: MetaInit, device: torch.device) -> Non
     loaded: set[str] = set()
 
     def put(name: str, value: torch.Tensor, where: str, strict: bool = True, exact: bool = False) -> None:
-        """`name`: canonical (files: every module name holding it) or, `exact`, a module name (extras: that tensor
-        alone; a canonical name may be shared, e.g. by the LoRA pairs of the routed experts' two parameters, one peft
+        """`name`: canonical (files: every module name holding it) or, `exact`, a module name (extras and a resumed
+        adapter's values: that tensor alone; a canonical name may be shared, e.g. by the LoRA pairs of the routed experts' two parameters, one peft
         wrapper nested in the other)."""
         names = [name] if exact else aliases.get(name) or ([name] if name in targets else [])
         if not names:
@@ -278,7 +278,7 @@ def load_sharded(module: nn.Module, init: MetaInit, device: torch.device) -> Non
         for key in singles:
             _load_single(key, where[key], prefix, targets, single, convert, put, loaded)
     for name, value in init.after.items():
-        put(name, value, "after")
+        put(name, value, "after", exact=True)  # module names, as the extras
     persistent = set(targets)
     missing = sorted(persistent - loaded)
     if missing:

@@ -86,7 +86,7 @@ def test_fsdp_vla_stage_from_an_official_folder_matches_one_process(tmp_path, ro
 
 
 def test_fsdp_lora_from_an_official_folder_matches_one_process_and_resumes(tmp_path, robot_data):
-    """LoRA under FSDP2 from the meta device: adapters drawn on the CPU (the same values as one process), the token
+    """LoRA (the routed experts too) under FSDP2 from the meta device: adapters drawn on the CPU (the same values as one process), the token
     rows peft trains start as the grown rows read from the folder; the 2-process adapter checkpoint records the base's
     fingerprint (it loads) and resumes under 2 processes on the same trajectory."""
     from vla.config import load_config
@@ -97,7 +97,7 @@ def test_fsdp_lora_from_an_official_folder_matches_one_process_and_resumes(tmp_p
     base = run(load_config("train", ["stage=pretrain", "stage.data.generate=8", "stage.steps=1", "micro_batch=4",
                                      "checkpoint.every=0", f"out={tmp_path / 'base'}", *model]))["checkpoint"]
     common = ["stage=vla", *model, "stage.optim.lr=3e-3", "stage.schedule.kind=constant",
-              "stage.schedule.warmup_steps=0", f"init_from={base}", "peft.method=lora", "peft.r=4",
+              "stage.schedule.warmup_steps=0", f"init_from={base}", "peft.method=lora", "peft.r=4", "peft.experts=true",
               f"stage.data={{datasets: [{{root: '{robot_data / 'nav'}'}}], chunk_len: 4}}"]
     one = run(load_config("train", [*common, f"out={tmp_path / 'one'}", "micro_batch=4", "stage.steps=3",
                                     "checkpoint.every=0"]))["losses"]
