@@ -195,12 +195,19 @@ def compile_blocks(module: nn.Module, dynamic: bool = True, mode: str | None = N
     compile per block rather than the whole model: the loop over layers, the caches and the Python around them stay
     eager, each block is one graph shared by all layers of its kind. `dynamic`: sequence lengths vary from batch to
     batch; `mode` is torch.compile's (None: its default). On CPU the routed experts' grouped matmul runs eager inside
-    the compiled block (backbone.moe.grouped_mm). Returns the number of blocks compiled."""
+    the compiled block (backbone.moe.grouped_mm). A block may need graphs of its own where its modules differ in
+    class from layer to layer (peft's adapters on a parameter, e.g. the routed experts', give each wrapped module a
+    class of its own), so dynamo's recompile limits (per function, 8, and in all) are raised to cover every block
+    instead of running the blocks past the eighth eager. Returns the number of blocks compiled."""
+    import torch._dynamo
     from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
     from backbone.language_model import DecoderLayer
 
     blocks = [m for m in module.modules() if isinstance(m, (DecoderLayer, SiglipEncoderLayer))]
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 8 * len(blocks))
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 16 * len(blocks))
     for block in blocks:
         block.compile(dynamic=dynamic, mode=mode)
     return len(blocks)

@@ -193,7 +193,10 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(setup):
     torch.manual_seed(0)
     eager, compiled = build_deepseek_vl2("test"), build_deepseek_vl2("test")
     compiled.load_state_dict(eager.state_dict())
-    assert compile_blocks(compiled) == eager.config.language.num_hidden_layers + eager.config.vision.layers
+    blocks = compile_blocks(compiled)
+    assert blocks == eager.config.language.num_hidden_layers + eager.config.vision.layers
+    # blocks that need graphs of their own (peft's parametrized experts) all stay compiled
+    assert torch._dynamo.config.recompile_limit >= 8 * blocks
     batch = proc.collate([proc.process("<image>\nWhat colour is it?", images[:1], inference=True),
                           proc.process("Just text.", inference=True)])
     results = []
