@@ -31,10 +31,13 @@ Sample layout (with `pad=True`, the default, so the default collate stacks embod
 | embodiment, task             | str                  |                                                         |
 | grounding                    | str                  | the instruction's object and its box at the episode's    |
 |                              |                      | start, `<|ref|>the red triangle<|/ref|><|det|>[[..]]<|/det|>` |
-|                              |                      | (datasets `vla collect` made; "" for others)             |
+|                              |                      | (`episode_targets` of meta/collection.json, which        |
+|                              |                      | `vla collect` and `vla annotate` write; "" without)      |
 | dataset_index, episode_index, frame_index, index | int64 |                                               |
 
 With `pad=False` tensors keep each dataset's own sizes and only the listed cameras that dataset has appear.
+`grounded_only=True` (a policy that grounds first trains on the box) keeps only the episodes with a recorded box; a
+dataset with none is an error.
 
 Sampling: one sampler for every training stream, `SourceSchedule`: global position -> (source, item). Source i is
 drawn with probability weight_i / sum(weights) and each source takes its items in epochs of its own (a fresh
@@ -68,7 +71,7 @@ import numpy as np
 import torch
 
 from backbone.checkpoint import is_hub_id
-from envs.collect import read_collection_record, video_backend
+from envs.collect import COLLECTION_FILE, read_collection_record, video_backend
 from envs.embodiments import EMBODIMENTS, Embodiment, embodiment_from_features, get_embodiment
 from envs.normalize import Normalizer, feature_stats
 from envs.scene_language import grounding_answer
@@ -127,7 +130,7 @@ class _Member:
 
     def __init__(
         self, spec: DatasetSpec, action_horizon: int, action_mode: str, state_mode: str, tolerance_s: float, check_data: bool,
-        stats_source: str = "data", in_memory: bool = False,
+        stats_source: str = "data", in_memory: bool = False, grounded_only: bool = False,
     ):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from huggingface_hub.errors import OfflineModeIsEnabled
@@ -154,8 +157,20 @@ class _Member:
         self._check_shape(features, ACTION, self.embodiment.action_dim)
         if self.has_state:
             self._check_shape(features, STATE, self.embodiment.state_dim)
+        record = read_collection_record(meta.root) or {}
+        self.targets = record.get("episode_targets") or []  # per episode {"ref", "det"} or None (envs.collect)
+        episodes, self.left_out = spec.episodes, 0
+        if grounded_only:  # only the episodes whose named object's box is recorded
+            labelled = [e for e in (spec.episodes or range(meta.total_episodes))
+                        if e < len(self.targets) and self.targets[e]]
+            if not labelled:
+                raise DataError(f"{self.label}: records no box of the object each episode's task names (episode_targets "
+                                f"in {COLLECTION_FILE}), which grounding first trains on: `vla collect` records them, "
+                                f"`vla annotate` writes them for a dataset made elsewhere")
+            self.left_out = len(spec.episodes or range(meta.total_episodes)) - len(labelled)
+            episodes = labelled if self.left_out else spec.episodes
         delta = {ACTION: [i / self.fps for i in range(action_horizon)]}
-        self.dataset = LeRobotDataset(spec.repo_id, root=spec.root, episodes=spec.episodes, delta_timestamps=delta, tolerance_s=tolerance_s,
+        self.dataset = LeRobotDataset(spec.repo_id, root=spec.root, episodes=episodes, delta_timestamps=delta, tolerance_s=tolerance_s,
                                      video_backend=video_backend())
         if stats_source not in ("data", "meta"):
             raise ValueError(f"stats_source must be 'data' or 'meta', got {stats_source!r}")
@@ -180,8 +195,6 @@ class _Member:
                 raise DataError(f"{self.label}: stats of {key!r} have shape {stat_shape}, feature has {tuple(features[key]['shape'])}")
         # image-column datasets are read whole into memory (`memory_item`); video datasets decode per item
         self.memory = self._read_into_memory(table) if in_memory and not meta.video_keys else None
-        record = read_collection_record(self.dataset.root) or {}
-        self.targets = record.get("episode_targets") or []  # per episode {"ref", "det"} or None (envs.collect)
 
     def grounding(self, episode: int) -> str:
         """The grounding answer of the object episode `episode`'s instruction names ("" when not recorded)."""
@@ -302,6 +315,7 @@ class MixtureDataset(torch.utils.data.Dataset):
         tolerance_s: float = 1e-4,
         stats_source: str = "data",
         cache_frames: bool = False,
+        grounded_only: bool = False,
     ):
         if not datasets:
             raise ValueError("a mixture needs at least one dataset")
@@ -312,7 +326,7 @@ class MixtureDataset(torch.utils.data.Dataset):
         self.image_size = image_size
         self.pad = pad
         self.members = [_Member(s, self.action_horizon, action_norm, state_norm, tolerance_s, check_data, stats_source,
-                                in_memory=cache_frames) for s in self.specs]
+                                in_memory=cache_frames, grounded_only=grounded_only) for s in self.specs]
         if cameras is None:
             self.cameras = sorted({c for m in self.members for c in m.camera_keys})
         else:

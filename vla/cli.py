@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
     "generate": ("vla.commands.generate", None, "greedy/sampled generation from a language-model checkpoint (or a tiny random one)"),
     "vqa": ("vla.commands.vqa", None, "ask a DeepSeek-VL2 or policy checkpoint a question about an image; draw grounding boxes"),
     "collect": ("vla.commands.collect", None, "run a scripted expert and write a LeRobotDataset v3"),
+    "annotate": ("vla.commands.annotate", None, "each episode's named object's box for a dataset made elsewhere, from a VL2 checkpoint's grounding"),
     "eval": ("vla.commands.evaluate", None, "roll a policy out in gymnasium vector envs; JSON summary, markdown table, videos"),
     "train": ("vla.train", None, "train a stage: align, pretrain, sft, vla"),
     "merge-lora": ("vla.commands.merge_lora", "checkpoint", "fold a LoRA checkpoint into its base: a full policy folder"),

@@ -9,7 +9,9 @@ label and collection kwargs) and co-training conversations as the demo, then its
     same scene (the wrong-instruction baseline); the demo's test seeds are 1000+;
   - scene VQA and grounding on 120 validation scenes (seeds 800,000+; the demo's held-out ones are 900,000+).
 `--start-only` scores the starting checkpoint on the same validation scenes instead (what retention is measured against);
-`--policy DIR` scores a policy checkpoint made elsewhere (e.g. by wise_ft.py) without training one.
+`--policy DIR` scores a policy checkpoint made elsewhere (e.g. by wise_ft.py) without training one; `--annotate CKPT`
+trains on copies of the robot datasets whose boxes (`episode_targets`, what grounding first trains on) are not the
+simulator's but `vla annotate`'s from the checkpoint CKPT, as for a dataset recorded elsewhere.
 
     python docs/experiments/vla_sweep.py NAME '{"steps": {"vla": 2500}, "vqa_ratio": 0.2}' [--out outputs/sweep]
     python docs/experiments/vla_sweep.py start --start-only
@@ -70,6 +72,25 @@ def data(c: dict, out: Path) -> tuple[dict[str, str], dict[str, Path]]:
     return roots, lang
 
 
+def annotated(roots: dict[str, str], folder: Path, checkpoint: str) -> dict[str, str]:
+    """Copies of the datasets whose `episode_targets` are `vla annotate`'s answers from `checkpoint` (the simulator's
+    boxes dropped; the collection seeds kept, so the held-out check still holds)."""
+    from envs.collect import read_collection_record, write_collection_record
+    from vla.cli import main as vla
+
+    copies = {}
+    for name, root in roots.items():
+        copy = folder / name
+        shutil.copytree(root, copy)
+        record = read_collection_record(copy)
+        del record["episode_targets"]
+        write_collection_record(copy, record)
+        if vla(["annotate", f"root={copy}", f"checkpoint={checkpoint}", "progress=false"]) != 0:
+            raise SystemExit(f"vla annotate failed on {copy}")
+        copies[name] = str(copy)
+    return copies
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("name")
@@ -79,6 +100,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--start-only", action="store_true")
     parser.add_argument("--policy", default=None, help="score this policy checkpoint instead of training one")
+    parser.add_argument("--annotate", default=None, help="train on boxes `vla annotate` gets from this checkpoint")
     args = parser.parse_args()
 
     import torch
@@ -99,9 +121,14 @@ def main() -> None:
         shutil.rmtree(run)
     run.mkdir(parents=True)
     roots, lang = data(c, out)
+    if args.annotate:
+        roots = annotated(roots, run / "data", args.annotate)
+        result_extra = {"annotated_by": args.annotate}
+    else:
+        result_extra = {}
     start = str(mini.resolve(c["start"]))
     start_scenes = mini.trained_scene_keys(mini.verify(start))
-    result: dict = {"name": args.name, "settings": overrides}
+    result: dict = {"name": args.name, "settings": overrides, **result_extra}
     if args.start_only:
         policy = start
     else:

@@ -89,12 +89,13 @@ class VLAStageTask(StageTask):
         backbone, tokenizer = build_vl2_backbone(backbone_ctx)
         tile = backbone.config.vision.image_size
         H_max = max(self.data.chunk_len.values()) if isinstance(self.data.chunk_len, dict) else int(self.data.chunk_len)
+        policy_cfg = VLAPolicyConfig(**dict(ctx.options.get("policy", {})))
+        # grounding first trains on each episode's box: the episodes without one are left out
         self.mixture = MixtureDataset(self.data.datasets, action_horizon=H_max, action_norm=self.data.action_norm,
                                       state_norm=self.data.state_norm, image_size=self.data.image_size or tile,
-                                      cache_frames=self.data.cache_frames)
+                                      cache_frames=self.data.cache_frames, grounded_only=policy_cfg.ground_target)
         registry = registry_from_mixture(self.mixture, self.data.chunk_len)
         stats = {emb: self.mixture.normalizer_for(emb).to_dict() for emb in registry.names()}
-        policy_cfg = VLAPolicyConfig(**dict(ctx.options.get("policy", {})))
         self.module = VLAPolicy(policy_cfg, backbone, tokenizer, registry, stats)
         if policy_init and not meta:
             load_base_head(self.module, ctx.init_from)
@@ -190,7 +191,9 @@ class VLAStageTask(StageTask):
         robots = ", ".join(f"{e.name} (action {e.action_dim}, H={e.chunk_len}, {len(e.cameras)} camera(s), {e.fps} Hz)"
                            for e in self.module.registry)
         vqa = f"; scene VQA co-training at {self.data.vqa_ratio:.0%} ({len(self.vqa_records)} conversations)" if self.vqa_records else ""
-        return f"stage vla: {len(self.mixture)} frames from {len(self.mixture.members)} dataset(s): {robots}{vqa}"
+        left = "".join(f"; {m.label}: {m.left_out} episode(s) without a box left out" for m in self.mixture.members
+                       if m.left_out)
+        return f"stage vla: {len(self.mixture)} frames from {len(self.mixture.members)} dataset(s): {robots}{vqa}{left}"
 
     # ---- weights -----------------------------------------------------------------------------------------------
     def save_weights(self, directory: Path, state_dict: dict[str, torch.Tensor]) -> None:
