@@ -75,9 +75,9 @@ def test_eval_act_checkpoint_same_loop_and_seeds_as_ours(act_checkpoint, tmp_pat
     assert [e["task"] for e in summary["episodes"]] == [e["task"] for e in other["episodes"]]
 
     # the held-out guard holds for lerobot checkpoints too: seed 0 is a training episode of the dataset
-    code, out, _ = _eval(capsys, f"policy=lerobot:{checkpoint}", "env=vla/PointNav-v0", "episodes=1", "seed=0",
+    code, _, err = _eval(capsys, f"policy=lerobot:{checkpoint}", "env=vla/PointNav-v0", "episodes=1", "seed=0",
                          f"train_datasets=[{root}]", "videos=0", f"out={tmp_path / 'overlap'}")
-    assert code == 1 and "overlap the training dataset" in out
+    assert code == 2 and err.startswith("vla eval: error:") and "overlap the training dataset" in err
 
 
 def test_checkpoint_whose_features_do_not_match_is_one_line(act_checkpoint, tmp_path, capsys):
