@@ -44,6 +44,7 @@ from envs.scene_language import named_object_grounding
 
 LABELS = ("executed", "expert")  # what a frame's action records: the executed (noisy) action, or the expert's
 COLLECTION_FILE = "meta/collection.json"  # env id, kwargs, noise and the env seed of each kept episode
+EPISODE_TARGETS = "episode_targets"  # its key for each episode's named object and box (vla collect, vla annotate)
 
 
 @dataclass
@@ -237,7 +238,7 @@ def collect_dataset(
         write_exact_stats(root)
         write_collection_record(root, {"env_id": env_id, "env_kwargs": dict(env_kwargs or {}), "image_size": image_size,
                                        "noise": noise, "label": label, "seed": seed, "attempts": attempts, "episode_seeds": episode_seeds,
-                                       "episode_targets": episode_targets})
+                                       EPISODE_TARGETS: episode_targets})
     return CollectResult(
         root=str(root),
         repo_id=repo_id,

@@ -71,7 +71,7 @@ import numpy as np
 import torch
 
 from backbone.checkpoint import is_hub_id
-from envs.collect import COLLECTION_FILE, read_collection_record, video_backend
+from envs.collect import COLLECTION_FILE, EPISODE_TARGETS, read_collection_record, video_backend
 from envs.embodiments import EMBODIMENTS, Embodiment, embodiment_from_features, get_embodiment
 from envs.normalize import Normalizer, feature_stats
 from envs.scene_language import grounding_answer
@@ -158,16 +158,16 @@ class _Member:
         if self.has_state:
             self._check_shape(features, STATE, self.embodiment.state_dim)
         record = read_collection_record(meta.root) or {}
-        self.targets = record.get("episode_targets") or []  # per episode {"ref", "det"} or None (envs.collect)
+        self.targets = record.get(EPISODE_TARGETS) or []  # per episode {"ref", "det"} or None (envs.collect)
         episodes, self.left_out = spec.episodes, 0
         if grounded_only:  # only the episodes whose named object's box is recorded
-            labelled = [e for e in (spec.episodes or range(meta.total_episodes))
-                        if e < len(self.targets) and self.targets[e]]
+            wanted = spec.episodes or range(meta.total_episodes)
+            labelled = [e for e in wanted if e < len(self.targets) and self.targets[e]]
             if not labelled:
-                raise DataError(f"{self.label}: records no box of the object each episode's task names (episode_targets "
-                                f"in {COLLECTION_FILE}), which grounding first trains on: `vla collect` records them, "
-                                f"`vla annotate` writes them for a dataset made elsewhere")
-            self.left_out = len(spec.episodes or range(meta.total_episodes)) - len(labelled)
+                raise DataError(f"{self.label}: records no box of the object each episode's task names "
+                                f"({EPISODE_TARGETS} in {COLLECTION_FILE}), which grounding first trains on: `vla "
+                                f"collect` records them, `vla annotate` writes them for a dataset made elsewhere")
+            self.left_out = len(wanted) - len(labelled)
             episodes = labelled if self.left_out else spec.episodes
         delta = {ACTION: [i / self.fps for i in range(action_horizon)]}
         self.dataset = LeRobotDataset(spec.repo_id, root=spec.root, episodes=episodes, delta_timestamps=delta, tolerance_s=tolerance_s,

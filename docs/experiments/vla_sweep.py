@@ -123,12 +123,11 @@ def main() -> None:
     roots, lang = data(c, out)
     if args.annotate:
         roots = annotated(roots, run / "data", args.annotate)
-        result_extra = {"annotated_by": args.annotate}
-    else:
-        result_extra = {}
     start = str(mini.resolve(c["start"]))
     start_scenes = mini.trained_scene_keys(mini.verify(start))
-    result: dict = {"name": args.name, "settings": overrides, **result_extra}
+    result: dict = {"name": args.name, "settings": overrides}
+    if args.annotate:
+        result["annotated_by"] = args.annotate
     if args.start_only:
         policy = start
     else:

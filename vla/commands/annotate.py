@@ -29,9 +29,6 @@ from pathlib import Path
 
 import torch
 
-COLLECTION_KEY = "episode_targets"
-
-
 def ref_of(task: str, ref: str | None, pattern: re.Pattern) -> str | None:
     """The referring expression of one episode: `ref` if given, else the first group (or the whole match) of
     `pattern` in the task; None when it does not match."""
@@ -49,20 +46,20 @@ def main(cfg) -> int:
     from tqdm import tqdm
 
     from backbone.grounding import locate_prompt, parse_grounding
-    from envs.collect import read_collection_record, write_collection_record
+    from envs.collect import EPISODE_TARGETS, read_collection_record, write_collection_record
     from envs.mixture import MixtureDataset
-    from envs.scene_language import box_iou
+    from envs.scene_language import score_answer
     from vla.commands.vqa import answer
     from vla.policy.checkpoint import load_vl2_for_chat
 
     root = Path(cfg.root)
     record = read_collection_record(root) or {}
-    recorded = record.get(COLLECTION_KEY)
+    recorded = record.get(EPISODE_TARGETS)
     if cfg.compare and not recorded:
-        raise ValueError(f"annotate: {root} records no {COLLECTION_KEY} to compare with (compare=true scores against "
+        raise ValueError(f"annotate: {root} records no {EPISODE_TARGETS} to compare with (compare=true scores against "
                          f"them)")
     if recorded and not cfg.compare and not cfg.overwrite:
-        raise FileExistsError(f"{root}: meta/collection.json already records {COLLECTION_KEY}; overwrite=true "
+        raise FileExistsError(f"{root}: meta/collection.json already records {EPISODE_TARGETS}; overwrite=true "
                               f"replaces them, compare=true scores the checkpoint against them")
     try:
         pattern = re.compile(str(cfg.ref_pattern))
@@ -81,6 +78,7 @@ def main(cfg) -> int:
 
     model, processor = load_vl2_for_chat(cfg.checkpoint)
     targets: list[dict | None] = [None] * (max(episodes) + 1 if episodes else 0)
+    answers: dict[int, tuple[str, str]] = {}  # episode -> (ref, the checkpoint's answer)
     no_ref = no_box = 0
     for episode, start in tqdm(list(zip(episodes, starts)), desc="annotate", unit="episode", disable=not cfg.progress):
         item = dataset[start]
@@ -91,7 +89,8 @@ def main(cfg) -> int:
         pixels_HWC = (item[camera].float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         text = answer(model, processor, locate_prompt(ref), [Image.fromarray(pixels_HWC)],
                       max_new_tokens=int(cfg.max_new_tokens), prefill_chunk_size=0)
-        boxes = [box for _, found in parse_grounding(text).objects for box in found]
+        answers[episode] = (ref, text)
+        boxes = parse_grounding(text).boxes
         if len(boxes) != 1:
             no_box += 1
             continue
@@ -104,12 +103,13 @@ def main(cfg) -> int:
                          f"{cfg.ref_pattern!r} (e.g. task {str(dataset[starts[0]]['task'])!r}); set ref_pattern, or "
                          f"ref=... for every episode")
     if cfg.compare:
-        done = set(episodes)
-        pairs = [(t, recorded[e]) for e, t in enumerate(targets) if e in done and e < len(recorded) and recorded[e]]
-        hits = sum(t is not None and t["ref"] == r["ref"] and box_iou(t["det"], r["det"]) >= 0.5 for t, r in pairs)
+        # right: the same object, and the answer scored as the held-out grounding questions are (one box, IoU >= 0.5)
+        pairs = [(answers.get(e), recorded[e]) for e in episodes if e < len(recorded) and recorded[e]]
+        hits = sum(a is not None and a[0] == r["ref"] and score_answer(a[1], {"kind": "grounding", "det": r["det"]})
+                   for a, r in pairs)
         summary |= {"compared": len(pairs), "agreement": round(hits / max(len(pairs), 1), 4)}
     else:
-        record[COLLECTION_KEY] = targets
+        record[EPISODE_TARGETS] = targets
         record["annotated"] = {"checkpoint": str(cfg.checkpoint), "camera": camera, "ref": cfg.ref,
                                "ref_pattern": None if cfg.ref else str(cfg.ref_pattern), **summary}
         summary["out"] = str(write_collection_record(root, record))

@@ -209,8 +209,8 @@ def load_sharded(module: nn.Module, init: MetaInit, device: torch.device) -> Non
 
     def put(name: str, value: torch.Tensor, where: str, strict: bool = True, exact: bool = False) -> None:
         """`name`: canonical (files: every module name holding it) or, `exact`, a module name (extras and a resumed
-        adapter's values: that tensor alone; a canonical name may be shared, e.g. by the LoRA pairs of the routed experts' two parameters, one peft
-        wrapper nested in the other)."""
+        adapter's values: that tensor alone; a canonical name may be shared, e.g. by the LoRA pairs of the routed
+        experts' two parameters, one peft wrapper nested in the other)."""
         names = [name] if exact else aliases.get(name) or ([name] if name in targets else [])
         if not names:
             if strict:
